@@ -1,0 +1,464 @@
+"""Rules the CRD schema cannot state (Kubernetes 1.20 has no CEL), as pure functions.
+
+Each problem names the field path and the fix, so a person reading `kubectl describe`
+knows what to change without reading Kiln's source.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from croniter import croniter
+from pydantic import ValidationError
+
+from kiln.api.base import KubeModel
+from kiln.api.template import (
+    FileStep,
+    ImageTemplateSpec,
+    ManagedImageDistributor,
+    PlatformImageSource,
+    PowerShellStep,
+    Provider,
+    ScheduleTrigger,
+    ScriptFields,
+    SharedImageDistributor,
+    SharedImageVersionSource,
+    ShellStep,
+    SourceImageTrigger,
+    SourceVersioning,
+    VhdDistributor,
+    WindowsRestartStep,
+    WindowsUpdateStep,
+)
+
+_ARM = r"^/subscriptions/[^/]+/resourceGroups/[^/]+"
+MANAGED_IMAGE_ID = re.compile(_ARM + r"/providers/Microsoft\.Compute/images/[^/]+$", re.I)
+GALLERY_IMAGE_ID = re.compile(
+    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+(/versions/[^/]+)?$", re.I
+)
+GALLERY_IMAGE_VERSION_ID = re.compile(
+    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+/versions/[^/]+$", re.I
+)
+RESOURCE_GROUP_ID = re.compile(_ARM + r"$", re.I)
+SUBNET_ID = re.compile(
+    _ARM + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$", re.I
+)
+IDENTITY_ID = re.compile(
+    _ARM + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+$", re.I
+)
+VERSION_TRIPLE = re.compile(r"^\d+\.\d+\.\d+$")
+
+# Union tags pydantic puts into error locations; a person never writes them in a path.
+_UNION_TAGS = {
+    "PlatformImage",
+    "ManagedImage",
+    "SharedImageVersion",
+    "Shell",
+    "PowerShell",
+    "File",
+    "WindowsRestart",
+    "WindowsUpdate",
+    "SharedImage",
+    "VHD",
+    "Latest",
+    "Source",
+    "Schedule",
+    "SourceImage",
+}
+_WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
+MAX_TAG_NAME, MAX_TAG_VALUE = 512, 256
+
+
+class SpecProblem(KubeModel):
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def field_path(loc: tuple[int | str, ...], root: str = "spec") -> str:
+    """spec.customize[0].inline from pydantic's ('customize', 0, 'Shell', 'inline')."""
+    path = root
+    previous: int | str | None = None
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _UNION_TAGS and (isinstance(previous, int) or previous in _TAGGED_FIELDS):
+            pass
+        else:
+            path += f".{part}"
+        previous = part
+    return path
+
+
+_TAGGED_FIELDS = {"source", "versioning"}
+
+_PYDANTIC_FIXES = {
+    "missing": "is required; add it",
+    "extra_forbidden": "is not a known field; remove it or correct its spelling",
+}
+
+
+def _explain(error: dict[str, Any]) -> str:
+    if error["type"] in _PYDANTIC_FIXES:
+        return _PYDANTIC_FIXES[error["type"]]
+    if error["type"] == "union_tag_invalid":
+        context = error["ctx"]
+        return f"{context['tag']!r} is not a known type; use one of {context['expected_tags']}"
+    return error["msg"]
+
+
+def _problem(error: dict[str, Any]) -> SpecProblem:
+    path = field_path(error["loc"])
+    if error["type"] == "union_tag_invalid":
+        path += "." + error["ctx"]["discriminator"].strip("'")
+    return SpecProblem(path=path, message=_explain(error))
+
+
+def parse_spec(raw: dict[str, Any]) -> tuple[ImageTemplateSpec | None, list[SpecProblem]]:
+    """Parse a template spec; problems instead of an exception, for status messages."""
+    try:
+        return ImageTemplateSpec.model_validate(raw), []
+    except ValidationError as error:
+        return None, [_problem(e) for e in error.errors(include_url=False)]
+
+
+def check_rules(spec: ImageTemplateSpec, provider: Provider) -> list[SpecProblem]:
+    """Every cross-field rule AIB enforces, plus what the chosen provider can do."""
+    return list(_rules(spec, provider))
+
+
+def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
+    yield from _source_rules(spec, provider)
+    customize = spec.customize or []
+    for index, step in enumerate(customize):
+        yield from _step_rules(step, f"spec.customize[{index}]", provider)
+    validate = spec.validate_
+    validations = (validate.in_vm_validations if validate else None) or []
+    for index, step in enumerate(validations):
+        yield from _step_rules(step, f"spec.validate.inVMValidations[{index}]", provider)
+    yield from _os_rules([*customize, *validations], provider)
+    if validate and validate.source_validation_only:
+        if customize:
+            yield SpecProblem(
+                path="spec.customize",
+                message="must be empty when validate.sourceValidationOnly is true; remove the "
+                "customizers or set sourceValidationOnly to false",
+            )
+        if not validations:
+            yield SpecProblem(
+                path="spec.validate.inVMValidations",
+                message="needs at least one validation when sourceValidationOnly is true",
+            )
+    yield from _distribute_rules(spec, provider)
+    yield from _vm_profile_rules(spec)
+    yield from _tag_rules(spec.managed_resource_tags, "spec.managedResourceTags")
+    yield from _identity_rules(spec)
+    yield from _trigger_rules(spec)
+    if spec.staging_resource_group and not RESOURCE_GROUP_ID.match(spec.staging_resource_group):
+        yield SpecProblem(
+            path="spec.stagingResourceGroup",
+            message="must be a resource group ID: /subscriptions/SUB/resourceGroups/NAME",
+        )
+    if provider == Provider.azure:
+        for field, value in (("location", spec.location), ("resourceGroup", spec.resource_group)):
+            if not value:
+                yield SpecProblem(
+                    path=f"spec.{field}",
+                    message="is required for the azure provider (or set the operator's "
+                    f"default {field}); add it",
+                )
+
+
+def _source_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
+    source = spec.source
+    if isinstance(source, PlatformImageSource):
+        for field in ("publisher", "offer", "sku", "version"):
+            if not getattr(source, field).strip():
+                yield SpecProblem(path=f"spec.source.{field}", message="must not be empty")
+    elif isinstance(source, SharedImageVersionSource):
+        if not GALLERY_IMAGE_VERSION_ID.match(source.image_version_id):
+            yield SpecProblem(
+                path="spec.source.imageVersionId",
+                message="must be a gallery image version ID: /subscriptions/SUB/resourceGroups/"
+                "RG/providers/Microsoft.Compute/galleries/G/images/DEF/versions/VERSION "
+                "(VERSION may be 'latest')",
+            )
+    elif not MANAGED_IMAGE_ID.match(source.image_id):
+        yield SpecProblem(
+            path="spec.source.imageId",
+            message="must be a managed image ID: /subscriptions/SUB/resourceGroups/RG/"
+            "providers/Microsoft.Compute/images/NAME",
+        )
+
+
+def _uri_rule(uri: str, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    schemes = (
+        ("https://", "http://", "file://")
+        if provider == Provider.local
+        else ("https://", "http://")
+    )
+    if not uri.startswith(schemes):
+        yield SpecProblem(
+            path=path,
+            message=f"must start with {' or '.join(schemes)} for the {provider} provider",
+        )
+
+
+def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    if isinstance(step, ScriptFields):
+        has_uri, has_inline = bool(step.script_uri), bool(step.inline)
+        if has_uri == has_inline:
+            yield SpecProblem(
+                path=path,
+                message="give exactly one of scriptUri and inline"
+                + (" (both are set)" if has_uri else " (neither is set)"),
+            )
+        if step.script_uri:
+            yield from _uri_rule(step.script_uri, f"{path}.scriptUri", provider)
+        if step.sha256_checksum and not step.script_uri:
+            yield SpecProblem(
+                path=f"{path}.sha256Checksum",
+                message="only applies to scriptUri; remove it or use scriptUri",
+            )
+    if isinstance(step, PowerShellStep) and step.run_as_system and not step.run_elevated:
+        yield SpecProblem(
+            path=f"{path}.runAsSystem",
+            message="needs runElevated: true; set it or drop runAsSystem",
+        )
+    if isinstance(step, FileStep):
+        yield from _uri_rule(step.source_uri, f"{path}.sourceUri", provider)
+        destination = step.destination
+        if destination.startswith("/") and not destination.startswith("/tmp/"):
+            yield SpecProblem(
+                path=f"{path}.destination",
+                message="on Linux files can only be uploaded under /tmp; upload to /tmp/... "
+                "and move the file with a Shell step",
+            )
+        if not destination.startswith("/") and not re.match(r"^[A-Za-z]:[\\/]", destination):
+            yield SpecProblem(
+                path=f"{path}.destination", message="must be an absolute path on the build VM"
+            )
+        if destination.endswith(("/", "\\")):
+            yield SpecProblem(
+                path=f"{path}.destination", message="must name a file, not a directory"
+            )
+    if provider == Provider.local and isinstance(step, _WINDOWS_STEPS):
+        yield SpecProblem(
+            path=f"{path}.type",
+            message=f"{step.type} needs a Windows build VM, which the local provider cannot "
+            "run; set spec.provider: azure",
+        )
+
+
+def _os_rules(steps: list[KubeModel], provider: Provider) -> Iterator[SpecProblem]:
+    linux = any(isinstance(s, ShellStep) for s in steps)
+    windows = any(isinstance(s, _WINDOWS_STEPS) for s in steps)
+    if linux and windows and provider != Provider.local:
+        yield SpecProblem(
+            path="spec.customize",
+            message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
+            "(Windows) steps; a build VM runs one OS, so keep the steps of one",
+        )
+
+
+def _distribute_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
+    seen: dict[str, int] = {}
+    for index, target in enumerate(spec.distribute):
+        path = f"spec.distribute[{index}]"
+        name = target.run_output_name
+        if name in seen:
+            yield SpecProblem(
+                path=f"{path}.runOutputName",
+                message=f"{name!r} is already used by spec.distribute[{seen[name]}]; "
+                "runOutputName must be unique",
+            )
+        seen.setdefault(name, index)
+        yield from _tag_rules(target.artifact_tags, f"{path}.artifactTags")
+        if isinstance(target, ManagedImageDistributor):
+            if not MANAGED_IMAGE_ID.match(target.image_id):
+                yield SpecProblem(
+                    path=f"{path}.imageId",
+                    message="must be a managed image ID: /subscriptions/SUB/resourceGroups/RG/"
+                    "providers/Microsoft.Compute/images/NAME",
+                )
+        elif isinstance(target, SharedImageDistributor):
+            yield from _shared_image_rules(spec, target, path)
+        elif isinstance(target, VhdDistributor) and target.uri:
+            yield from _vhd_rules(target, path, provider)
+
+
+def _shared_image_rules(
+    spec: ImageTemplateSpec, target: SharedImageDistributor, path: str
+) -> Iterator[SpecProblem]:
+    if not GALLERY_IMAGE_ID.match(target.gallery_image_id):
+        yield SpecProblem(
+            path=f"{path}.galleryImageId",
+            message="must be a gallery image ID: /subscriptions/SUB/resourceGroups/RG/"
+            "providers/Microsoft.Compute/galleries/G/images/DEF",
+        )
+    if target.target_regions and target.replication_regions:
+        yield SpecProblem(
+            path=f"{path}.replicationRegions",
+            message="cannot be used with targetRegions; move the regions into targetRegions",
+        )
+    if target.storage_account_type and not target.replication_regions:
+        yield SpecProblem(
+            path=f"{path}.storageAccountType",
+            message="only applies with replicationRegions; set storageAccountType on each "
+            "targetRegions entry instead",
+        )
+    names = [r.name for r in target.target_regions or []] + list(target.replication_regions or [])
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        yield SpecProblem(
+            path=f"{path}.targetRegions",
+            message=f"lists {', '.join(duplicates)} more than once; list each region once",
+        )
+    explicit_version = "/versions/" in target.gallery_image_id.lower()
+    if explicit_version and target.versioning:
+        yield SpecProblem(
+            path=f"{path}.versioning",
+            message="cannot be used when galleryImageId names a version; drop one of them",
+        )
+    if explicit_version and not VERSION_TRIPLE.match(target.gallery_image_id.rsplit("/", 1)[-1]):
+        yield SpecProblem(
+            path=f"{path}.galleryImageId",
+            message="the version must be MAJOR.MINOR.PATCH, e.g. 1.0.0",
+        )
+    if isinstance(target.versioning, SourceVersioning) and not isinstance(
+        spec.source, PlatformImageSource | SharedImageVersionSource
+    ):
+        yield SpecProblem(
+            path=f"{path}.versioning.scheme",
+            message="Source versioning needs a PlatformImage or SharedImageVersion source; "
+            "use scheme: Latest",
+        )
+
+
+def _vhd_rules(target: VhdDistributor, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    uri = target.uri or ""
+    if provider == Provider.local:
+        if not (uri.startswith("file:///") or uri.startswith("/")):
+            yield SpecProblem(
+                path=f"{path}.uri",
+                message="for the local provider give an absolute file path or file:/// URL",
+            )
+    elif not uri.startswith("https://") or not uri.lower().endswith(".vhd"):
+        yield SpecProblem(
+            path=f"{path}.uri",
+            message="must be an https:// blob URL ending in .vhd (or unset for the staging "
+            "storage account)",
+        )
+
+
+def _vm_profile_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
+    profile = spec.vm_profile
+    if profile is None:
+        return
+    for index, identity in enumerate(profile.user_assigned_identities or []):
+        if not IDENTITY_ID.match(identity):
+            yield SpecProblem(
+                path=f"spec.vmProfile.userAssignedIdentities[{index}]",
+                message="must be a user-assigned identity ID: /subscriptions/SUB/resourceGroups/"
+                "RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/NAME",
+            )
+    vnet = profile.vnet_config
+    if vnet is None:
+        return
+    if vnet.subnet_id and not SUBNET_ID.match(vnet.subnet_id):
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.subnetId",
+            message="must be a subnet ID: /subscriptions/SUB/resourceGroups/RG/providers/"
+            "Microsoft.Network/virtualNetworks/VNET/subnets/SUBNET",
+        )
+    if vnet.container_instance_subnet_id and not vnet.subnet_id:
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.containerInstanceSubnetId",
+            message="needs subnetId as well; set subnetId to the build VM's subnet",
+        )
+    if vnet.container_instance_subnet_id and vnet.proxy_vm_size:
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.proxyVmSize",
+            message="cannot be used with containerInstanceSubnetId (no proxy VM is deployed "
+            "then); remove one of them",
+        )
+    if vnet.proxy_vm_size and not vnet.subnet_id:
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.proxyVmSize",
+            message="needs subnetId as well; set subnetId or remove proxyVmSize",
+        )
+
+
+def _tag_rules(tags: dict[str, str] | None, path: str) -> Iterator[SpecProblem]:
+    for name, value in (tags or {}).items():
+        if len(name) > MAX_TAG_NAME or re.search(r"[<>%&\\?/]", name):
+            yield SpecProblem(
+                path=f"{path}.{name}",
+                message=f"tag names have at most {MAX_TAG_NAME} characters and none of <>%&\\?/",
+            )
+        if len(value) > MAX_TAG_VALUE:
+            yield SpecProblem(
+                path=f"{path}.{name}", message=f"tag values have at most {MAX_TAG_VALUE} characters"
+            )
+
+
+def _identity_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
+    identity = spec.identity
+    if identity is None:
+        return
+    identities = identity.user_assigned_identities or {}
+    if identity.type == "UserAssigned" and len(identities) != 1:
+        yield SpecProblem(
+            path="spec.identity.userAssignedIdentities",
+            message="needs exactly one identity when type is UserAssigned",
+        )
+    if identity.type == "None" and identities:
+        yield SpecProblem(
+            path="spec.identity.userAssignedIdentities",
+            message="must be empty when type is None",
+        )
+    for key in identities:
+        if not IDENTITY_ID.match(key):
+            yield SpecProblem(
+                path="spec.identity.userAssignedIdentities",
+                message=f"{key!r} is not a user-assigned identity ID",
+            )
+
+
+def source_follows_latest(spec: ImageTemplateSpec) -> bool:
+    source = spec.source
+    if isinstance(source, PlatformImageSource):
+        return source.version.lower() == "latest"
+    if isinstance(source, SharedImageVersionSource):
+        return source.image_version_id.lower().endswith("/versions/latest")
+    return False
+
+
+def _trigger_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
+    kinds: set[str] = set()
+    for index, trigger in enumerate(spec.triggers or []):
+        path = f"spec.triggers[{index}]"
+        if trigger.kind in kinds:
+            yield SpecProblem(path=f"{path}.kind", message=f"{trigger.kind} is listed twice")
+        kinds.add(trigger.kind)
+        if isinstance(trigger, ScheduleTrigger) and not croniter.is_valid(trigger.schedule):
+            yield SpecProblem(
+                path=f"{path}.schedule",
+                message=f"{trigger.schedule!r} is not a cron expression; use five fields, "
+                "e.g. '0 3 * * 1' for Mondays at 03:00 UTC",
+            )
+        if isinstance(trigger, SourceImageTrigger) and not source_follows_latest(spec):
+            yield SpecProblem(
+                path=f"{path}.kind",
+                message="SourceImage needs a source that follows 'latest' (PlatformImage "
+                "version latest, or a SharedImageVersion ID ending in /versions/latest)",
+            )
+
+
+def validate_template(raw_spec: dict[str, Any], provider: Provider) -> list[SpecProblem]:
+    spec, problems = parse_spec(raw_spec)
+    return problems if spec is None else check_rules(spec, provider)

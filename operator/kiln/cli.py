@@ -1,0 +1,129 @@
+"""The `kiln` command: the operator, run logs, the AIB importer and local cluster helpers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from kiln import localcluster
+
+    state_dir = Path(args.state_dir)
+    if args.action == "up":
+        kubeconfig = localcluster.up(state_dir, crds_dir=Path(args.crds))
+        print(f"control plane ready; KUBECONFIG={kubeconfig}")
+    elif args.action == "down":
+        localcluster.down(state_dir)
+        print("control plane stopped")
+    else:
+        print(localcluster.status(state_dir))
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import kiln.controller  # noqa: F401  (registers the handlers)
+    from kiln.settings import load_settings
+
+    settings = load_settings()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    kopf.run(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
+        standalone=True,
+    )
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from kiln.api.crd import write_crds
+
+    for path in write_crds(Path(args.out)):
+        print(path)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kiln.commands import demo
+
+    state_dir = Path(args.state_dir)
+    if args.action == "stop":
+        demo.stop_operator(state_dir)
+        return 0
+    return demo.run_demo(state_dir, Path(args.examples))
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from kiln.commands import logs
+
+    try:
+        logs.show(args.run, args.namespace, args.follow)
+    except logs.LogsError as error:
+        print(f"kiln logs: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _images(args: argparse.Namespace) -> int:
+    from kiln.providers.local import baseimage
+    from kiln.settings import load_settings
+
+    image = baseimage.ensure_debian12(load_settings().cache_root)
+    print(
+        f"{image.publisher}:{image.offer}:{','.join(image.skus)}:{image.version} {image.directory}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    operator = commands.add_parser(
+        "operator", help="run the operator (settings from KILN_* environment variables)"
+    )
+    operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    operator.set_defaults(func=_operator)
+
+    logs = commands.add_parser("logs", help="print a run's customization log")
+    logs.add_argument("run", help="ImageBuildRun name")
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow while the run is active")
+    logs.set_defaults(func=_logs)
+
+    images = commands.add_parser("images", help="local provider platform images")
+    images.add_argument("action", choices=["ensure"], help="build the Debian 12 image if missing")
+    images.set_defaults(func=_images)
+
+    demo = commands.add_parser("demo", help="build examples/ on this machine (make demo)")
+    demo.add_argument("action", choices=["run", "stop"])
+    demo.add_argument("--state-dir", default=".kiln")
+    demo.add_argument("--examples", default="examples")
+    demo.set_defaults(func=_demo)
+
+    crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
+    crds.add_argument("--out", default="crds", help="directory to write to")
+    crds.set_defaults(func=_crds)
+
+    cluster = commands.add_parser("cluster", help="a local etcd + kube-apiserver for trying Kiln")
+    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument(
+        "--state-dir", default=".kiln", help="where pids, certs and kubeconfig live"
+    )
+    cluster.add_argument("--crds", default="crds", help="CRD YAML to install after start")
+    cluster.set_defaults(func=_cluster)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Commands of the `kiln` CLI beyond the operator itself."""

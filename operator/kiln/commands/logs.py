@@ -1,0 +1,63 @@
+"""`kiln logs RUN`: the run's customization log, followed while the run is active."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import CustomObjectsApi
+
+from kiln import GROUP, VERSION
+from kiln.api.run import TERMINAL_RUN_STATES
+from kiln.kube import RUNS, load_client
+from kiln.pipeline.logs import COMBINED
+
+FOLLOW_POLL_SECONDS = 2.0
+
+
+class LogsError(Exception):
+    pass
+
+
+def log_path(run: dict[str, Any]) -> Path:
+    status = run.get("status") or {}
+    staging = (status.get("checkpoint") or {}).get("staging")
+    if not staging:
+        raise LogsError(
+            f"run {run['metadata']['name']} has no log yet (state: "
+            f"{status.get('runState') or 'not started'}, {status.get('message') or ''})"
+        )
+    if status.get("provider") != "local":
+        raise LogsError(f"logs of {status.get('provider')} runs are in the staging storage account")
+    return Path(staging) / run["metadata"]["name"] / COMBINED
+
+
+def show(name: str, namespace: str, follow: bool) -> None:
+    api = CustomObjectsApi(load_client())
+
+    def fetch() -> dict[str, Any]:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name)
+
+    run = fetch()
+    while follow and not (run.get("status") or {}).get("checkpoint", {}).get("staging"):
+        if (run.get("status") or {}).get("runState") in TERMINAL_RUN_STATES:
+            break
+        time.sleep(FOLLOW_POLL_SECONDS)
+        run = fetch()
+    path = log_path(run)
+    offset = 0
+    while True:
+        if path.exists():
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+            offset += len(chunk)
+        if not follow or (fetch().get("status") or {}).get("runState") in TERMINAL_RUN_STATES:
+            if follow and path.exists() and path.stat().st_size > offset:
+                continue
+            return
+        time.sleep(FOLLOW_POLL_SECONDS)

@@ -1,0 +1,5 @@
+"""kopf handlers. Importing this package registers them all."""
+
+from kiln.controller import runs, setup, templates
+
+__all__ = ["runs", "setup", "templates"]

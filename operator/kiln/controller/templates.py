@@ -1,0 +1,83 @@
+"""ImageTemplate handlers: thin, the decisions are in kiln.reconcile."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from kiln import GROUP, VERSION
+from kiln.api.template import ImageTemplateSpec
+from kiln.kube import RUNS, TEMPLATES, template_runs
+from kiln.reconcile import templates as decide
+from kiln.reconcile import triggers
+from kiln.reconcile.runs import run_manifest
+from kiln.reconcile.sync import refresh_template, template_identity
+from kiln.runtime import Runtime
+
+
+@kopf.on.resume(GROUP, VERSION, TEMPLATES)
+@kopf.on.create(GROUP, VERSION, TEMPLATES)
+@kopf.on.update(GROUP, VERSION, TEMPLATES)
+async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime = memo.runtime
+    spec = decide.effective_spec(dict(body.spec), runtime.settings)
+    if decide.auto_run_enabled(spec) and not decide.problems_of(spec):
+        manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
+        await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
+    await refresh_template(runtime, body.metadata.namespace, body.metadata.name)
+
+
+@kopf.on.delete(GROUP, VERSION, TEMPLATES)
+async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Waits for active runs (they build from a snapshot), then removes the staging."""
+    runtime: Runtime = memo.runtime
+    active = [r for r in await template_runs(runtime.kube, dict(body)) if decide.is_building(r)]
+    if active:
+        names = ", ".join(r["metadata"]["name"] for r in active)
+        raise kopf.TemporaryError(f"waiting for run(s) {names} to finish", delay=15)
+    status = body.status or {}
+    staging = status.get("exactStagingResourceGroup")
+    provider = runtime.providers.get(status.get("provider") or "")
+    if staging and provider:
+        keep = bool((body.spec or {}).get("stagingResourceGroup"))
+        await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)
+
+
+@kopf.timer(GROUP, VERSION, TEMPLATES, interval=30, initial_delay=10)
+async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Schedule and SourceImage triggers: each creates a run with a name derived from
+    what fired it, so firing twice (after a restart) creates one run."""
+    runtime: Runtime = memo.runtime
+    spec_body = decide.effective_spec(dict(body.spec), runtime.settings)
+    if not spec_body.get("triggers") or decide.problems_of(spec_body):
+        return
+    spec = ImageTemplateSpec.model_validate(spec_body)
+    status = dict(body.status or {})
+    namespace, name = body.metadata.namespace, body.metadata.name
+    record: dict[str, Any] = {}
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if (schedule := triggers.schedule_trigger(spec)) is not None:
+        last = status.get("lastScheduledTime")
+        due = triggers.schedule_due(
+            schedule.schedule,
+            triggers.parse_time(last) if last else None,
+            triggers.parse_time(body.metadata.creation_timestamp),
+            now,
+        )
+        if due is not None:
+            run = triggers.scheduled_run_name(name, due)
+            await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "Schedule"))
+            record["lastScheduledTime"] = due.strftime(triggers.TIME_FORMAT)
+    if triggers.has_source_trigger(spec):
+        provider = runtime.providers.get(spec.provider or "")
+        current = await provider.latest_source_version(spec) if provider else None
+        if triggers.source_changed(status.get("sourceImageVersion"), current):
+            assert current is not None
+            run = triggers.source_run_name(name, current)
+            await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "SourceImage"))
+        if current and current != status.get("sourceImageVersion"):
+            record["sourceImageVersion"] = current
+    if record:
+        await runtime.kube.patch_status(TEMPLATES, namespace, name, record)

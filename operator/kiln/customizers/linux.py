@@ -1,0 +1,46 @@
+"""Linux customizers: how a Shell step becomes a script, and AIB's deprovisioning."""
+
+from __future__ import annotations
+
+from kiln.api.template import ShellStep
+from kiln.customizers.sources import fetch
+
+DEPROVISION_OVERRIDE = "/tmp/DeprovisioningScript.sh"
+
+# AIB runs `waagent -force -deprovision+user` where the Azure agent is installed; images
+# without it (the local provider's) get the same effect from cloud-init and a few removals.
+DEPROVISION_SCRIPT = f"""#!/bin/sh
+set -e
+if [ -f {DEPROVISION_OVERRIDE} ]; then
+    echo "running {DEPROVISION_OVERRIDE} instead of the default deprovisioning"
+    sh {DEPROVISION_OVERRIDE}
+    rm -f {DEPROVISION_OVERRIDE}
+elif [ -x /usr/sbin/waagent ]; then
+    /usr/sbin/waagent -force -deprovision+user
+else
+    cloud-init clean --logs --seed
+    rm -f /etc/ssh/ssh_host_*
+    truncate -s 0 /etc/machine-id
+    rm -f /var/lib/dbus/machine-id
+    rm -rf /var/lib/dhcp/* /var/lib/systemd/network/* /tmp/* /var/tmp/*
+    find /var/log -type f -exec truncate -s 0 {{}} +
+    rm -f /root/.bash_history
+fi
+export HISTSIZE=0
+sync
+echo "deprovisioned"
+"""
+
+
+def final_shutdown_command(user: str) -> str:
+    """Removes the build user and Kiln's job files, then powers off, once we have gone."""
+    inner = f"sleep 2; rm -rf /var/lib/kiln; userdel -f -r {user}; sync; systemctl poweroff"
+    return f"sudo -n systemd-run --no-block --unit=kiln-final /bin/sh -c '{inner}'"
+
+
+async def shell_script(step: ShellStep) -> str:
+    """The script to run: inline lines under `sh -e` (as Packer does), or the fetched URI."""
+    if step.inline:
+        return "#!/bin/sh -e\n" + "\n".join(step.inline) + "\n"
+    assert step.script_uri is not None
+    return (await fetch(step.script_uri, step.sha256_checksum)).decode()

@@ -1,0 +1,58 @@
+"""Fetching scripts and files named by URI, with AIB's checksum and size rules."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import aiohttp
+
+FILE_LIMIT_BYTES = 20 * 1024 * 1024  # AIB: the File customizer is for files up to 20 MB
+FETCH_TIMEOUT_SECONDS = 120
+
+
+class FetchError(Exception):
+    """A URI could not be read, was too big, or did not match its checksum."""
+
+
+def redact(uri: str) -> str:
+    """The URI without its query string: SAS tokens must never reach status or logs."""
+    return uri.split("?", 1)[0]
+
+
+async def fetch(uri: str, sha256: str | None = None, limit: int = FILE_LIMIT_BYTES) -> bytes:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+        try:
+            if path.stat().st_size > limit:
+                raise FetchError(f"{path} is larger than {limit // (1024 * 1024)} MiB")
+            data = path.read_bytes()
+        except OSError as error:
+            raise FetchError(f"cannot read {path}: {error.strerror}") from error
+    elif parsed.scheme in ("http", "https"):
+        data = await _download(uri, limit)
+    else:
+        raise FetchError(f"{redact(uri)}: only https, http and file URIs can be fetched")
+    if sha256 and hashlib.sha256(data).hexdigest().lower() != sha256.lower():
+        raise FetchError(
+            f"{redact(uri)} does not match sha256Checksum {sha256}; update the checksum or the file"
+        )
+    return data
+
+
+async def _download(uri: str, limit: int) -> bytes:
+    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as response:
+            if response.status != 200:
+                raise FetchError(f"{redact(uri)} answered HTTP {response.status}")
+            data = await response.content.read(limit + 1)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise FetchError(
+            f"cannot download {redact(uri)}: {error or type(error).__name__}"
+        ) from error
+    if len(data) > limit:
+        raise FetchError(f"{redact(uri)} is larger than {limit // (1024 * 1024)} MiB")
+    return data

@@ -1,0 +1,129 @@
+"""The few Kubernetes calls Kiln makes outside kopf's handler patches.
+
+The official client is synchronous; every call runs in a worker thread so that no
+handler blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+from kiln import GROUP, VERSION
+
+TEMPLATES = "imagetemplates"
+RUNS = "imagebuildruns"
+Body = dict[str, Any]
+
+
+def load_client() -> ApiClient:
+    """In-cluster service account when there is one, else KUBECONFIG / ~/.kube/config."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return ApiClient()
+
+
+def is_not_found(error: Exception) -> bool:
+    return isinstance(error, ApiException) and error.status == 404
+
+
+def is_conflict(error: Exception) -> bool:
+    return isinstance(error, ApiException) and error.status == 409
+
+
+class Kube:
+    def __init__(self, client: ApiClient) -> None:
+        self.custom = CustomObjectsApi(client)
+        self.core = CoreV1Api(client)
+
+    async def get(self, plural: str, namespace: str, name: str) -> Body | None:
+        try:
+            return await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def list(self, plural: str, namespace: str, label_selector: str = "") -> list[Body]:
+        result = await asyncio.to_thread(
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            label_selector=label_selector,
+        )
+        return list(result.get("items", []))
+
+    async def create(self, plural: str, namespace: str, body: Body) -> Body | None:
+        """Create; None when an object of that name exists already (creation is idempotent)."""
+        try:
+            return await asyncio.to_thread(
+                self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural, body
+            )
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: Body) -> Body:
+        return await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            {"status": status},
+        )
+
+    async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        return await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            patch,
+        )
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(secret.data or {})
+
+    async def create_secret(self, namespace: str, body: Body) -> None:
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+async def template_runs(kube: Kube, template: Body) -> list[Body]:
+    """The runs in the template's namespace whose templateRef names it."""
+    meta = template["metadata"]
+    runs = await kube.list(RUNS, meta["namespace"])
+    return [
+        r for r in runs if (r.get("spec") or {}).get("templateRef", {}).get("name") == meta["name"]
+    ]

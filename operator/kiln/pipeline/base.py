@@ -1,0 +1,82 @@
+"""What a pipeline step is, and what it returns.
+
+A step's reconcile() is called again and again until it says done or failed: it reads
+the checkpoint and the world, does the next thing, and returns. It never waits long
+itself; "wait" hands the time back to the driver, which persists the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from pydantic import BaseModel
+
+from kiln.api.run import RunSubState
+from kiln.communicators.ssh import SshCommunicator
+from kiln.kube import Kube
+from kiln.providers.base import BuildProvider, Endpoint, RunContext
+
+
+class Outcome(BaseModel):
+    kind: Literal["done", "wait", "failed"]
+    message: str = ""
+    delay: float = 2.0
+    exit_code: int | None = None
+    log_tail: list[str] | None = None
+    reason: str | None = None
+
+    @classmethod
+    def done(cls, message: str = "") -> Outcome:
+        return cls(kind="done", message=message)
+
+    @classmethod
+    def wait(cls, message: str, delay: float = 2.0) -> Outcome:
+        return cls(kind="wait", message=message, delay=delay)
+
+    @classmethod
+    def failed(cls, message: str, reason: str, **details: object) -> Outcome:
+        return cls(kind="failed", message=message, reason=reason, **details)
+
+
+@dataclass
+class StepEnv:
+    """What steps share for one run: its provider, API client and open connection."""
+
+    provider: BuildProvider
+    kube: Kube
+    connections: dict[str, SshCommunicator] = field(default_factory=dict)
+
+    async def communicator(self, ctx: RunContext, timeout: float = 20.0) -> SshCommunicator:
+        """The run's open SSH connection, or a new one (after a restart) to the same VM."""
+        existing = self.connections.get(ctx.run_uid)
+        if existing is not None:
+            return existing
+        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        communicator = SshCommunicator()
+        await communicator.connect(
+            endpoint.host,
+            endpoint.port,
+            endpoint.user,
+            ctx.client_private_key,
+            ctx.host_public_key,
+            timeout=timeout,
+        )
+        self.connections[ctx.run_uid] = communicator
+        return communicator
+
+    async def disconnect(self, ctx: RunContext) -> None:
+        communicator = self.connections.pop(ctx.run_uid, None)
+        if communicator is not None:
+            await communicator.close()
+
+
+class Step(Protocol):
+    name: str
+    sub_state: RunSubState
+
+    def applies(self, ctx: RunContext) -> bool: ...
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome: ...
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None: ...

@@ -1,0 +1,112 @@
+"""Steps that turn the build VM into images: deprovision, capture, distribute."""
+
+from __future__ import annotations
+
+from kiln import reasons
+from kiln.api.run import RunSubState
+from kiln.api.status import RunOutput
+from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
+from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.logs import RunLogs
+from kiln.providers.base import Endpoint, ProviderError, RunContext
+
+DEPROVISION_JOB = "deprovision"
+
+
+def builds_image(ctx: RunContext) -> bool:
+    validate = ctx.spec.validate_
+    return not (validate and validate.source_validation_only)
+
+
+class DeprovisionStep:
+    """AIB's deprovisioning (or /tmp/DeprovisioningScript.sh), then a clean power-off."""
+
+    name = "deprovision"
+    sub_state = RunSubState.Customizing
+
+    def applies(self, ctx: RunContext) -> bool:
+        return builds_image(ctx)
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        if ctx.checkpoint.get("poweroffRequested"):
+            return Outcome.done("deprovisioned and powered off")
+        communicator = await env.communicator(ctx)
+        if not ctx.checkpoint.get("collected"):
+            await env.provider.collect_from_vm(ctx, communicator)
+            ctx.checkpoint["collected"] = True
+        logs = RunLogs(ctx.run_dir)
+        logs.start(DEPROVISION_JOB, "deprovision")
+        await communicator.start_job(DEPROVISION_JOB, DEPROVISION_SCRIPT, elevated=True)
+        status = await communicator.poll_job(DEPROVISION_JOB, logs.offset(DEPROVISION_JOB))
+        logs.append(DEPROVISION_JOB, status.new_log)
+        if status.running:
+            return Outcome.wait("deprovisioning", delay=3)
+        if status.exit_code != 0:
+            return Outcome.failed(
+                f"deprovisioning failed with exit code {status.exit_code}",
+                reasons.CUSTOMIZER_FAILED,
+                exit_code=status.exit_code,
+                log_tail=logs.tail(DEPROVISION_JOB),
+            )
+        user = Endpoint.model_validate(ctx.checkpoint["endpoint"]).user
+        await communicator.run(final_shutdown_command(user))
+        ctx.checkpoint["poweroffRequested"] = True
+        await env.disconnect(ctx)
+        return Outcome.done("deprovisioned; powering off")
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """Nothing of its own: the VM step removes the VM."""
+
+
+class CaptureStep:
+    name = "capture"
+    sub_state = RunSubState.Distributing
+
+    def applies(self, ctx: RunContext) -> bool:
+        return builds_image(ctx)
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        if not await env.provider.stop_vm(ctx):
+            return Outcome.wait("waiting for the build VM to power off", delay=3)
+        await env.provider.capture(ctx)
+        return Outcome.done("captured")
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """The captured image is removed with the VM's files."""
+
+
+class DistributeStep:
+    """Every target is tried; one that fails does not stop the others."""
+
+    name = "distribute"
+    sub_state = RunSubState.Distributing
+
+    def applies(self, ctx: RunContext) -> bool:
+        return builds_image(ctx)
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        outputs: dict[str, dict[str, object]] = ctx.checkpoint.setdefault("outputs", {})
+        for index, target in enumerate(ctx.spec.distribute):
+            if str(index) in outputs:
+                continue
+            try:
+                output = await env.provider.distribute(ctx, index)
+            except ProviderError as error:
+                if not error.fatal:
+                    return Outcome.wait(f"distribute[{index}]: {error}", error.retry_after)
+                output = RunOutput(
+                    run_output_name=target.run_output_name,
+                    provisioning_state="Failed",
+                    message=str(error),
+                )
+            outputs[str(index)] = output.wire()
+        failed = [o for o in outputs.values() if o.get("provisioningState") == "Failed"]
+        if len(failed) == len(outputs):
+            detail = "; ".join(f"{o['runOutputName']}: {o.get('message')}" for o in failed)
+            return Outcome.failed(
+                f"no target was distributed: {detail}", reasons.DISTRIBUTION_FAILED
+            )
+        return Outcome.done(f"{len(outputs) - len(failed)} of {len(outputs)} target(s) distributed")
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """Outputs are the point of the run; they stay."""

@@ -1,0 +1,143 @@
+"""Steps that set up the build: staging, source, build VM, connection."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from kiln import GROUP, VERSION, reasons
+from kiln.api.run import RunSubState
+from kiln.communicators.ssh import CommunicatorError, HostKeyMismatch, generate_keypair
+from kiln.naming import run_secret_name
+from kiln.pipeline.base import Outcome, StepEnv
+from kiln.providers.base import RunContext
+
+BOOT_TIMEOUT_SECONDS = 900
+
+
+class StagingStep:
+    name = "staging"
+    sub_state = RunSubState.Building
+
+    def applies(self, ctx: RunContext) -> bool:
+        return True
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        ctx.checkpoint["staging"] = await env.provider.ensure_staging(ctx)
+        return Outcome.done(ctx.checkpoint["staging"])
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """The staging group belongs to the template; it goes when the template goes."""
+
+
+class SourceStep:
+    name = "source"
+    sub_state = RunSubState.Building
+
+    def applies(self, ctx: RunContext) -> bool:
+        return True
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        ctx.checkpoint["exactSource"] = await env.provider.resolve_source(ctx)
+        return Outcome.done(ctx.checkpoint["exactSource"])
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """Resolving a source creates nothing."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def decode_keys(data: dict[str, str], ctx: RunContext) -> None:
+    """Fill the context's key fields from the run's Secret data."""
+    text = {key: base64.b64decode(value).decode() for key, value in data.items()}
+    ctx.client_private_key = text["ssh-privatekey"]
+    ctx.client_public_key = text["ssh-publickey"]
+    ctx.host_private_key = text["host-privatekey"]
+    ctx.host_public_key = text["host-publickey"]
+
+
+class VmStep:
+    """Creates the per-run key pairs (kept in a Secret owned by the run) and the VM."""
+
+    name = "vm"
+    sub_state = RunSubState.Building
+
+    def applies(self, ctx: RunContext) -> bool:
+        return True
+
+    async def _ensure_keys(self, ctx: RunContext, env: StepEnv) -> None:
+        secret = run_secret_name(ctx.run_name)
+        data = await env.kube.read_secret(ctx.namespace, secret)
+        if data is None:
+            client, host = generate_keypair(f"kiln-{ctx.run_name}"), generate_keypair("host")
+            await env.kube.create_secret(
+                ctx.namespace,
+                {
+                    "metadata": {
+                        "name": secret,
+                        "labels": {f"{GROUP}/run": ctx.run_name[:63]},
+                        "ownerReferences": [
+                            {
+                                "apiVersion": f"{GROUP}/{VERSION}",
+                                "kind": "ImageBuildRun",
+                                "name": ctx.run_name,
+                                "uid": ctx.run_uid,
+                            }
+                        ],
+                    },
+                    "type": "kubernetes.io/ssh-auth",
+                    "data": {
+                        "ssh-privatekey": _b64(client.private_key.get_secret_value()),
+                        "ssh-publickey": _b64(client.public_key),
+                        "host-privatekey": _b64(host.private_key.get_secret_value()),
+                        "host-publickey": _b64(host.public_key),
+                    },
+                },
+            )
+            data = await env.kube.read_secret(ctx.namespace, secret)
+        assert data is not None
+        decode_keys(data, ctx)
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        await self._ensure_keys(ctx, env)
+        endpoint = await env.provider.create_vm(ctx)
+        ctx.checkpoint["endpoint"] = endpoint.model_dump()
+        return Outcome.done(f"build VM at {endpoint.host}:{endpoint.port}")
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        await env.disconnect(ctx)
+        await env.provider.delete_vm(ctx)
+        await env.kube.delete_secret(ctx.namespace, run_secret_name(ctx.run_name))
+
+
+class ConnectStep:
+    """Waits for an SSH login with the expected host key, then for cloud-init to finish."""
+
+    name = "connect"
+    sub_state = RunSubState.Building
+
+    def applies(self, ctx: RunContext) -> bool:
+        return True
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        deadline = ctx.checkpoint.setdefault("bootDeadline", time.time() + BOOT_TIMEOUT_SECONDS)
+        try:
+            communicator = await env.communicator(ctx)
+        except HostKeyMismatch as error:
+            return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
+        except CommunicatorError as error:
+            if time.time() > deadline:
+                return Outcome.failed(
+                    f"the build VM did not accept an SSH login in {BOOT_TIMEOUT_SECONDS}s: {error}",
+                    reasons.PROVIDER_ERROR,
+                )
+            return Outcome.wait("waiting for the build VM to boot", delay=5)
+        result = await communicator.run("cloud-init status 2>/dev/null || true")
+        if "running" in result.stdout or "not started" in result.stdout:
+            return Outcome.wait("waiting for cloud-init on the build VM", delay=3)
+        return Outcome.done("connected")
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        await env.disconnect(ctx)

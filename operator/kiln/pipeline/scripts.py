@@ -1,0 +1,120 @@
+"""Customize and validate: the template's steps, run one by one on the build VM.
+
+Scripts run as detached jobs, so a long script survives an operator restart; each pass
+starts the current job (a no-op if it is started already), reads its new log lines and
+moves on when it has an exit code. The index of the current step is checkpointed.
+"""
+
+from __future__ import annotations
+
+from kiln import reasons
+from kiln.api.run import RunSubState
+from kiln.api.template import FileStep, ShellStep
+from kiln.customizers.linux import shell_script
+from kiln.customizers.sources import FetchError, fetch, redact
+from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.logs import RunLogs
+from kiln.providers.base import RunContext
+
+POLL_SECONDS = 3.0
+
+
+def _title(phase: str, index: int, step: ShellStep | FileStep) -> str:
+    label = f" {step.name!r}" if step.name else ""
+    return f"{phase}[{index}] {step.type}{label}"
+
+
+class ScriptPhase:
+    """Shared by customize and validate; they differ in their steps and failure reason."""
+
+    name: str
+    sub_state: RunSubState
+    failure_reason: str
+
+    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+        raise NotImplementedError
+
+    def applies(self, ctx: RunContext) -> bool:
+        return bool(self.steps(ctx))
+
+    async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        steps = self.steps(ctx)
+        logs = RunLogs(ctx.run_dir)
+        key = f"{self.name}Index"
+        while (index := ctx.checkpoint.get(key, 0)) < len(steps):
+            step = steps[index]
+            title = _title(self.name, index, step)
+            job_id = f"{self.name}-{index:02d}"
+            logs.start(job_id, title)
+            try:
+                outcome = await self._run_step(ctx, env, logs, job_id, step)
+            except FetchError as error:
+                return Outcome.failed(f"{title}: {error}", self.failure_reason)
+            if outcome is not None:
+                if outcome.kind == "failed":
+                    outcome.message = f"{title}: {outcome.message}"
+                return outcome
+            ctx.checkpoint[key] = index + 1
+        return Outcome.done(f"{len(steps)} step(s) succeeded")
+
+    async def _run_step(
+        self,
+        ctx: RunContext,
+        env: StepEnv,
+        logs: RunLogs,
+        job_id: str,
+        step: ShellStep | FileStep,
+    ) -> Outcome | None:
+        """None when the step finished well; otherwise what to tell the driver."""
+        communicator = await env.communicator(ctx)
+        if isinstance(step, FileStep):
+            data = await fetch(step.source_uri, step.sha256_checksum)
+            await communicator.upload(data, step.destination)
+            logs.append(
+                job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
+            )
+            return None
+        await communicator.start_job(job_id, await shell_script(step))
+        status = await communicator.poll_job(job_id, logs.offset(job_id))
+        logs.append(job_id, status.new_log)
+        if status.running:
+            return Outcome.wait(f"running {job_id}", delay=POLL_SECONDS)
+        if status.exit_code == 0:
+            return None
+        code = (
+            "no exit code (the script was killed)"
+            if status.exit_code is None
+            else (f"exit code {status.exit_code}")
+        )
+        return Outcome.failed(
+            f"failed with {code}",
+            self.failure_reason,
+            exit_code=status.exit_code,
+            log_tail=logs.tail(job_id),
+        )
+
+    async def delete(self, ctx: RunContext, env: StepEnv) -> None:
+        """Jobs live on the build VM and go with it."""
+
+
+class CustomizeStep(ScriptPhase):
+    name = "customize"
+    sub_state = RunSubState.Customizing
+    failure_reason = reasons.CUSTOMIZER_FAILED
+
+    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+        validate = ctx.spec.validate_
+        if validate and validate.source_validation_only:
+            return []
+        return [s for s in ctx.spec.customize or [] if isinstance(s, ShellStep | FileStep)]
+
+
+class ValidateStep(ScriptPhase):
+    name = "validate"
+    sub_state = RunSubState.Validating
+    failure_reason = reasons.VALIDATION_FAILED
+
+    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+        validate = ctx.spec.validate_
+        steps = (validate.in_vm_validations if validate else None) or []
+        return [s for s in steps if isinstance(s, ShellStep | FileStep)]

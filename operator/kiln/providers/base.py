@@ -1,0 +1,105 @@
+"""The provider interface: where build VMs run and where images go.
+
+The pipeline is provider-neutral; a provider only creates, finds and deletes things in
+its world (QEMU on this machine, or an Azure subscription) and reports where they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from kiln.api.status import RunOutput
+from kiln.api.template import ImageTemplateSpec
+from kiln.communicators.ssh import SshCommunicator as Communicator
+
+
+class ProviderError(Exception):
+    """A failure in the provider's world; fatal ones stop the run, others are retried."""
+
+    def __init__(self, message: str, *, fatal: bool = True, retry_after: float = 10.0) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+        self.retry_after = retry_after
+
+
+class TemplateIdentity(BaseModel):
+    namespace: str
+    name: str
+    uid: str
+
+
+class Endpoint(BaseModel):
+    """How to reach a build VM's communicator."""
+
+    host: str
+    port: int
+    user: str
+
+
+class RunContext(BaseModel):
+    """Everything a step needs about one run; checkpoint is persisted after every step."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    namespace: str
+    run_name: str
+    run_uid: str
+    template: TemplateIdentity
+    spec: ImageTemplateSpec
+    checkpoint: dict[str, Any]
+    run_dir: Path
+    client_private_key: str = ""
+    client_public_key: str = ""
+    host_private_key: str = ""
+    host_public_key: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "customization.log"
+
+
+class BuildProvider(Protocol):
+    name: str
+
+    def staging_id(self, template: TemplateIdentity, spec: ImageTemplateSpec) -> str:
+        """The staging group (or directory) of a template, the same on every pass."""
+
+    def run_dir(self, template: TemplateIdentity, spec: ImageTemplateSpec, run: str) -> Path:
+        """Where a run keeps its logs and build files on this machine."""
+
+    async def ensure_staging(self, ctx: RunContext) -> str: ...
+
+    async def delete_staging(
+        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+    ) -> None:
+        """Remove what Kiln made for the template; keep_group empties a custom group only."""
+
+    async def resolve_source(self, ctx: RunContext) -> str:
+        """The exact source image version; 'latest' resolves here."""
+
+    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+        """What 'latest' resolves to now, for the SourceImage trigger; None if unknown."""
+
+    async def create_vm(self, ctx: RunContext) -> Endpoint:
+        """Create the build VM, or find the one created before; never a second one."""
+
+    async def collect_from_vm(self, ctx: RunContext, communicator: Communicator) -> None:
+        """Fetch what capture needs from the running VM (e.g. its kernel) before shutdown."""
+
+    async def vm_stopped(self, ctx: RunContext) -> bool:
+        """True once the build VM has shut down after deprovisioning."""
+
+    async def capture(self, ctx: RunContext) -> None:
+        """Turn the stopped VM's disk into the image the distributors publish."""
+
+    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
+        """Publish spec.distribute[index]; idempotent."""
+
+    async def delete_vm(self, ctx: RunContext) -> None:
+        """Remove the build VM and everything made for it, keeping logs and outputs."""
+
+    def describe_vm(self, ctx: RunContext) -> str:
+        """How a person reaches a kept build VM (errorHandling abort)."""

@@ -1,0 +1,366 @@
+"""The local provider: build VMs are QEMU processes, images go to a directory gallery.
+
+Everything a run makes lives in two places: its run directory in the template's staging
+directory (logs, the captured image, default VHD outputs) and a short VM directory
+(pid file, QMP socket, overlay, seed), short because unix socket paths are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from kiln.api.status import RunOutput
+from kiln.api.template import (
+    ImageTemplateSpec,
+    ManagedImageDistributor,
+    ManagedImageSource,
+    PlatformImageSource,
+    SharedImageDistributor,
+    SharedImageVersionSource,
+    SourceVersioning,
+    VhdDistributor,
+)
+from kiln.communicators.ssh import SshCommunicator
+from kiln.naming import staging_group_name
+from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
+from kiln.providers.local import baseimage, qemu
+from kiln.providers.local.disks import check_fixed_vhd, sha256_file, to_fixed_vhd, to_qcow2
+from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
+from kiln.providers.local.seed import SeedConfig, write_seed_iso
+from kiln.settings import OperatorSettings
+
+BUILD_USER = "packer"
+OWNER_MARKER = ".kiln-template"
+IMAGE_DIR = "image"
+STOP_GRACE_SECONDS = 180
+BOOT_FILES = {"/vmlinuz": "vmlinuz", "/initrd.img": "initrd.img"}
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.gallery = LocalGallery(settings.gallery)
+
+    # --- staging ---------------------------------------------------------------------------
+
+    def staging_id(self, template: TemplateIdentity, spec: ImageTemplateSpec) -> str:
+        if spec.staging_resource_group:
+            name = spec.staging_resource_group.rstrip("/").rsplit("/", 1)[-1]
+        else:
+            name = staging_group_name(spec.resource_group or "local", template.name, template.uid)
+        return str(self.settings.staging_root / name)
+
+    def run_dir(self, template: TemplateIdentity, spec: ImageTemplateSpec, run: str) -> Path:
+        return Path(self.staging_id(template, spec)) / run
+
+    async def ensure_staging(self, ctx: RunContext) -> str:
+        staging = Path(self.staging_id(ctx.template, ctx.spec))
+        marker = staging / OWNER_MARKER
+        if staging.is_dir() and not marker.is_file() and any(staging.iterdir()):
+            raise ProviderError(
+                f"staging directory {staging} is not empty and not Kiln's; "
+                "spec.stagingResourceGroup must name an empty or new group"
+            )
+        if marker.is_file() and marker.read_text().strip() != ctx.template.uid:
+            raise ProviderError(
+                f"staging directory {staging} belongs to another template; "
+                "give this template its own spec.stagingResourceGroup"
+            )
+        staging.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ctx.template.uid)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        return str(staging)
+
+    async def delete_staging(
+        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+    ) -> None:
+        directory = Path(staging)
+        marker = directory / OWNER_MARKER
+        if not marker.is_file() or marker.read_text().strip() != template.uid:
+            return  # never delete what Kiln did not make
+        if not keep_group:
+            await asyncio.to_thread(shutil.rmtree, directory)
+            return
+        for child in directory.iterdir():
+            if child.name == OWNER_MARKER:
+                continue
+            if child.is_dir():
+                await asyncio.to_thread(shutil.rmtree, child)
+            else:
+                child.unlink()
+        marker.unlink()
+
+    # --- source ------------------------------------------------------------------------------
+
+    async def resolve_source(self, ctx: RunContext) -> str:
+        source = ctx.spec.source
+        try:
+            if isinstance(source, PlatformImageSource):
+                image = await asyncio.to_thread(self._platform_image, source)
+                boot = {
+                    "disk": image.disk_path,
+                    "kernel": image.kernel_path,
+                    "initrd": image.initrd_path,
+                }
+                exact = ":".join((source.publisher, source.offer, source.sku, image.version))
+            elif isinstance(source, ManagedImageSource):
+                directory = self.gallery.resolve_managed_image(source.image_id)
+                boot, exact = self._gallery_boot(directory), source.image_id
+            else:
+                exact, directory = self.gallery.resolve_version(source.image_version_id)
+                boot = self._gallery_boot(directory)
+        except (baseimage.ImageNotFound, GalleryError) as error:
+            raise ProviderError(str(error)) from error
+        ctx.checkpoint["source"] = {key: str(path) for key, path in boot.items()}
+        ctx.checkpoint["sourceVersion"] = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        return exact
+
+    def _platform_image(self, source: PlatformImageSource) -> baseimage.BaseImage:
+        cache = self.settings.cache_root
+        known = (source.publisher.lower(), source.offer.lower()) == (
+            baseimage.PUBLISHER.lower(),
+            baseimage.OFFER.lower(),
+        )
+        if known and source.sku in baseimage.SKUS and source.version.lower() == "latest":
+            baseimage.ensure_debian12(cache)
+        return baseimage.resolve(cache, source.publisher, source.offer, source.sku, source.version)
+
+    @staticmethod
+    def _gallery_boot(directory: Path) -> dict[str, Path]:
+        return {
+            "disk": directory / "disk.qcow2",
+            "kernel": directory / "vmlinuz",
+            "initrd": directory / "initrd.img",
+        }
+
+    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+        source = spec.source
+        try:
+            if isinstance(source, PlatformImageSource):
+                images = baseimage.list_images(
+                    self.settings.cache_root, source.publisher, source.offer, source.sku
+                )
+                return images[-1].version if images else None
+            if isinstance(source, SharedImageVersionSource):
+                return self.gallery.resolve_version(source.image_version_id)[0]
+        except GalleryError:
+            return None
+        return None
+
+    # --- build VM ----------------------------------------------------------------------------
+
+    def vm_dir(self, ctx: RunContext) -> Path:
+        return self.settings.data_root / "vm" / ctx.run_uid
+
+    async def create_vm(self, ctx: RunContext) -> Endpoint:
+        directory = self.vm_dir(ctx)
+        handle = qemu.find(directory)
+        if handle is None:
+            if ctx.checkpoint.get("vmStarted"):
+                raise ProviderError(
+                    "the build VM stopped unexpectedly; its serial log is "
+                    f"{directory / qemu.SERIAL_LOG}"
+                )
+            handle = await asyncio.to_thread(self._start_vm, ctx, directory)
+            ctx.checkpoint["vmStarted"] = True
+        ctx.checkpoint["vm"] = {"pid": handle.pid, "sshPort": handle.ssh_port}
+        return Endpoint(host="127.0.0.1", port=handle.ssh_port, user=BUILD_USER)
+
+    def _start_vm(self, ctx: RunContext, directory: Path) -> qemu.VmHandle:
+        directory.mkdir(parents=True, exist_ok=True)
+        source = ctx.checkpoint["source"]
+        overlay, seed = directory / "os.qcow2", directory / "seed.iso"
+        size = ctx.spec.vm_profile.os_disk_size_gb if ctx.spec.vm_profile else None
+        try:
+            if not overlay.exists():
+                qemu.create_overlay(Path(source["disk"]), overlay, size or None)
+        except ValueError as error:
+            raise ProviderError(f"spec.vmProfile.osDiskSizeGB: {error}") from error
+        if not seed.exists():
+            write_seed_iso(
+                SeedConfig(
+                    instance_id=ctx.run_uid,
+                    hostname="kiln-build",
+                    user=BUILD_USER,
+                    authorized_key=ctx.client_public_key,
+                    host_private_key=ctx.host_private_key,
+                    host_public_key=ctx.host_public_key,
+                ),
+                seed,
+            )
+        spec = qemu.VmSpec(
+            name=f"kiln-{ctx.run_name}"[:60].rstrip("-."),
+            state_dir=directory,
+            disk=overlay,
+            seed_iso=seed,
+            kernel=Path(source["kernel"]),
+            initrd=Path(source["initrd"]),
+            memory_mb=self.settings.vm_memory_mb,
+            accel=qemu.accelerator(self.settings.cache_root, Path(source["kernel"])),
+        )
+        return qemu.start(spec)
+
+    async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
+        """The disk has no boot loader, so its own kernel and initrd travel with it."""
+        image_dir = ctx.run_dir / IMAGE_DIR
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for remote, local in BOOT_FILES.items():
+            await communicator.download(remote, image_dir / local, elevated=True)
+
+    async def stop_vm(self, ctx: RunContext) -> bool:
+        handle = qemu.find(self.vm_dir(ctx))
+        if handle is None:
+            return True
+        since = ctx.checkpoint.setdefault("stopRequestedAt", time.time())
+        if time.time() - since > STOP_GRACE_SECONDS:
+            await qemu.powerdown(handle, timeout=60)
+            return True
+        return False
+
+    def describe_vm(self, ctx: RunContext) -> str:
+        handle = qemu.find(self.vm_dir(ctx))
+        if handle is None:
+            return "the build VM is not running"
+        return (
+            f"the build VM is kept running: ssh -p {handle.ssh_port} {BUILD_USER}@127.0.0.1 "
+            f"with the key in Secret {ctx.namespace}/{ctx.run_name}-ssh (ssh-privatekey); "
+            f"serial log {handle.serial_log}; delete the run to remove it"
+        )
+
+    async def delete_vm(self, ctx: RunContext) -> None:
+        directory = self.vm_dir(ctx)
+        handle = qemu.find(directory)
+        if handle is not None:
+            await qemu.powerdown(handle, timeout=20)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(shutil.rmtree, ctx.run_dir / IMAGE_DIR, True)
+
+    # --- capture and distribution --------------------------------------------------------------
+
+    async def capture(self, ctx: RunContext) -> None:
+        await asyncio.to_thread(self._capture, ctx)
+
+    def _capture(self, ctx: RunContext) -> None:
+        overlay = self.vm_dir(ctx) / "os.qcow2"
+        image_dir = ctx.run_dir / IMAGE_DIR
+        qcow2 = image_dir / "disk.qcow2"
+        if not qcow2.exists():
+            to_qcow2(overlay, qcow2)
+        if any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute):
+            vhd = image_dir / "disk.vhd"
+            if not vhd.exists():
+                to_fixed_vhd(overlay, vhd)
+            check_fixed_vhd(vhd)
+        ctx.checkpoint["diskSha256"] = sha256_file(qcow2)
+
+    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
+        try:
+            return await asyncio.to_thread(self._distribute, ctx, index)
+        except (GalleryError, OSError) as error:
+            raise ProviderError(str(error)) from error
+
+    def _manifest(
+        self, ctx: RunContext, artifact_id: str, location: str, **extra: object
+    ) -> ImageManifest:
+        return ImageManifest.model_validate(
+            {
+                "id": artifact_id,
+                "location": location,
+                "source": ctx.checkpoint.get("exactSource", ""),
+                "run": f"{ctx.namespace}/{ctx.run_name}",
+                "disk_sha256": ctx.checkpoint["diskSha256"],
+                **extra,
+            }
+        )
+
+    def _distribute(self, ctx: RunContext, index: int) -> RunOutput:
+        target = ctx.spec.distribute[index]
+        image_dir = ctx.run_dir / IMAGE_DIR
+        run = f"{ctx.namespace}/{ctx.run_name}"
+        if isinstance(target, ManagedImageDistributor):
+            directory = self.gallery.managed_image_dir(target.image_id)
+            manifest = self._manifest(
+                ctx, target.image_id, target.location, tags=target.artifact_tags or {}
+            )
+            self.gallery.publish(directory, image_dir, manifest, replace=True)
+            return _output(target.run_output_name, target.image_id, directory)
+        if isinstance(target, SharedImageDistributor):
+            return self._distribute_shared(ctx, target, image_dir, run)
+        return self._distribute_vhd(ctx, target, image_dir)
+
+    def _distribute_shared(
+        self, ctx: RunContext, target: SharedImageDistributor, image_dir: Path, run: str
+    ) -> RunOutput:
+        definition_id = target.gallery_image_id.split("/versions/")[0]
+        done = self.gallery.version_published_by(definition_id, run)
+        if done is None:
+            version = self._version_for(ctx, target, definition_id)
+            regions = {r.name: r.replica_count or 1 for r in target.target_regions or []}
+            regions |= {name: 1 for name in target.replication_regions or []}
+            location = ctx.spec.location or "local"
+            manifest = self._manifest(
+                ctx,
+                f"{definition_id}/versions/{version}",
+                location,
+                tags=target.artifact_tags or {},
+                exclude_from_latest=bool(target.exclude_from_latest),
+                regions=regions or {location: 1},
+            )
+            directory = self.gallery.definition_dir(definition_id) / version
+            self.gallery.publish(directory, image_dir, manifest, replace=False)
+            done = manifest
+        directory = self.gallery.definition_dir(definition_id) / done.id.rsplit("/", 1)[-1]
+        return _output(target.run_output_name, done.id, directory)
+
+    def _version_for(
+        self, ctx: RunContext, target: SharedImageDistributor, definition_id: str
+    ) -> str:
+        explicit = self.gallery.explicit_version(target.gallery_image_id)
+        if explicit:
+            return explicit
+        if isinstance(target.versioning, SourceVersioning):
+            version = ctx.checkpoint.get("sourceVersion", "")
+            if version.count(".") != 2 or not version.replace(".", "").isdigit():
+                raise GalleryError(
+                    f"source version {version!r} is not MAJOR.MINOR.PATCH, so Source "
+                    "versioning cannot use it; use versioning scheme Latest"
+                )
+            return version
+        major = getattr(target.versioning, "major", None)
+        return self.gallery.next_version(definition_id, major)
+
+    def _distribute_vhd(
+        self, ctx: RunContext, target: VhdDistributor, image_dir: Path
+    ) -> RunOutput:
+        if target.uri:
+            destination = Path(target.uri.removeprefix("file://"))
+        else:
+            destination = ctx.run_dir / f"{target.run_output_name}.vhd"
+        checksum_file = destination.with_name(destination.name + ".sha256")
+        if not checksum_file.is_file():
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            tmp = destination.with_name(f".{destination.name}.tmp")
+            shutil.copyfile(image_dir / "disk.vhd", tmp)
+            check_fixed_vhd(tmp)
+            tmp.rename(destination)
+            checksum_file.write_text(f"{sha256_file(destination)}  {destination.name}\n")
+        return RunOutput(
+            run_output_name=target.run_output_name,
+            artifact_id=str(destination),
+            artifact_uri=destination.as_uri(),
+            provisioning_state="Succeeded",
+        )
+
+
+def _output(name: str, artifact_id: str, directory: Path) -> RunOutput:
+    return RunOutput(
+        run_output_name=name,
+        artifact_id=artifact_id,
+        artifact_uri=directory.as_uri(),
+        provisioning_state="Succeeded",
+    )

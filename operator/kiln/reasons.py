@@ -1,0 +1,33 @@
+"""Every condition type and reason Kiln writes, in one place (CamelCase, as kstatus expects)."""
+
+# Condition types
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+ACCEPTED = "Accepted"
+SUCCEEDED = "Succeeded"
+
+# Template reasons
+SPEC_VALID = "SpecValid"
+INVALID_SPEC = "InvalidSpec"
+IMAGE_BUILT = "ImageBuilt"
+BUILDING = "Building"
+BUILD_FAILED = "BuildFailed"
+
+# Run reasons
+QUEUED = "Queued"
+WAITING_FOR_ACTIVE_RUN = "WaitingForActiveRun"
+TEMPLATE_NOT_FOUND = "TemplateNotFound"
+TEMPLATE_INVALID = "TemplateInvalid"
+RUNNING = "Running"
+CANCELING = "Canceling"
+CANCELED = "Canceled"
+FAILED = "Failed"
+PARTIALLY_SUCCEEDED = "PartiallySucceeded"
+TIMED_OUT = "TimedOut"
+CUSTOMIZER_FAILED = "CustomizerFailed"
+VALIDATION_FAILED = "ValidationFailed"
+DISTRIBUTION_FAILED = "DistributionFailed"
+PROVIDER_ERROR = "ProviderError"
+WAITING_FOR_PROVIDER = "WaitingForProvider"
+CLEANING_UP = "CleaningUp"

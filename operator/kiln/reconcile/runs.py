@@ -1,0 +1,158 @@
+"""Decisions about runs: when one may start, which step is next, how it ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from kiln import GROUP, VERSION, reasons
+from kiln.api.run import TERMINAL_RUN_STATES, RunState, StepState
+from kiln.api.validation import SpecProblem
+from kiln.reconcile.conditions import kstatus
+from kiln.reconcile.templates import (
+    LABEL_GENERATION,
+    LABEL_TEMPLATE,
+    LABEL_TEMPLATE_UID,
+    LABEL_TRIGGER,
+    describe_problems,
+    is_building,
+)
+
+Body = dict[str, Any]
+ACTIVE_STATES = (RunState.Running, RunState.Canceling)
+
+
+def run_manifest(template: Body, name: str, trigger: str) -> Body:
+    """A run that Kiln starts itself (autoRun, Schedule, SourceImage), owned by its template."""
+    meta = template["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ImageBuildRun",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": {
+                LABEL_TEMPLATE: meta["name"][:63],
+                LABEL_TEMPLATE_UID: meta["uid"],
+                LABEL_TRIGGER: trigger,
+                LABEL_GENERATION: str(meta.get("generation", "")),
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "ImageTemplate",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                }
+            ],
+        },
+        "spec": {"templateRef": {"name": meta["name"]}},
+    }
+
+
+class Admission(BaseModel):
+    start: bool
+    reason: str
+    message: str
+
+
+def _state(run: Body) -> str | None:
+    return (run.get("status") or {}).get("runState")
+
+
+def admit(
+    run: Body, template: Body | None, siblings: list[Body], problems: list[SpecProblem]
+) -> Admission:
+    """May this queued run start now? Only one active run per template; oldest first."""
+    template_name = run["spec"]["templateRef"]["name"]
+    if template is None or template["metadata"].get("deletionTimestamp"):
+        return Admission(
+            start=False,
+            reason=reasons.TEMPLATE_NOT_FOUND,
+            message=f"ImageTemplate {template_name} does not exist (or is being deleted); "
+            "the run starts when it does.",
+        )
+    if problems:
+        return Admission(
+            start=False,
+            reason=reasons.TEMPLATE_INVALID,
+            message=f"ImageTemplate {template_name} is invalid: {describe_problems(problems)}",
+        )
+    others = [s for s in siblings if s["metadata"]["uid"] != run["metadata"]["uid"]]
+    building = [s for s in others if is_building(s)]
+    if building:
+        name = building[0]["metadata"]["name"]
+        return Admission(
+            start=False,
+            reason=reasons.WAITING_FOR_ACTIVE_RUN,
+            message=f"run {name} is building template {template_name}; this run starts when "
+            "it ends.",
+        )
+    key = (run["metadata"].get("creationTimestamp", ""), run["metadata"]["name"])
+    older = [
+        s
+        for s in others
+        if _state(s) not in TERMINAL_RUN_STATES
+        and (s["metadata"].get("creationTimestamp", ""), s["metadata"]["name"]) < key
+        and not (s.get("spec") or {}).get("cancel")
+    ]
+    if older:
+        name = older[0]["metadata"]["name"]
+        return Admission(
+            start=False,
+            reason=reasons.WAITING_FOR_ACTIVE_RUN,
+            message=f"run {name} was queued first for template {template_name}.",
+        )
+    return Admission(start=True, reason=reasons.RUNNING, message="building")
+
+
+def next_step(records: list[Body]) -> int | None:
+    """Index of the first step still to do; a Failed step that was let through counts as done."""
+    for index, record in enumerate(records):
+        if record["state"] in (StepState.Pending, StepState.Running):
+            return index
+    return None
+
+
+def final_state(checkpoint: Body) -> tuple[RunState, str, str]:
+    """runState, reason and message once every step has run."""
+    outputs = list((checkpoint.get("outputs") or {}).values())
+    failed = [o for o in outputs if o.get("provisioningState") == "Failed"]
+    if checkpoint.get("validationFailure"):
+        return (
+            RunState.Failed,
+            reasons.VALIDATION_FAILED,
+            f"validation failed ({checkpoint['validationFailure']}); the image was distributed "
+            "because continueDistributeOnFailure is true.",
+        )
+    if failed:
+        detail = "; ".join(f"{o['runOutputName']}: {o.get('message', '')}" for o in failed)
+        return (
+            RunState.PartiallySucceeded,
+            reasons.PARTIALLY_SUCCEEDED,
+            f"{len(outputs) - len(failed)} of {len(outputs)} outputs distributed; failed: {detail}",
+        )
+    return RunState.Succeeded, reasons.SUCCEEDED, "the image was built and distributed."
+
+
+def run_conditions(
+    previous: list[Body] | None,
+    state: RunState,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[Body]:
+    """kstatus for runs: Ready only when Succeeded, Stalled once nothing more will happen."""
+    terminal = state in TERMINAL_RUN_STATES
+    return kstatus(
+        previous,
+        ready=state == RunState.Succeeded,
+        reconciling=not terminal,
+        stalled=terminal and state != RunState.Succeeded,
+        reason=reason,
+        message=message,
+        generation=generation,
+        now=now,
+    )

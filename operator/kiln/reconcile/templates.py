@@ -1,0 +1,191 @@
+"""What an ImageTemplate's status should be, decided from its spec, its runs and the settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kiln import reasons
+from kiln.api.run import TERMINAL_RUN_STATES, RunState
+from kiln.api.template import Provider
+from kiln.api.validation import SpecProblem, validate_template
+from kiln.reconcile.conditions import kstatus, set_condition
+from kiln.settings import OperatorSettings
+
+Body = dict[str, Any]
+
+LABEL_TEMPLATE = "kiln.dev/template"
+LABEL_TEMPLATE_UID = "kiln.dev/template-uid"
+LABEL_TRIGGER = "kiln.dev/trigger"
+LABEL_GENERATION = "kiln.dev/template-generation"
+
+
+def effective_spec(raw_spec: Body, settings: OperatorSettings) -> Body:
+    """The spec with the operator's defaults filled in: what a run snapshots and builds."""
+    spec = dict(raw_spec)
+    spec.setdefault("provider", settings.default_provider.value)
+    defaults = {
+        "location": settings.location or ("local" if spec["provider"] == "local" else None),
+        "resourceGroup": settings.resource_group
+        or ("local" if spec["provider"] == "local" else None),
+        "subscriptionId": settings.subscription_id,
+    }
+    for field, value in defaults.items():
+        if value and not spec.get(field):
+            spec[field] = value
+    return spec
+
+
+def spec_hash(spec: Body) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def problems_of(spec: Body) -> list[SpecProblem]:
+    try:
+        provider = Provider(spec.get("provider"))
+    except ValueError:
+        return [SpecProblem(path="spec.provider", message="must be azure or local")]
+    return validate_template(spec, provider)
+
+
+def describe_problems(problems: list[SpecProblem]) -> str:
+    listed = "; ".join(str(p) for p in problems)
+    return f"{listed}. Fix the spec and apply it again; no build starts until then."
+
+
+def _created(run: Body) -> tuple[str, str]:
+    return (run["metadata"].get("creationTimestamp", ""), run["metadata"]["name"])
+
+
+def _run_state(run: Body) -> str | None:
+    return (run.get("status") or {}).get("runState")
+
+
+def auto_run_enabled(spec: Body) -> bool:
+    return ((spec.get("autoRun") or {}).get("state")) == "Enabled"
+
+
+def is_building(run: Body) -> bool:
+    """Started (it has its snapshot) and not ended: it still needs the staging."""
+    started = bool((run.get("status") or {}).get("templateSnapshot"))
+    return started and _run_state(run) not in TERMINAL_RUN_STATES
+
+
+def auto_run_name(template: Body) -> str:
+    """One name per template generation, so creating the autoRun run is idempotent."""
+    meta = template["metadata"]
+    return f"{meta['name'][:200]}-g{meta['generation']}-{meta['uid'][:5]}"
+
+
+def _build_conditions(
+    template: Body, runs: list[Body], previous: list[Body] | None, now: str
+) -> list[Body]:
+    """kstatus for a valid template: with autoRun, Ready follows this generation's run."""
+    generation = template["metadata"].get("generation")
+    spec = template.get("spec") or {}
+    if not auto_run_enabled(spec):
+        return kstatus(
+            previous,
+            ready=True,
+            reconciling=False,
+            stalled=False,
+            reason=reasons.SPEC_VALID,
+            message="The template is valid; create an ImageBuildRun to build it.",
+            generation=generation,
+            now=now,
+        )
+    own = next((r for r in runs if r["metadata"]["name"] == auto_run_name(template)), None)
+    state = _run_state(own) if own else None
+    if own is None or state not in TERMINAL_RUN_STATES:
+        where = f"run {own['metadata']['name']}" if own else "a run"
+        sub_state = ((own or {}).get("status") or {}).get("runSubState") or "Queued"
+        return kstatus(
+            previous,
+            ready=False,
+            reconciling=True,
+            stalled=False,
+            reason=reasons.BUILDING,
+            message=f"autoRun: {where} is building this generation ({sub_state}).",
+            generation=generation,
+            now=now,
+        )
+    name = own["metadata"]["name"]
+    if state == RunState.Succeeded:
+        return kstatus(
+            previous,
+            ready=True,
+            reconciling=False,
+            stalled=False,
+            reason=reasons.IMAGE_BUILT,
+            message=f"autoRun: run {name} built this generation.",
+            generation=generation,
+            now=now,
+        )
+    detail = (own.get("status") or {}).get("message") or ""
+    return kstatus(
+        previous,
+        ready=False,
+        reconciling=False,
+        stalled=True,
+        reason=reasons.BUILD_FAILED,
+        message=f"autoRun: run {name} ended {state}: {detail} Fix the template and apply it "
+        "(a new run starts), or create an ImageBuildRun to retry.",
+        generation=generation,
+        now=now,
+    )
+
+
+def template_status(
+    template: Body, runs: list[Body], settings: OperatorSettings, staging: str | None, now: str
+) -> Body:
+    """The full status of a template; written as is, so repeated passes converge."""
+    meta = template["metadata"]
+    generation = meta.get("generation")
+    previous = (template.get("status") or {}).get("conditions")
+    spec = effective_spec(template.get("spec") or {}, settings)
+    problems = problems_of(spec)
+    if problems:
+        message = describe_problems(problems)
+        conditions = set_condition(
+            previous, reasons.ACCEPTED, "False", reasons.INVALID_SPEC, message, generation, now
+        )
+        conditions = kstatus(
+            conditions,
+            ready=False,
+            reconciling=False,
+            stalled=True,
+            reason=reasons.INVALID_SPEC,
+            message=message,
+            generation=generation,
+            now=now,
+        )
+    else:
+        conditions = set_condition(
+            previous,
+            reasons.ACCEPTED,
+            "True",
+            reasons.SPEC_VALID,
+            "The spec is valid.",
+            generation,
+            now,
+        )
+        conditions = _build_conditions(template, runs, conditions, now)
+    status: Body = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "provider": spec.get("provider"),
+        "exactStagingResourceGroup": staging,
+        "lastRun": None,
+        "latestOutputs": None,
+    }
+    ordered = sorted(runs, key=_created)
+    if ordered:
+        last = ordered[-1]
+        status["lastRun"] = {"name": last["metadata"]["name"], "runState": _run_state(last)}
+    succeeded = [
+        r for r in ordered if _run_state(r) in (RunState.Succeeded, RunState.PartiallySucceeded)
+    ]
+    if succeeded:
+        status["latestOutputs"] = (succeeded[-1].get("status") or {}).get("runOutputs")
+    return status

@@ -1,0 +1,36 @@
+"""What the operator's handlers share: settings, the API client, providers and locks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from kiln.api.template import Provider
+from kiln.kube import Kube
+from kiln.providers.base import BuildProvider, ProviderError
+from kiln.settings import OperatorSettings
+
+
+class Runtime:
+    def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
+        from kiln.providers.local.provider import LocalProvider
+
+        self.settings = settings
+        self.kube = kube
+        self.providers: dict[str, BuildProvider] = {
+            Provider.local.value: LocalProvider(settings),
+        }
+        self.template_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.build_slots = asyncio.Semaphore(settings.max_active_runs)
+
+    def provider(self, name: str) -> BuildProvider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise ProviderError(
+                f"the {name} provider is not available in this operator; "
+                f"available: {', '.join(sorted(self.providers))}"
+            ) from None
+
+    def close(self) -> None:
+        self.template_locks.clear()

@@ -1,0 +1,65 @@
+"""Operator-wide settings, from KILN_* environment variables (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from kiln.api.template import Provider
+
+
+def _home() -> Path:
+    return Path(os.environ.get("HOME", "/root"))
+
+
+class OperatorSettings(BaseModel):
+    default_provider: Provider = Field(default=Provider.local)
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty: all of them."
+    )
+    cache_root: Path = Field(default_factory=lambda: _home() / ".cache" / "kiln")
+    data_root: Path = Field(
+        default_factory=lambda: _home() / ".local" / "share" / "kiln",
+        description="Local provider: staging directories and, by default, the gallery.",
+    )
+    gallery_root: Path | None = Field(
+        default=None, description="Local provider: where distributed images go."
+    )
+    location: str | None = None
+    resource_group: str | None = None
+    subscription_id: str | None = None
+    max_active_runs: int = Field(default=2, ge=1, description="Builds at once, operator-wide.")
+    vm_memory_mb: int = Field(default=1024, ge=256)
+    liveness_port: int = 8080
+
+    @property
+    def staging_root(self) -> Path:
+        return self.data_root / "staging"
+
+    @property
+    def gallery(self) -> Path:
+        return self.gallery_root or self.data_root / "gallery"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """KILN_DEFAULT_PROVIDER, KILN_NAMESPACES (comma separated), KILN_CACHE, ..."""
+    env = os.environ if environ is None else environ
+    names = {
+        "default_provider": "KILN_DEFAULT_PROVIDER",
+        "cache_root": "KILN_CACHE",
+        "data_root": "KILN_DATA",
+        "gallery_root": "KILN_GALLERY",
+        "location": "KILN_LOCATION",
+        "resource_group": "KILN_RESOURCE_GROUP",
+        "subscription_id": "KILN_SUBSCRIPTION_ID",
+        "max_active_runs": "KILN_MAX_ACTIVE_RUNS",
+        "vm_memory_mb": "KILN_VM_MEMORY_MB",
+        "liveness_port": "KILN_LIVENESS_PORT",
+    }
+    values: dict[str, object] = {field: env[var] for field, var in names.items() if env.get(var)}
+    if env.get("KILN_NAMESPACES"):
+        values["namespaces"] = [n.strip() for n in env["KILN_NAMESPACES"].split(",") if n.strip()]
+    return OperatorSettings.model_validate(values)

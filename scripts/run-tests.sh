@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit, integration (real kube-apiserver) and e2e (real VMs).
+# Extra arguments go to pytest (e.g. -m "not e2e"). No test collected is a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+.venv/bin/ruff check operator tests || exit 1
+.venv/bin/ruff format --check operator tests || exit 1
+
+.venv/bin/pytest -p no:cacheprovider -ra "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+    echo "run-tests: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit "$status"

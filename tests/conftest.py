@@ -1,0 +1,129 @@
+"""Shared fixtures. The local control plane starts only for tests that ask for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from kiln import localcluster
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CRDS_DIR = REPO_ROOT / "crds"
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """A running etcd + kube-apiserver, reachable through kubeconfig."""
+
+    state_dir: Path
+    kubeconfig: Path
+    server: str
+
+
+def server_of(kubeconfig: Path) -> str:
+    """The server URL of the kubeconfig's current context."""
+    data = yaml.safe_load(kubeconfig.read_text())
+    context = next(c for c in data["contexts"] if c["name"] == data["current-context"])
+    cluster_name = context["context"]["cluster"]
+    return next(c for c in data["clusters"] if c["name"] == cluster_name)["cluster"]["server"]
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One control plane for the whole session, with the repository's CRDs installed."""
+    state_dir = tmp_path_factory.mktemp("control-plane")
+    try:
+        kubeconfig = localcluster.up(state_dir, crds_dir=CRDS_DIR)
+        yield ControlPlane(state_dir, kubeconfig, server_of(kubeconfig))
+    finally:
+        localcluster.down(state_dir)
+
+
+@pytest.fixture
+def kube_api(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
+    """A Kubernetes API client for the session's control plane, closed after the test."""
+    api_client = config.new_client_from_config(config_file=str(control_plane.kubeconfig))
+    with api_client:
+        yield api_client
+
+
+class OperatorProcess:
+    """`kiln operator` as a separate process, as it runs for real; killable at any moment."""
+
+    def __init__(self, kubeconfig: Path, data_dir: Path, log_path: Path, **settings: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = dict(
+            os.environ,
+            KUBECONFIG=str(self.kubeconfig),
+            KILN_DATA=str(self.data_dir),
+            KILN_LIVENESS_PORT=str(self.port),
+            **self.settings,
+        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kiln.cli", "operator"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"operator exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("operator liveness endpoint never answered")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, as when a node dies."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def kiln_operator(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """One operator for the session, with its own data directory (staging, VMs, gallery)."""
+    data = tmp_path_factory.mktemp("kiln-data")
+    operator = OperatorProcess(control_plane.kubeconfig, data, data.parent / "operator.log")
+    operator.start()
+    yield operator
+    operator.stop()

@@ -1,0 +1,195 @@
+"""ImageTemplates on the real kube-apiserver with the operator running as a process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubehelpers import Kiln, condition, condition_status, kubectl, run, template
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+def kiln(kube_api: Any, kiln_operator: Any) -> Kiln:
+    return Kiln(kube_api)
+
+
+def is_ready(body: dict | None) -> bool:
+    return condition_status(body, "Ready") == "True"
+
+
+def is_stalled(body: dict | None) -> bool:
+    return condition_status(body, "Stalled") == "True"
+
+
+def test_every_example_applies(control_plane: Any) -> None:
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        result = kubectl(control_plane.kubeconfig, "apply", "--dry-run=server", "-f", str(path))
+        assert result.returncode == 0, f"{path.name}: {result.stderr}"
+        assert "(server dry run)" in result.stdout
+
+
+SUBNET = "/subscriptions/s/resourceGroups/r/providers/Microsoft.Network/virtualNetworks/v/subnets/a"
+VHD_A = {"type": "VHD", "runOutputName": "a"}
+PLAN = {"planName": "p"}
+SOURCE = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12"}
+FILE_TO_ETC = {"type": "File", "sourceUri": "file:///etc/hostname", "destination": "/etc/x"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"buildTimeoutInMinutes": 961}, "spec.buildTimeoutInMinutes"),
+        ({"distribute": [{"type": "VHD", "runOutputName": "has space"}]}, "runOutputName"),
+        ({"distribute": []}, "spec.distribute"),
+        ({"customize": [{"type": "Ansible", "inline": ["x"]}]}, "spec.customize"),
+        ({"vmProfile": {"osDiskSizeGB": -1}}, "spec.vmProfile.osDiskSizeGB"),
+        ({"provider": "gcp"}, "spec.provider"),
+        (
+            {"source": {**SOURCE, "version": "1", "planInfo": PLAN}},
+            "spec.source.planInfo.planProduct",
+        ),
+    ],
+)
+def test_schema_rejects_with_the_field_named(control_plane: Any, patch: dict, field: str) -> None:
+    manifest = template("schema-check", **patch)
+    result = kubectl(
+        control_plane.kubeconfig,
+        "apply",
+        "--dry-run=server",
+        "--validate=false",  # the API server's own check, as GitOps tools meet it
+        "-f",
+        "-",
+        input_text=json.dumps(manifest),
+    )
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+INVALID = [
+    (
+        {"customize": [{"type": "Shell", "inline": ["x"], "scriptUri": "https://e.x/s.sh"}]},
+        "spec.customize[0]",
+        "exactly one of scriptUri and inline",
+    ),
+    ({"distribute": [VHD_A, VHD_A]}, "spec.distribute[1].runOutputName", "unique"),
+    (
+        {"vmProfile": {"vnetConfig": {"containerInstanceSubnetId": SUBNET}}},
+        "spec.vmProfile.vnetConfig.containerInstanceSubnetId",
+        "needs subnetId",
+    ),
+    (
+        {"triggers": [{"kind": "Schedule", "schedule": "every monday"}]},
+        "spec.triggers[0].schedule",
+        "not a cron expression",
+    ),
+    ({"customize": [FILE_TO_ETC]}, "spec.customize[0].destination", "/tmp"),
+]
+
+
+@pytest.mark.parametrize(("patch", "path", "words"), INVALID)
+def test_invalid_template_stalls_naming_the_field(
+    kiln: Kiln, patch: dict, path: str, words: str, request: pytest.FixtureRequest
+) -> None:
+    name = f"invalid-{request.node.callspec.id.lower()}"[:60].rstrip("-")
+    name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    kiln.create("imagetemplates", template(name, **patch))
+    try:
+        body = kiln.wait_for("imagetemplates", name, is_stalled, timeout=30, what="Stalled")
+        stalled = condition(body, "Stalled")
+        assert stalled is not None
+        assert stalled["reason"] == "InvalidSpec"
+        assert path in stalled["message"] and words in stalled["message"]
+        assert condition_status(body, "Ready") == "False"
+        assert condition_status(body, "Accepted") == "False"
+        assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    finally:
+        kiln.delete("imagetemplates", name)
+
+
+def test_fixing_the_spec_clears_stalled(kiln: Kiln) -> None:
+    bad = template("fix-me", customize=[{"type": "Shell"}])
+    kiln.create("imagetemplates", bad)
+    try:
+        kiln.wait_for("imagetemplates", "fix-me", is_stalled, timeout=30, what="Stalled")
+        kiln.patch(
+            "imagetemplates",
+            "fix-me",
+            {"spec": {"customize": [{"type": "Shell", "inline": ["true"]}]}},
+        )
+        body = kiln.wait_for("imagetemplates", "fix-me", is_ready, timeout=30, what="Ready")
+        assert condition_status(body, "Stalled") == "False"
+        assert condition_status(body, "Reconciling") == "False"
+        assert condition(body, "Ready")["observedGeneration"] == 2
+        assert body["status"]["observedGeneration"] == 2
+    finally:
+        kiln.delete("imagetemplates", "fix-me")
+
+
+def test_valid_template_is_ready_and_shows_in_printer_columns(
+    kiln: Kiln, control_plane: Any
+) -> None:
+    kiln.create("imagetemplates", template("columns"))
+    try:
+        body = kiln.wait_for("imagetemplates", "columns", is_ready, timeout=30, what="Ready")
+        assert condition(body, "Ready")["reason"] == "SpecValid"
+        assert condition_status(body, "Reconciling") == "False"
+        assert body["status"]["provider"] == "local"
+        assert "IT_local_columns_" in body["status"]["exactStagingResourceGroup"]
+        table = kubectl(control_plane.kubeconfig, "get", "it", "columns").stdout.split("\n")
+        assert table[0].split() == ["NAME", "READY", "REASON", "PROVIDER", "LAST", "RUN", "AGE"]
+        assert table[1].split()[:4] == ["columns", "True", "SpecValid", "local"]
+        kinds = kubectl(control_plane.kubeconfig, "get", "kiln").stdout
+        assert "imagetemplate.kiln.dev/columns" in kinds
+    finally:
+        kiln.delete("imagetemplates", "columns")
+
+
+def test_deleting_a_template_removes_the_finalizer(kiln: Kiln) -> None:
+    kiln.create("imagetemplates", template("doomed"))
+    body = kiln.wait_for("imagetemplates", "doomed", is_ready, timeout=30, what="Ready")
+    assert "kiln.dev/finalizer" in body["metadata"]["finalizers"]
+    kiln.delete("imagetemplates", "doomed")
+    kiln.wait_for("imagetemplates", "doomed", lambda b: b is None, timeout=30, what="deleted")
+
+
+def test_a_run_for_a_missing_template_waits_queued(kiln: Kiln, control_plane: Any) -> None:
+    kiln.create("imagebuildruns", run("orphan", "no-such-template"))
+    try:
+        body = kiln.wait_for(
+            "imagebuildruns",
+            "orphan",
+            lambda b: condition(b, "Reconciling") is not None,
+            timeout=30,
+        )
+        assert body["status"]["runState"] == "Running"
+        assert body["status"]["runSubState"] == "Queued"
+        assert condition(body, "Reconciling")["reason"] == "TemplateNotFound"
+        assert "no-such-template" in body["status"]["message"]
+        assert condition_status(body, "Ready") == "False"
+        table = kubectl(control_plane.kubeconfig, "get", "ibr", "orphan").stdout.split("\n")
+        assert table[1].split()[:4] == ["orphan", "no-such-template", "Running", "Queued"]
+    finally:
+        kiln.delete("imagebuildruns", "orphan")
+
+
+def test_examples_templates_become_ready(kiln: Kiln, control_plane: Any) -> None:
+    """The examples' templates are valid as they are (runs are left out: they would build)."""
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] != "ImageTemplate":
+                continue
+            name = doc["metadata"]["name"]
+            assert kubectl(control_plane.kubeconfig, "apply", "-f", str(path)).returncode == 0
+            try:
+                kiln.wait_for("imagetemplates", name, is_ready, timeout=30, what="Ready")
+            finally:
+                kiln.delete("imagetemplates", name)
+                kiln.wait_for("imagetemplates", name, lambda b: b is None, timeout=30)

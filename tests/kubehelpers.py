@@ -1,0 +1,124 @@
+"""Small helpers for tests that talk to the real API server."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION = "kiln.dev", "v1alpha1"
+Body = dict[str, Any]
+
+
+def condition(body: Body | None, type_: str) -> Body | None:
+    conditions = ((body or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def condition_status(body: Body | None, type_: str) -> str | None:
+    found = condition(body, type_)
+    return found["status"] if found else None
+
+
+class Kiln:
+    """Create, read, wait for and delete Kiln objects in one namespace."""
+
+    def __init__(self, client: ApiClient, namespace: str = "default") -> None:
+        self.api = CustomObjectsApi(client)
+        self.namespace = namespace
+
+    def create(self, plural: str, body: Body) -> Body:
+        return self.api.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, body
+        )
+
+    def get(self, plural: str, name: str) -> Body | None:
+        try:
+            return self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural, name
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch(self, plural: str, name: str, patch: Body) -> Body:
+        return self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, name, patch
+        )
+
+    def delete(self, plural: str, name: str) -> None:
+        try:
+            self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def wait_for(
+        self,
+        plural: str,
+        name: str,
+        predicate: Callable[[Body | None], bool],
+        timeout: float = 60,
+        what: str = "",
+    ) -> Body | None:
+        deadline = time.monotonic() + timeout
+        body = self.get(plural, name)
+        while not predicate(body):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{plural}/{name} never became {what or 'as expected'}; last seen: "
+                    f"{(body or {}).get('status')}"
+                )
+            time.sleep(0.5)
+            body = self.get(plural, name)
+        return body
+
+
+def template(name: str, **spec: Any) -> Body:
+    """A valid local template; keyword arguments replace or add spec fields."""
+    base: Body = {
+        "source": {
+            "type": "PlatformImage",
+            "publisher": "Debian",
+            "offer": "debian-12",
+            "sku": "12-gen2",
+            "version": "latest",
+        },
+        "customize": [{"type": "Shell", "name": "hello", "inline": ["echo hello"]}],
+        "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
+        "provider": "local",
+    }
+    base.update(spec)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ImageTemplate",
+        "metadata": {"name": name},
+        "spec": base,
+    }
+
+
+def run(name: str, template_name: str, **spec: Any) -> Body:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ImageBuildRun",
+        "metadata": {"name": name},
+        "spec": {"templateRef": {"name": template_name}, **spec},
+    }
+
+
+def kubectl(
+    kubeconfig: Path, *args: str, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -1,0 +1,88 @@
+"""QEMU helpers that need no VM: overlays, ports, specs, finding VMs, the KVM verdict cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kiln.providers.local import disks, qemu
+
+GIB = 1024**3
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-utils")
+    path = tmp_path / "base.qcow2"
+    disks.run_tool(["qemu-img", "create", "-q", "-f", "qcow2", path, "2G"])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("size_gb", "expected"), [(None, 2 * GIB), (0, 2 * GIB), (2, 2 * GIB), (5, 5 * GIB)]
+)
+def test_overlay_grows(tmp_path: Path, base: Path, size_gb: int | None, expected: int) -> None:
+    overlay = tmp_path / "os.qcow2"
+    qemu.create_overlay(base, overlay, size_gb)
+    info = disks.image_info(overlay)
+    assert info["virtual-size"] == expected
+    assert info["backing-filename"] == str(base)
+    assert info["backing-filename-format"] == "qcow2"
+
+
+def test_overlay_refuses_to_shrink(tmp_path: Path, base: Path) -> None:
+    with pytest.raises(ValueError, match="smaller than the source image"):
+        qemu.create_overlay(base, tmp_path / "os.qcow2", 1)
+    assert not (tmp_path / "os.qcow2").exists()
+
+
+def test_free_port_is_bindable() -> None:
+    port = qemu.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_spec_and_handle_roundtrip_json(tmp_path: Path) -> None:
+    spec = qemu.VmSpec(name="b1", state_dir=tmp_path / "vm", disk=tmp_path / "os.qcow2")
+    assert qemu.VmSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert spec.accel == qemu.TCG_ARGS and spec.memory_mb == 1024 and spec.cpus == 2
+    handle = qemu.VmHandle(
+        name="b1",
+        pid=1,
+        state_dir=spec.state_dir,
+        pidfile=spec.state_dir / "qemu.pid",
+        qmp_socket=spec.state_dir / "qmp.sock",
+        serial_log=spec.state_dir / "serial.log",
+        ssh_port=2222,
+    )
+    assert qemu.VmHandle.model_validate_json(handle.model_dump_json()) == handle
+
+
+def test_state_dir_too_long_for_qmp_socket(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="too long"):
+        qemu.VmSpec(name="b", state_dir=tmp_path / ("x" * 120), disk=tmp_path / "d")
+
+
+def test_find_ignores_missing_stale_and_foreign_pids(tmp_path: Path) -> None:
+    assert qemu.find(tmp_path) is None
+    (tmp_path / "qemu.pid").write_text("garbage\n")
+    assert qemu.find(tmp_path) is None
+    (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")  # alive, but not a qemu
+    assert qemu.find(tmp_path) is None
+
+
+def test_accelerator_uses_cached_verdict(tmp_path: Path) -> None:
+    verdict = {"kvm": True, "host_kernel": platform.release(), "checked": "x"}
+    (tmp_path / "accel.json").write_text(json.dumps(verdict))
+    assert qemu.accelerator(tmp_path) == qemu.KVM_ARGS
+    verdict["kvm"] = False
+    (tmp_path / "accel.json").write_text(json.dumps(verdict))
+    assert qemu.accelerator(tmp_path) == qemu.TCG_ARGS
