@@ -31,6 +31,7 @@ def _operator(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     kopf.run(
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,

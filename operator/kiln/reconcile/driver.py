@@ -21,7 +21,7 @@ from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
 from kiln.kube import RUNS, TEMPLATES, template_runs
 from kiln.naming import run_secret_name
-from kiln.pipeline import STEPS, STEPS_BY_NAME, delete_all
+from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.machine import decode_keys
 from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
@@ -36,6 +36,7 @@ Body = dict[str, Any]
 QUEUE_POLL_SECONDS = 5.0
 DEFAULT_TIMEOUT_MINUTES = 240
 MAX_CONNECTION_ERRORS = 10
+MAX_STEP_ERRORS = 3
 
 
 def _status(run: Body) -> Body:
@@ -221,6 +222,7 @@ class RunDriver:
         try:
             outcome = await STEPS_BY_NAME[name].reconcile(ctx, self.env)
             ctx.checkpoint.pop("connectionErrors", None)
+            ctx.checkpoint.pop("stepErrors", None)
             return outcome
         except ProviderError as error:
             if error.fatal:
@@ -236,6 +238,16 @@ class RunDriver:
                     reasons.PROVIDER_ERROR,
                 )
             return Outcome.wait(f"reconnecting to the build VM after: {error}", delay=5)
+        except Exception as error:  # a bug or an unforeseen failure must not loop forever
+            log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
+            errors = ctx.checkpoint.get("stepErrors", 0) + 1
+            ctx.checkpoint["stepErrors"] = errors
+            if errors > MAX_STEP_ERRORS:
+                return Outcome.failed(
+                    f"step {name} failed {errors} times: {type(error).__name__}: {error}",
+                    reasons.PROVIDER_ERROR,
+                )
+            return Outcome.wait(f"retrying step {name} after: {error}", delay=10 * errors)
 
     def _progress(
         self, ctx: RunContext, records: list[Body], sub_state: RunSubState, message: str
@@ -245,6 +257,7 @@ class RunDriver:
             "message": message,
             "steps": records,
             "checkpoint": ctx.checkpoint,
+            "exactSource": ctx.checkpoint.get("exactSource"),
             "runOutputs": _outputs(ctx),
         }
 
@@ -284,24 +297,38 @@ class RunDriver:
         if keep_vm:
             message += f" errorHandling is abort, so {self.env.provider.describe_vm(ctx)}."
         await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint, "message": message})
-        await delete_all(ctx, self.env, keep_vm=keep_vm)
-        ctx.checkpoint["vmKept"] = keep_vm
+        await self.clean_up(run, ctx, records, keep_vm=keep_vm)
         await self.finish(run, RunState.Failed, outcome.reason or reasons.FAILED, message, ctx)
 
     async def cancel(self, run: Body, ctx: RunContext) -> None:
-        assert self.env is not None
         if _status(run).get("runState") != RunState.Canceling:
-            await self.write(
-                run,
-                {
-                    "runState": RunState.Canceling,
-                    "message": "canceling: removing the build resources",
-                },
-            )
-        await delete_all(ctx, self.env, keep_vm=False)
-        await self.finish(
-            run, RunState.Canceled, reasons.CANCELED, "canceled; build resources removed.", ctx
-        )
+            message = "canceling: removing the build resources"
+            await self.write(run, {"runState": RunState.Canceling, "message": message})
+        records = [dict(r) for r in _status(run).get("steps") or []]
+        await self.clean_up(run, ctx, records, keep_vm=False)
+        message = "canceled; build resources removed."
+        await self.finish(run, RunState.Canceled, reasons.CANCELED, message, ctx)
+
+    async def clean_up(
+        self, run: Body, ctx: RunContext, records: list[Body], *, keep_vm: bool
+    ) -> None:
+        """Every step's delete() in reverse, recorded as the cleanup step."""
+        assert self.env is not None
+        await delete_all(ctx, self.env, keep_vm=keep_vm)
+        now = now_rfc3339()
+        for record in records:
+            if record["state"] == StepState.Running:
+                record.update(state=StepState.Failed, endTime=now, message="stopped")
+            if record["name"] == CleanupStep.name:
+                kept = "; the build VM is kept (errorHandling abort)" if keep_vm else ""
+                record.update(
+                    state=StepState.Succeeded,
+                    startTime=record.get("startTime") or now,
+                    endTime=now,
+                    message=f"build resources removed{kept}",
+                )
+        ctx.checkpoint["vmKept"] = keep_vm
+        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint})
 
     async def finish(
         self,

@@ -67,6 +67,8 @@ INITRAMFS_FILES = {
 FILES = {
     "etc/fstab": "LABEL=rootfs / ext4 rw,discard,errors=remount-ro 0 1\n",
     "etc/hostname": "localhost\n",
+    # Already what the seed's `ssh_pwauth: false` writes here, so sshd is not restarted.
+    "etc/ssh/sshd_config.d/50-cloud-init.conf": "PasswordAuthentication no\n",
     "etc/systemd/network/50-kiln-dhcp.network": (
         "[Match]\nName=en*\n\n[Network]\nDHCP=ipv4\nIPv6AcceptRA=no\nLinkLocalAddressing=no\n"
     ),
@@ -233,8 +235,6 @@ def _customize(rootfs: Path) -> None:
         target = rootfs / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-    with open(rootfs / "etc/ssh/sshd_config", "a") as fh:
-        fh.write("PasswordAuthentication no\n")  # so ssh_pwauth: false needs no sshd restart
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()  # each VM gets its own host key from its seed
     (rootfs / "etc/machine-id").write_text("")

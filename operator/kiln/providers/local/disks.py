@@ -14,6 +14,7 @@ import struct
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -59,7 +60,7 @@ def atomic_output(dst: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def image_info(path: Path, fmt: str | None = None) -> dict[str, object]:
+def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
     """qemu-img info as a dict (format, virtual-size, backing file...)."""
     argv = ["qemu-img", "info", "--output=json", "-U"]
     if fmt:
@@ -74,7 +75,7 @@ def image_format(path: Path) -> str:
 
 def virtual_size(path: Path, fmt: str | None = None) -> int:
     """The disk size a VM sees, in bytes."""
-    return int(image_info(path, fmt)["virtual-size"])  # type: ignore[call-overload]
+    return int(image_info(path, fmt)["virtual-size"])
 
 
 def round_up_mib(size: int) -> int:

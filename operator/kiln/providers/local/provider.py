@@ -27,7 +27,14 @@ from kiln.communicators.ssh import SshCommunicator
 from kiln.naming import staging_group_name
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.providers.local import baseimage, qemu
-from kiln.providers.local.disks import check_fixed_vhd, sha256_file, to_fixed_vhd, to_qcow2
+from kiln.providers.local.disks import (
+    ToolError,
+    VhdError,
+    check_fixed_vhd,
+    sha256_file,
+    to_fixed_vhd,
+    to_qcow2,
+)
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 from kiln.settings import OperatorSettings
@@ -243,7 +250,10 @@ class LocalProvider:
     # --- capture and distribution --------------------------------------------------------------
 
     async def capture(self, ctx: RunContext) -> None:
-        await asyncio.to_thread(self._capture, ctx)
+        try:
+            await asyncio.to_thread(self._capture, ctx)
+        except (ToolError, VhdError) as error:
+            raise ProviderError(f"capturing the image failed: {error}") from error
 
     def _capture(self, ctx: RunContext) -> None:
         overlay = self.vm_dir(ctx) / "os.qcow2"

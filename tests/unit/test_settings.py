@@ -1,0 +1,135 @@
+"""Operator settings from KILN_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kiln.api.template import Provider
+from kiln.settings import OperatorSettings, load_settings
+
+FULL_ENVIRON = {
+    "KILN_DEFAULT_PROVIDER": "azure",
+    "KILN_NAMESPACES": " images, builds ,,ci ",
+    "KILN_CACHE": "/var/cache/kiln",
+    "KILN_DATA": "/var/lib/kiln",
+    "KILN_GALLERY": "/srv/gallery",
+    "KILN_LOCATION": "westeurope",
+    "KILN_RESOURCE_GROUP": "images-rg",
+    "KILN_SUBSCRIPTION_ID": "0000-1111",
+    "KILN_MAX_ACTIVE_RUNS": "4",
+    "KILN_VM_MEMORY_MB": "2048",
+    "KILN_LIVENESS_PORT": "9090",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No KILN_* variables from the machine running the tests, and a known HOME."""
+    for name in list(os.environ):
+        if name.startswith("KILN_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_every_variable_is_read() -> None:
+    settings = load_settings(FULL_ENVIRON)
+    assert settings.default_provider == Provider.azure
+    assert settings.namespaces == ["images", "builds", "ci"]
+    assert settings.cache_root == Path("/var/cache/kiln")
+    assert settings.data_root == Path("/var/lib/kiln")
+    assert settings.gallery_root == Path("/srv/gallery")
+    assert settings.location == "westeurope"
+    assert settings.resource_group == "images-rg"
+    assert settings.subscription_id == "0000-1111"
+    assert settings.max_active_runs == 4
+    assert settings.vm_memory_mb == 2048
+    assert settings.liveness_port == 9090
+
+
+def test_paths_and_ints_have_their_types() -> None:
+    settings = load_settings(FULL_ENVIRON)
+    assert isinstance(settings.cache_root, Path)
+    assert isinstance(settings.gallery_root, Path)
+    assert isinstance(settings.max_active_runs, int)
+    assert isinstance(settings.liveness_port, int)
+
+
+def test_defaults(clean_environ: Path) -> None:
+    settings = load_settings({})
+    assert settings.default_provider == Provider.local
+    assert settings.namespaces == []
+    assert settings.cache_root == clean_environ / ".cache" / "kiln"
+    assert settings.data_root == clean_environ / ".local" / "share" / "kiln"
+    assert settings.gallery_root is None
+    assert settings.location is None
+    assert settings.resource_group is None
+    assert settings.subscription_id is None
+    assert settings.max_active_runs == 2
+    assert settings.vm_memory_mb == 1024
+    assert settings.liveness_port == 8080
+
+
+def test_derived_paths(clean_environ: Path) -> None:
+    settings = load_settings({"KILN_DATA": "/data"})
+    assert settings.staging_root == Path("/data/staging")
+    assert settings.gallery == Path("/data/gallery")
+    assert load_settings({"KILN_DATA": "/data", "KILN_GALLERY": "/g"}).gallery == Path("/g")
+
+
+def test_empty_values_mean_unset() -> None:
+    settings = load_settings({name: "" for name in FULL_ENVIRON})
+    assert settings == load_settings({})
+
+
+@pytest.mark.parametrize("value", [",", " , ,", ""])
+def test_namespaces_without_names_mean_all(value: str) -> None:
+    assert load_settings({"KILN_NAMESPACES": value}).namespaces == []
+
+
+def test_single_namespace() -> None:
+    assert load_settings({"KILN_NAMESPACES": "images"}).namespaces == ["images"]
+
+
+def test_the_given_mapping_wins_over_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILN_DEFAULT_PROVIDER", "azure")
+    monkeypatch.setenv("KILN_LOCATION", "northeurope")
+    settings = load_settings({"KILN_LOCATION": "westeurope"})
+    assert settings.default_provider == Provider.local
+    assert settings.location == "westeurope"
+
+
+def test_without_a_mapping_the_process_environment_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILN_DEFAULT_PROVIDER", "azure")
+    monkeypatch.setenv("KILN_NAMESPACES", "a,b")
+    settings = load_settings()
+    assert settings.default_provider == Provider.azure
+    assert settings.namespaces == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KILN_DEFAULT_PROVIDER", "gcp"),
+        ("KILN_MAX_ACTIVE_RUNS", "0"),
+        ("KILN_MAX_ACTIVE_RUNS", "many"),
+        ("KILN_VM_MEMORY_MB", "128"),
+        ("KILN_LIVENESS_PORT", "http"),
+    ],
+)
+def test_invalid_values_are_rejected(name: str, value: str) -> None:
+    with pytest.raises(ValidationError):
+        load_settings({name: value})
+
+
+def test_settings_model_defaults_match_load_settings() -> None:
+    assert OperatorSettings() == load_settings({})
