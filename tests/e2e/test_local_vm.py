@@ -7,7 +7,6 @@ off, and the fixture kills it if anything went wrong before that.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,93 +14,63 @@ from pathlib import Path
 
 import pytest
 
+import vmboot
 from kiln.communicators.ssh import CommunicatorError, KeyPair, SshCommunicator, generate_keypair
-from kiln.providers.local import baseimage, qemu, seed
+from kiln.providers.local import baseimage, qemu
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not all(shutil.which(t) for t in ("qemu-system-x86_64", "qemu-img", "mmdebstrap")),
-        reason="needs qemu-system-x86, qemu-utils and mmdebstrap",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
-USER = "kiln"
 OS_DISK_GB = 6
-BOOT_TIMEOUT = 300.0
 
 
 @dataclass
-class Vm:
+class BaseVm:
     image: baseimage.BaseImage
-    spec: qemu.VmSpec
-    handle: qemu.VmHandle
-    client: KeyPair
-    host: KeyPair
-    started: float
+    booted: vmboot.Vm
+
+    @property
+    def handle(self) -> qemu.VmHandle:
+        return self.booted.handle
+
+    @property
+    def spec(self) -> qemu.VmSpec:
+        return self.booted.spec
+
+    @property
+    def host(self) -> KeyPair:
+        return self.booted.host
+
+    @property
+    def started(self) -> float:
+        return self.booted.started
 
 
 @pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
-    cache_root = baseimage.default_cache_root()
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseVm]:
     began = time.monotonic()
-    image = baseimage.ensure_debian12(cache_root)
+    image = baseimage.ensure_debian12(baseimage.default_cache_root())
     print(f"base image {image.version} ready in {time.monotonic() - began:.1f}s")
-    work = tmp_path_factory.mktemp("vm")
     assert image.disk_virtual_size < OS_DISK_GB << 30
-    qemu.create_overlay(image.disk_path, work / "os.qcow2", OS_DISK_GB)
-    client, host = generate_keypair(), generate_keypair()
-    seed.write_seed_iso(
-        seed.SeedConfig(
-            instance_id="kiln-e2e",
-            hostname="kiln-e2e",
-            user=USER,
-            authorized_key=client.public_key,
-            host_private_key=host.private_key,
-            host_public_key=host.public_key,
-        ),
-        work / "seed.iso",
-    )
-    spec = qemu.VmSpec(
-        name="kiln-e2e",
-        state_dir=work / "state",
-        disk=work / "os.qcow2",
-        seed_iso=work / "seed.iso",
-        kernel=image.kernel_path,
-        initrd=image.initrd_path,
-        append=image.cmdline,
-        ssh_port=qemu.free_port(),
-        accel=qemu.accelerator(cache_root),
-    )
-    handle = qemu.start(spec)
-    try:
-        yield Vm(image, spec, handle, client, host, time.monotonic())
-    finally:
-        qemu.kill(handle)
+    work = tmp_path_factory.mktemp("vm")
+    with vmboot.booted(
+        image.disk_path, image.kernel_path, image.initrd_path, work, "kiln-e2e", OS_DISK_GB
+    ) as booted:
+        yield BaseVm(image, booted)
 
 
 async def _connect(
-    vm: Vm, host_public_key: str | None = None, timeout: float = 60
+    vm: BaseVm, host_public_key: str | None = None, timeout: float = 60
 ) -> SshCommunicator:
-    comm = SshCommunicator()
-    await comm.connect(
-        "127.0.0.1",
-        vm.handle.ssh_port,
-        USER,
-        vm.client.private_key.get_secret_value(),
-        host_public_key or vm.host.public_key,
-        timeout=timeout,
-    )
-    return comm
+    return await vm.booted.connect(host_public_key, timeout)
 
 
-async def test_connects_with_the_expected_host_key(vm: Vm) -> None:
-    comm = await _connect(vm, timeout=BOOT_TIMEOUT)
+async def test_connects_with_the_expected_host_key(vm: BaseVm) -> None:
+    comm = await _connect(vm, timeout=vmboot.BOOT_TIMEOUT)
     print(f"boot to SSH login: {time.monotonic() - vm.started:.1f}s")
     try:
         result = await comm.run("id -un; sudo -n id -u; hostname")
         assert result.exit_status == 0, result.stderr
-        assert result.stdout.split() == [USER, "0", "kiln-e2e"]
+        assert result.stdout.split() == [vmboot.USER, "0", "kiln-e2e"]
         keys = await comm.run("sudo -n sh -c 'ls /etc/ssh/ssh_host_*; cat /etc/ssh/*.pub'")
         assert keys.stdout.split()[:4] == [
             "/etc/ssh/ssh_host_ed25519_key",
@@ -112,7 +81,7 @@ async def test_connects_with_the_expected_host_key(vm: Vm) -> None:
         await comm.close()
 
 
-async def test_wrong_host_key_is_refused(vm: Vm) -> None:
+async def test_wrong_host_key_is_refused(vm: BaseVm) -> None:
     impostor = generate_keypair().public_key
     began = time.monotonic()
     with pytest.raises(CommunicatorError, match="host key other than the expected"):
@@ -120,7 +89,7 @@ async def test_wrong_host_key_is_refused(vm: Vm) -> None:
     assert time.monotonic() - began < 30, "a wrong host key must fail at once, not be retried"
 
 
-async def test_root_file_system_grew(vm: Vm) -> None:
+async def test_root_file_system_grew(vm: BaseVm) -> None:
     comm = await _connect(vm)
     try:
         result = await comm.run("df --output=size -B1 / | tail -1")
@@ -131,7 +100,7 @@ async def test_root_file_system_grew(vm: Vm) -> None:
         await comm.close()
 
 
-async def test_upload(vm: Vm, tmp_path: Path) -> None:
+async def test_upload(vm: BaseVm, tmp_path: Path) -> None:
     local = tmp_path / "f.txt"
     local.write_text("from a file\n")
     comm = await _connect(vm)
@@ -158,7 +127,7 @@ async def _poll_to_end(comm: SshCommunicator, job_id: str) -> tuple[int | None, 
         await asyncio.sleep(1)
 
 
-async def test_detached_job_survives_the_connection(vm: Vm) -> None:
+async def test_detached_job_survives_the_connection(vm: BaseVm) -> None:
     script = "echo starting; sleep 6; echo done as $(id -un) >&2; exit 3\n"
     first = await _connect(vm)
     await first.start_job("sleepy", script, elevated=False)
@@ -181,14 +150,14 @@ async def test_detached_job_survives_the_connection(vm: Vm) -> None:
         await second.close()
 
 
-async def test_find_recovers_the_running_vm(vm: Vm) -> None:
+async def test_find_recovers_the_running_vm(vm: BaseVm) -> None:
     found = qemu.find(vm.spec.state_dir)
     assert found == vm.handle
     assert qemu.start(vm.spec) == vm.handle  # a restarted operator never starts a second VM
     assert qemu.VmHandle.model_validate_json(vm.handle.model_dump_json()) == vm.handle
 
 
-async def test_powerdown_via_qmp(vm: Vm) -> None:
+async def test_powerdown_via_qmp(vm: BaseVm) -> None:
     began = time.monotonic()
     assert await qemu.powerdown(vm.handle, timeout=120) is True
     print(f"QMP powerdown took {time.monotonic() - began:.1f}s")

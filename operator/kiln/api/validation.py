@@ -269,11 +269,12 @@ def _distribute_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[S
     seen: dict[str, int] = {}
     for index, target in enumerate(spec.distribute):
         path = f"spec.distribute[{index}]"
-        name = target.run_output_name
+        name = target.run_output_name.lower()  # Azure names ignore case
         if name in seen:
             yield SpecProblem(
                 path=f"{path}.runOutputName",
-                message=f"{name!r} is already used by spec.distribute[{seen[name]}]; "
+                message=f"{target.run_output_name!r} is already used by "
+                f"spec.distribute[{seen[name]}]; "
                 "runOutputName must be unique",
             )
         seen.setdefault(name, index)
@@ -311,7 +312,8 @@ def _shared_image_rules(
             message="only applies with replicationRegions; set storageAccountType on each "
             "targetRegions entry instead",
         )
-    names = [r.name for r in target.target_regions or []] + list(target.replication_regions or [])
+    regions = [r.name for r in target.target_regions or []] + list(target.replication_regions or [])
+    names = [n.lower() for n in regions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         yield SpecProblem(

@@ -21,13 +21,20 @@ def redact(uri: str) -> str:
     return uri.split("?", 1)[0]
 
 
+def _megabytes(limit: int) -> str:
+    return f"{limit / (1024 * 1024):g} MiB"
+
+
 async def fetch(uri: str, sha256: str | None = None, limit: int = FILE_LIMIT_BYTES) -> bytes:
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError as error:
+        raise FetchError(f"{redact(uri)} is not a valid URI: {error}") from error
     if parsed.scheme == "file":
         path = Path(unquote(parsed.path))
         try:
             if path.stat().st_size > limit:
-                raise FetchError(f"{path} is larger than {limit // (1024 * 1024)} MiB")
+                raise FetchError(f"{path} is larger than {_megabytes(limit)}")
             data = path.read_bytes()
         except OSError as error:
             raise FetchError(f"cannot read {path}: {error.strerror}") from error
@@ -43,16 +50,20 @@ async def fetch(uri: str, sha256: str | None = None, limit: int = FILE_LIMIT_BYT
 
 
 async def _download(uri: str, limit: int) -> bytes:
+    """The whole body, or an error: a body cut short or over the limit is never used."""
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+    chunks: list[bytes] = []
+    size = 0
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as response:
             if response.status != 200:
                 raise FetchError(f"{redact(uri)} answered HTTP {response.status}")
-            data = await response.content.read(limit + 1)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        raise FetchError(
-            f"cannot download {redact(uri)}: {error or type(error).__name__}"
-        ) from error
-    if len(data) > limit:
-        raise FetchError(f"{redact(uri)} is larger than {limit // (1024 * 1024)} MiB")
-    return data
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError(f"{redact(uri)} is larger than {_megabytes(limit)}")
+                chunks.append(chunk)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        # aiohttp's messages repeat the URL with its query string (a SAS token): never show them
+        raise FetchError(f"cannot download {redact(uri)}: {type(error).__name__}") from error
+    return b"".join(chunks)

@@ -11,6 +11,7 @@ from kiln.communicators.ssh import CommunicatorError, HostKeyMismatch, generate_
 from kiln.naming import run_secret_name
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.providers.base import RunContext
+from kiln.reconcile.runs import label_value
 
 BOOT_TIMEOUT_SECONDS = 900
 
@@ -77,7 +78,7 @@ class VmStep:
                 {
                     "metadata": {
                         "name": secret,
-                        "labels": {f"{GROUP}/run": ctx.run_name[:63]},
+                        "labels": {f"{GROUP}/run": label_value(ctx.run_name)},
                         "ownerReferences": [
                             {
                                 "apiVersion": f"{GROUP}/{VERSION}",

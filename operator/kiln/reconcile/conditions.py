@@ -62,6 +62,8 @@ def kstatus(
     now: str,
 ) -> ConditionList:
     """Ready/Reconciling/Stalled together, so they never contradict one another."""
+    if ready and stalled:
+        raise ValueError("an object cannot be Ready and Stalled at once")
     result = set_condition(
         conditions, reasons.READY, "True" if ready else "False", reason, message, generation, now
     )

@@ -33,7 +33,7 @@ def run_manifest(template: Body, name: str, trigger: str) -> Body:
             "name": name,
             "namespace": meta["namespace"],
             "labels": {
-                LABEL_TEMPLATE: meta["name"][:63],
+                LABEL_TEMPLATE: label_value(meta["name"]),
                 LABEL_TEMPLATE_UID: meta["uid"],
                 LABEL_TRIGGER: trigger,
                 LABEL_GENERATION: str(meta.get("generation", "")),
@@ -49,6 +49,11 @@ def run_manifest(template: Body, name: str, trigger: str) -> Body:
         },
         "spec": {"templateRef": {"name": meta["name"]}},
     }
+
+
+def label_value(text: str) -> str:
+    """At most 63 characters, ending in a letter or digit, as label values must."""
+    return text[:63].rstrip("-_.")
 
 
 class Admission(BaseModel):

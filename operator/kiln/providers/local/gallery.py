@@ -93,7 +93,7 @@ class LocalGallery:
         found = [
             ImageManifest.model_validate_json((d / MANIFEST).read_text())
             for d in definition.iterdir()
-            if (d / MANIFEST).is_file()
+            if not d.name.startswith(".") and (d / MANIFEST).is_file()
         ]
         return sorted(found, key=lambda m: _version_key(m.id.rsplit("/", 1)[-1]))
 
@@ -167,6 +167,7 @@ class LocalGallery:
                     _link_or_copy(tmp / name, target / name)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             os.rename(directory, old)
         os.rename(tmp, directory)

@@ -1,0 +1,74 @@
+"""Boot a disk (a base image or a built one) in a throwaway VM and log in, for tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.communicators.ssh import KeyPair, SshCommunicator, generate_keypair
+from kiln.providers.local import baseimage, qemu, seed
+
+USER = "kiln"
+BOOT_TIMEOUT = 300.0
+
+
+@dataclass
+class Vm:
+    spec: qemu.VmSpec
+    handle: qemu.VmHandle
+    client: KeyPair
+    host: KeyPair
+    started: float = field(default_factory=time.monotonic)
+
+    async def connect(
+        self, host_public_key: str | None = None, timeout: float = 60
+    ) -> SshCommunicator:
+        comm = SshCommunicator()
+        await comm.connect(
+            "127.0.0.1",
+            self.handle.ssh_port,
+            USER,
+            self.client.private_key.get_secret_value(),
+            host_public_key or self.host.public_key,
+            timeout=timeout,
+        )
+        return comm
+
+
+@contextmanager
+def booted(
+    disk: Path, kernel: Path, initrd: Path, work: Path, name: str, size_gb: int | None = None
+) -> Iterator[Vm]:
+    """A VM on a copy-on-write overlay of disk (left unchanged), killed on exit."""
+    qemu.create_overlay(disk, work / "os.qcow2", size_gb)
+    client, host = generate_keypair(), generate_keypair()
+    seed.write_seed_iso(
+        seed.SeedConfig(
+            instance_id=name,
+            hostname=name,
+            user=USER,
+            authorized_key=client.public_key,
+            host_private_key=host.private_key,
+            host_public_key=host.public_key,
+        ),
+        work / "seed.iso",
+    )
+    spec = qemu.VmSpec(
+        name=name,
+        state_dir=work / "state",
+        disk=work / "os.qcow2",
+        seed_iso=work / "seed.iso",
+        kernel=kernel,
+        initrd=initrd,
+        append=baseimage.CMDLINE,
+        ssh_port=qemu.free_port(),
+        accel=qemu.accelerator(baseimage.default_cache_root(), kernel),
+    )
+    handle = qemu.start(spec)
+    try:
+        yield Vm(spec, handle, client, host)
+    finally:
+        qemu.kill(handle)
