@@ -28,7 +28,7 @@ images: system python
 	@$(KILN) images ensure
 
 crds: python
-	@$(KILN) crds --out crds
+	@$(KILN) crds
 
 cluster-up: system python
 	@$(KILN) cluster up --state-dir $(STATE) --crds crds

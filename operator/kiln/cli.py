@@ -44,8 +44,9 @@ def _operator(args: argparse.Namespace) -> int:
 def _crds(args: argparse.Namespace) -> int:
     from kiln.api.crd import write_crds
 
-    for path in write_crds(Path(args.out)):
-        print(path)
+    for directory in args.out:
+        for path in write_crds(Path(directory)):
+            print(path)
     return 0
 
 
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
-    crds.add_argument("--out", default="crds", help="directory to write to")
+    crds.add_argument(
+        "--out", nargs="+", default=["crds", "charts/kiln/crds"], help="directories to write to"
+    )
     crds.set_defaults(func=_crds)
 
     cluster = commands.add_parser("cluster", help="a local etcd + kube-apiserver for trying Kiln")

@@ -11,7 +11,9 @@ import yaml
 
 from kiln.api.crd import image_build_run_crd, image_template_crd, render_crds
 
-CRDS_DIR = Path(__file__).resolve().parents[2] / "crds"
+REPO = Path(__file__).resolve().parents[2]
+CRDS_DIR = REPO / "crds"
+CHECKED_IN = [CRDS_DIR, REPO / "charts" / "kiln" / "crds"]
 FORBIDDEN_KEYWORDS = ("$ref", "anyOf", "oneOf", "allOf")
 
 Node = dict[str, Any]
@@ -54,10 +56,11 @@ def _spec_props(crd: Node) -> Node:
     return _root(crd)["properties"]["spec"]["properties"]
 
 
+@pytest.mark.parametrize("directory", CHECKED_IN, ids=["crds", "chart"])
 @pytest.mark.parametrize("name", sorted(render_crds()))
-def test_checked_in_crd_matches_generated(name: str) -> None:
+def test_checked_in_crd_matches_generated(name: str, directory: Path) -> None:
     rendered = render_crds()[name]
-    path = CRDS_DIR / name
+    path = directory / name
     assert path.is_file(), f"{path} is missing; run `make crds`"
     assert path.read_text() == rendered, f"{path} is out of date; run `make crds`"
 

@@ -45,7 +45,11 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)
 
 
-@kopf.timer(GROUP, VERSION, TEMPLATES, interval=30, initial_delay=10)
+def _has_triggers(spec: kopf.Spec, **_: Any) -> bool:
+    return bool(spec.get("triggers"))
+
+
+@kopf.timer(GROUP, VERSION, TEMPLATES, interval=30, initial_delay=10, when=_has_triggers)
 async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Schedule and SourceImage triggers: each creates a run with a name derived from
     what fired it, so firing twice (after a restart) creates one run."""

@@ -1,0 +1,379 @@
+"""Whole builds on the local provider: real control plane, real operator process, real VMs."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import config
+from kubernetes.client import CoreV1Api
+
+import vmboot
+from kiln.providers.local import qemu
+from kiln.providers.local.disks import check_fixed_vhd, sha256_file
+from kubehelpers import Kiln, condition, condition_status, run, template
+
+pytestmark = pytest.mark.e2e
+
+BUILD_TIMEOUT = 1200
+SUB = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/e2e"
+GALLERY_IMAGE = f"{SUB}/providers/Microsoft.Compute/galleries/g/images/base"
+MANAGED_IMAGE = f"{SUB}/providers/Microsoft.Compute/images/base"
+TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
+
+
+@pytest.fixture(scope="module")
+def kiln(control_plane: Any, kiln_operator: Any) -> Iterator[Kiln]:
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as client:
+        yield Kiln(client)
+
+
+def ended(body: dict | None) -> bool:
+    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
+
+
+def wait_ended(kiln: Kiln, name: str) -> dict:
+    body = kiln.wait_for("imagebuildruns", name, ended, BUILD_TIMEOUT, "ended")
+    assert body is not None
+    return body
+
+
+def step(body: dict, name: str) -> dict:
+    return next(s for s in body["status"]["steps"] if s["name"] == name)
+
+
+def build_vm_dir(operator: Any, body: dict) -> Path:
+    return operator.data_dir / "vm" / body["metadata"]["uid"]
+
+
+def assert_cleaned(kiln: Kiln, operator: Any, body: dict) -> None:
+    """No VM process, overlay or Secret is left after a run."""
+    assert not build_vm_dir(operator, body).exists()
+    assert (
+        f"kiln-{body['metadata']['name']}"
+        not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    )
+    secrets = CoreV1Api(kiln.api.api_client).list_namespaced_secret("default").items
+    assert f"{body['metadata']['name']}-ssh" not in [s.metadata.name for s in secrets]
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("payload") / "payload.txt"
+    path.write_text(f"payload {time.time_ns()}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_build(kiln: Kiln, payload: Path) -> dict:
+    """The first template, built by autoRun: Shell, File, validation, three targets."""
+    checksum = hashlib.sha256(payload.read_bytes()).hexdigest()
+    manifest = template(
+        "base",
+        customize=[
+            {
+                "type": "Shell",
+                "name": "marker",
+                "inline": ["echo building-marker", "echo kiln-e2e | sudo tee /etc/kiln-marker"],
+            },
+            {
+                "type": "File",
+                "sourceUri": payload.as_uri(),
+                "sha256Checksum": checksum,
+                "destination": "/tmp/payload.txt",
+            },
+            {"type": "Shell", "inline": ["sudo mv /tmp/payload.txt /etc/kiln-payload"]},
+        ],
+        validate={
+            "inVMValidations": [{"type": "Shell", "inline": ["grep -qx kiln-e2e /etc/kiln-marker"]}]
+        },
+        distribute=[
+            {
+                "type": "SharedImage",
+                "runOutputName": "gallery",
+                "galleryImageId": GALLERY_IMAGE,
+                "targetRegions": [{"name": "east", "replicaCount": 2}, {"name": "west"}],
+                "versioning": {"scheme": "Latest", "major": 2},
+            },
+            {
+                "type": "ManagedImage",
+                "runOutputName": "managed",
+                "imageId": MANAGED_IMAGE,
+                "location": "local",
+            },
+            {"type": "VHD", "runOutputName": "vhd"},
+        ],
+        autoRun={"state": "Enabled"},
+    )
+    created = kiln.create("imagetemplates", manifest)
+    name = f"base-g1-{created['metadata']['uid'][:5]}"
+    kiln.wait_for("imagebuildruns", name, lambda b: b is not None, 30, "created by autoRun")
+    return wait_ended(kiln, name)
+
+
+def test_autorun_build_succeeds_with_outputs(
+    kiln: Kiln, kiln_operator: Any, base_build: dict
+) -> None:
+    status = base_build["status"]
+    assert status["runState"] == "Succeeded", status["message"]
+    assert all(s["state"] == "Succeeded" for s in status["steps"]), status["steps"]
+    assert status["exactSource"].startswith("Debian:debian-12:12-gen2:0.")
+    assert status["templateHash"] and status["templateSnapshot"]["provider"] == "local"
+    assert condition_status(base_build, "Ready") == "True"
+    assert condition_status(base_build, "Stalled") == "False"
+    outputs = {o["runOutputName"]: o for o in status["runOutputs"]}
+    assert outputs["gallery"]["artifactId"] == f"{GALLERY_IMAGE}/versions/2.0.0"
+    assert outputs["managed"]["artifactId"] == MANAGED_IMAGE
+    assert all(o["provisioningState"] == "Succeeded" for o in outputs.values())
+    template_body = kiln.get("imagetemplates", "base")
+    assert condition(template_body, "Ready")["reason"] == "ImageBuilt"
+    assert template_body["status"]["lastRun"] == {
+        "name": base_build["metadata"]["name"],
+        "runState": "Succeeded",
+    }
+    assert {o["runOutputName"] for o in template_body["status"]["latestOutputs"]} == set(outputs)
+    assert_cleaned(kiln, kiln_operator, base_build)
+
+
+def test_outputs_are_complete_images(base_build: dict) -> None:
+    outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
+    version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
+    replicas = sorted(p.relative_to(version_dir) for p in version_dir.glob("replicas/*/*"))
+    assert replicas == [Path("replicas/east/0"), Path("replicas/east/1"), Path("replicas/west/0")]
+    vhd = Path(outputs["vhd"]["artifactUri"].removeprefix("file://"))
+    footer = check_fixed_vhd(vhd)
+    assert footer.current_size % (1 << 20) == 0
+    assert vhd.with_name(vhd.name + ".sha256").read_text().split()[0] == sha256_file(vhd)
+    staging = vhd.parent
+    assert sorted(p.name for p in staging.iterdir()) == [
+        "customization.log",
+        "logs",
+        "vhd.vhd",
+        "vhd.vhd.sha256",
+    ]
+
+
+async def test_the_built_image_boots_with_the_customization(
+    base_build: dict, payload: Path, tmp_path: Path
+) -> None:
+    outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
+    image = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
+    with vmboot.booted(
+        image / "disk.qcow2", image / "vmlinuz", image / "initrd.img", tmp_path, "kiln-check"
+    ) as vm:
+        comm = await vm.connect(timeout=vmboot.BOOT_TIMEOUT)
+        try:
+            result = await comm.run(
+                "cat /etc/kiln-marker /etc/kiln-payload; id packer 2>&1; ls /var/lib/kiln 2>&1"
+            )
+        finally:
+            await comm.close()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "kiln-e2e"
+    assert lines[1] == payload.read_text().strip()
+    assert "no such user" in lines[2]  # deprovisioning removed the build user
+    assert "No such file" in lines[3]  # ... and Kiln's job files
+
+
+def test_kiln_logs_prints_the_customization_log(base_build: dict, kiln_operator: Any) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "logs", base_build["metadata"]["name"]],
+        env={"KUBECONFIG": str(kiln_operator.kubeconfig), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "==> customize[0] Shell 'marker'" in result.stdout
+    assert "building-marker" in result.stdout
+    assert result.stdout.index("==> validate[0]") < result.stdout.index("==> deprovision")
+
+
+def test_a_chained_build_starts_from_the_gallery_output(kiln: Kiln, base_build: dict) -> None:
+    kiln.create(
+        "imagetemplates",
+        template(
+            "chained",
+            source={
+                "type": "SharedImageVersion",
+                "imageVersionId": f"{GALLERY_IMAGE}/versions/latest",
+            },
+            customize=[{"type": "Shell", "inline": ["grep -qx kiln-e2e /etc/kiln-marker"]}],
+            distribute=[
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "app",
+                    "location": "local",
+                    "imageId": f"{SUB}/providers/Microsoft.Compute/images/app",
+                }
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("chained-1", "chained"))
+    body = wait_ended(kiln, "chained-1")
+    assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+    assert body["status"]["exactSource"] == f"{GALLERY_IMAGE}/versions/2.0.0"
+
+
+def test_a_failing_step_fails_the_run_with_its_exit_code_and_log(
+    kiln: Kiln, kiln_operator: Any
+) -> None:
+    kiln.create(
+        "imagetemplates",
+        template(
+            "broken",
+            customize=[
+                {
+                    "type": "Shell",
+                    "name": "boom",
+                    "inline": ["echo about to fail", "echo boom >&2", "exit 7"],
+                }
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("broken-1", "broken"))
+    kiln.create("imagebuildruns", run("broken-2", "broken"))
+    queued = kiln.wait_for(
+        "imagebuildruns", "broken-2", lambda b: condition(b, "Reconciling") is not None, 60
+    )
+    assert condition(queued, "Reconciling")["reason"] == "WaitingForActiveRun"
+    assert "broken-1" in queued["status"]["message"]
+    first = wait_ended(kiln, "broken-1")
+    status = first["status"]
+    assert status["runState"] == "Failed"
+    assert condition(first, "Stalled")["reason"] == "CustomizerFailed"
+    customize = step(first, "customize")
+    assert customize["state"] == "Failed" and customize["exitCode"] == 7
+    assert customize["logTail"][-2:] == ["about to fail", "boom"]
+    assert "customize[0] Shell 'boom'" in status["message"]
+    assert step(first, "cleanup")["state"] == "Succeeded"
+    assert_cleaned(kiln, kiln_operator, first)
+    events = (
+        CoreV1Api(kiln.api.api_client)
+        .list_namespaced_event("default", field_selector="involvedObject.name=broken-1")
+        .items
+    )
+    assert any(e.reason == "CustomizerFailed" and "boom" in e.message for e in events)
+    second = wait_ended(kiln, "broken-2")
+    assert second["status"]["runState"] == "Failed"
+    assert second["status"]["startTime"] >= status["endTime"]
+
+
+def test_cancel_stops_the_build_and_cleans_up(kiln: Kiln, kiln_operator: Any) -> None:
+    kiln.create(
+        "imagetemplates", template("slow", customize=[{"type": "Shell", "inline": ["sleep 600"]}])
+    )
+    kiln.create("imagebuildruns", run("slow-1", "slow"))
+    kiln.wait_for(
+        "imagebuildruns",
+        "slow-1",
+        lambda b: (
+            step(b, "customize")["state"] == "Running"
+            if (b or {}).get("status", {}).get("steps")
+            else False
+        ),
+        BUILD_TIMEOUT,
+        "customizing",
+    )
+    kiln.patch("imagebuildruns", "slow-1", {"spec": {"cancel": True}})
+    body = wait_ended(kiln, "slow-1")
+    assert body["status"]["runState"] == "Canceled"
+    assert condition(body, "Stalled")["reason"] == "Canceled"
+    assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_an_operator_killed_mid_customization_finishes_the_same_run(
+    kiln: Kiln, kiln_operator: Any
+) -> None:
+    kiln.create(
+        "imagetemplates",
+        template(
+            "restart",
+            customize=[
+                {"type": "Shell", "inline": ["echo before", "sleep 25", "echo after-the-restart"]}
+            ],
+            distribute=[
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "img",
+                    "location": "local",
+                    "imageId": f"{SUB}/providers/Microsoft.Compute/images/restart",
+                }
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("restart-1", "restart"))
+    body = kiln.wait_for(
+        "imagebuildruns",
+        "restart-1",
+        lambda b: "running customize-00" in ((b or {}).get("status") or {}).get("message", ""),
+        BUILD_TIMEOUT,
+        "customizing",
+    )
+    vm = qemu.find(build_vm_dir(kiln_operator, body))
+    assert vm is not None
+    kiln_operator.kill()
+    assert qemu.is_running(vm), "the build VM must outlive the operator"
+    time.sleep(3)
+    kiln_operator.start()
+    body = wait_ended(kiln, "restart-1")
+    assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+    log = Path(body["status"]["checkpoint"]["staging"]) / "restart-1" / "customization.log"
+    text = log.read_text()
+    assert text.count("before") == 1 and text.count("after-the-restart") == 1
+    starts = [
+        line for line in kiln_operator.log().splitlines() if "started VM kiln-restart-1" in line
+    ]
+    assert len(starts) == 1, starts
+    assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_deleting_a_template_removes_its_staging(kiln: Kiln, base_build: dict) -> None:
+    staging = Path(base_build["status"]["checkpoint"]["staging"])
+    assert staging.is_dir()
+    kiln.delete("imagetemplates", "base")
+    kiln.wait_for("imagetemplates", "base", lambda b: b is None, 60, "deleted")
+    assert not staging.exists()
+
+
+def test_abort_keeps_the_vm_until_the_run_is_deleted(kiln: Kiln, kiln_operator: Any) -> None:
+    kiln.create(
+        "imagetemplates",
+        template(
+            "keep",
+            customize=[{"type": "Shell", "inline": ["exit 3"]}],
+            errorHandling={"onCustomizerError": "abort"},
+        ),
+    )
+    kiln.create("imagebuildruns", run("keep-1", "keep"))
+    body = wait_ended(kiln, "keep-1")
+    assert body["status"]["runState"] == "Failed"
+    vm = qemu.find(build_vm_dir(kiln_operator, body))
+    assert vm is not None, "errorHandling abort keeps the build VM"
+    assert f"ssh -p {vm.ssh_port} packer@127.0.0.1" in body["status"]["message"]
+    assert "Secret default/keep-1-ssh" in body["status"]["message"]
+    kiln.delete("imagebuildruns", "keep-1")
+    kiln.wait_for("imagebuildruns", "keep-1", lambda b: b is None, 120, "deleted")
+    assert not qemu.is_running(vm)
+    assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_build_timeout_fails_and_cleans_up(kiln: Kiln, kiln_operator: Any) -> None:
+    kiln.create(
+        "imagetemplates",
+        template(
+            "late", customize=[{"type": "Shell", "inline": ["sleep 600"]}], buildTimeoutInMinutes=1
+        ),
+    )
+    kiln.create("imagebuildruns", run("late-1", "late"))
+    body = wait_ended(kiln, "late-1")
+    assert body["status"]["runState"] == "Failed"
+    assert condition(body, "Stalled")["reason"] == "TimedOut"
+    assert "buildTimeoutInMinutes (1)" in body["status"]["message"]
+    assert_cleaned(kiln, kiln_operator, body)
