@@ -80,20 +80,27 @@ class Kiln:
         return body
 
 
-def template(name: str, **spec: Any) -> Body:
-    """A valid local template; keyword arguments replace or add spec fields."""
-    base: Body = {
-        "source": {
-            "type": "PlatformImage",
-            "publisher": "Debian",
-            "offer": "debian-12",
-            "sku": "12-gen2",
-            "version": "latest",
-        },
+DEBIAN_12: Body = {
+    "type": "PlatformImage",
+    "publisher": "Debian",
+    "offer": "debian-12",
+    "sku": "12-gen2",
+    "version": "latest",
+}
+
+
+def valid_spec() -> Body:
+    """A valid spec for any provider (a fresh copy each time)."""
+    return {
+        "source": dict(DEBIAN_12),
         "customize": [{"type": "Shell", "name": "hello", "inline": ["echo hello"]}],
         "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
-        "provider": "local",
     }
+
+
+def template(name: str, **spec: Any) -> Body:
+    """A valid local template; keyword arguments replace or add spec fields."""
+    base = {**valid_spec(), "provider": "local"}
     base.update(spec)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",

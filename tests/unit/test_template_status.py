@@ -19,22 +19,13 @@ from kiln.reconcile.templates import (
     template_status,
 )
 from kiln.settings import OperatorSettings
+from kubehelpers import valid_spec
 
 Body = dict[str, Any]
 NOW = "2024-05-01T10:00:00Z"
 LATER = "2024-05-01T11:00:00Z"
 
-VALID_SPEC: Body = {
-    "source": {
-        "type": "PlatformImage",
-        "publisher": "Debian",
-        "offer": "debian-12",
-        "sku": "12-gen2",
-        "version": "latest",
-    },
-    "customize": [{"type": "Shell", "inline": ["echo hi"]}],
-    "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
-}
+VALID_SPEC: Body = valid_spec()
 LOCAL = OperatorSettings(default_provider=Provider.local)
 
 

@@ -16,6 +16,7 @@ from kiln.reconcile.triggers import (
     source_changed,
     source_run_name,
 )
+from kubehelpers import valid_spec
 
 DAILY_3AM = "0 3 * * *"
 
@@ -114,19 +115,8 @@ def test_run_names_fit_a_kubernetes_name() -> None:
 
 
 def _spec(triggers: list[dict] | None) -> ImageTemplateSpec:
-    return ImageTemplateSpec.model_validate(
-        {
-            "source": {
-                "type": "PlatformImage",
-                "publisher": "Debian",
-                "offer": "debian-12",
-                "sku": "12-gen2",
-                "version": "latest",
-            },
-            "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
-            **({"triggers": triggers} if triggers is not None else {}),
-        }
-    )
+    extra = {"triggers": triggers} if triggers is not None else {}
+    return ImageTemplateSpec.model_validate({**valid_spec(), **extra})
 
 
 def test_schedule_trigger_and_source_trigger_lookup() -> None:

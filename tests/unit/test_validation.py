@@ -9,6 +9,7 @@ import pytest
 
 from kiln.api.template import Provider
 from kiln.api.validation import SpecProblem, field_path, parse_spec, validate_template
+from kubehelpers import valid_spec
 
 SUB = "/subscriptions/0000/resourceGroups/rg"
 MANAGED_IMAGE = f"{SUB}/providers/Microsoft.Compute/images/base"
@@ -19,17 +20,7 @@ SHA = "a" * 64
 
 Spec = dict[str, Any]
 
-BASE: Spec = {
-    "source": {
-        "type": "PlatformImage",
-        "publisher": "Debian",
-        "offer": "debian-12",
-        "sku": "12-gen2",
-        "version": "latest",
-    },
-    "customize": [{"type": "Shell", "name": "hello", "inline": ["echo hello"]}],
-    "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
-}
+BASE: Spec = valid_spec()
 AZURE_PLACE = {"location": "westeurope", "resourceGroup": "images"}
 
 

@@ -230,24 +230,22 @@ class RunDriver:
             return Outcome.wait(str(error), error.retry_after)
         except (CommunicatorError, asyncssh.Error, OSError) as error:
             await self.env.disconnect(ctx)
-            errors = ctx.checkpoint.get("connectionErrors", 0) + 1
-            ctx.checkpoint["connectionErrors"] = errors
-            if errors > MAX_CONNECTION_ERRORS:
-                return Outcome.failed(
-                    f"lost the connection to the build VM {errors} times: {error}",
-                    reasons.PROVIDER_ERROR,
-                )
-            return Outcome.wait(f"reconnecting to the build VM after: {error}", delay=5)
+            return _retry_or_fail(
+                ctx,
+                "connectionErrors",
+                MAX_CONNECTION_ERRORS,
+                f"lost the connection to the build VM: {error}",
+                delay=5,
+            )
         except Exception as error:  # a bug or an unforeseen failure must not loop forever
             log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
-            errors = ctx.checkpoint.get("stepErrors", 0) + 1
-            ctx.checkpoint["stepErrors"] = errors
-            if errors > MAX_STEP_ERRORS:
-                return Outcome.failed(
-                    f"step {name} failed {errors} times: {type(error).__name__}: {error}",
-                    reasons.PROVIDER_ERROR,
-                )
-            return Outcome.wait(f"retrying step {name} after: {error}", delay=10 * errors)
+            return _retry_or_fail(
+                ctx,
+                "stepErrors",
+                MAX_STEP_ERRORS,
+                f"step {name} failed: {type(error).__name__}: {error}",
+                delay=10,
+            )
 
     def _progress(
         self, ctx: RunContext, records: list[Body], sub_state: RunSubState, message: str
@@ -396,6 +394,17 @@ class RunDriver:
         ctx = await self.context(run)
         assert self.env is not None
         await delete_all(ctx, self.env, keep_vm=False)
+
+
+def _retry_or_fail(
+    ctx: RunContext, counter: str, limit: int, message: str, delay: float
+) -> Outcome:
+    """Retry a failing step a few times (counted in the checkpoint), then give up."""
+    errors = ctx.checkpoint.get(counter, 0) + 1
+    ctx.checkpoint[counter] = errors
+    if errors > limit:
+        return Outcome.failed(f"{message} ({errors} attempts)", reasons.PROVIDER_ERROR)
+    return Outcome.wait(f"retrying: {message}", delay=delay * errors)
 
 
 def _outputs(ctx: RunContext) -> list[Body] | None:

@@ -83,57 +83,41 @@ def _build_conditions(
 ) -> list[Body]:
     """kstatus for a valid template: with autoRun, Ready follows this generation's run."""
     generation = template["metadata"].get("generation")
-    spec = template.get("spec") or {}
-    if not auto_run_enabled(spec):
+
+    def conditions(
+        ready: bool, reconciling: bool, stalled: bool, reason: str, message: str
+    ) -> list[Body]:
         return kstatus(
             previous,
-            ready=True,
-            reconciling=False,
-            stalled=False,
-            reason=reasons.SPEC_VALID,
-            message="The template is valid; create an ImageBuildRun to build it.",
+            ready=ready,
+            reconciling=reconciling,
+            stalled=stalled,
+            reason=reason,
+            message=message,
             generation=generation,
             now=now,
         )
+
+    if not auto_run_enabled(template.get("spec") or {}):
+        message = "The template is valid; create an ImageBuildRun to build it."
+        return conditions(True, False, False, reasons.SPEC_VALID, message)
     own = next((r for r in runs if r["metadata"]["name"] == auto_run_name(template)), None)
     state = _run_state(own) if own else None
     if own is None or state not in TERMINAL_RUN_STATES:
         where = f"run {own['metadata']['name']}" if own else "a run"
         sub_state = ((own or {}).get("status") or {}).get("runSubState") or "Queued"
-        return kstatus(
-            previous,
-            ready=False,
-            reconciling=True,
-            stalled=False,
-            reason=reasons.BUILDING,
-            message=f"autoRun: {where} is building this generation ({sub_state}).",
-            generation=generation,
-            now=now,
-        )
+        message = f"autoRun: {where} is building this generation ({sub_state})."
+        return conditions(False, True, False, reasons.BUILDING, message)
     name = own["metadata"]["name"]
     if state == RunState.Succeeded:
-        return kstatus(
-            previous,
-            ready=True,
-            reconciling=False,
-            stalled=False,
-            reason=reasons.IMAGE_BUILT,
-            message=f"autoRun: run {name} built this generation.",
-            generation=generation,
-            now=now,
-        )
+        message = f"autoRun: run {name} built this generation."
+        return conditions(True, False, False, reasons.IMAGE_BUILT, message)
     detail = (own.get("status") or {}).get("message") or ""
-    return kstatus(
-        previous,
-        ready=False,
-        reconciling=False,
-        stalled=True,
-        reason=reasons.BUILD_FAILED,
-        message=f"autoRun: run {name} ended {state}: {detail} Fix the template and apply it "
-        "(a new run starts), or create an ImageBuildRun to retry.",
-        generation=generation,
-        now=now,
+    message = (
+        f"autoRun: run {name} ended {state}: {detail} Fix the template and apply it "
+        "(a new run starts), or create an ImageBuildRun to retry."
     )
+    return conditions(False, False, True, reasons.BUILD_FAILED, message)
 
 
 def template_status(

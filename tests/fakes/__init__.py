@@ -1,1 +1,0 @@
-"""Fakes of external services (ARM, Entra ID) that the real client libraries talk to in tests."""
