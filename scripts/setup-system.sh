@@ -17,6 +17,9 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# kubectl: the machine's own if it has one, else Debian's client (1.20, the server's version)
+command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
+
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -377,3 +377,23 @@ def test_build_timeout_fails_and_cleans_up(kiln: Kiln, kiln_operator: Any) -> No
     assert condition(body, "Stalled")["reason"] == "TimedOut"
     assert "buildTimeoutInMinutes (1)" in body["status"]["message"]
     assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_deleting_an_active_run_removes_its_vm(kiln: Kiln, kiln_operator: Any) -> None:
+    kiln.create(
+        "imagetemplates", template("gone", customize=[{"type": "Shell", "inline": ["sleep 600"]}])
+    )
+    kiln.create("imagebuildruns", run("gone-1", "gone"))
+    body = kiln.wait_for(
+        "imagebuildruns",
+        "gone-1",
+        lambda b: "running customize-00" in ((b or {}).get("status") or {}).get("message", ""),
+        BUILD_TIMEOUT,
+        "customizing",
+    )
+    vm = qemu.find(build_vm_dir(kiln_operator, body))
+    assert vm is not None
+    kiln.delete("imagebuildruns", "gone-1")
+    kiln.wait_for("imagebuildruns", "gone-1", lambda b: b is None, 120, "deleted")
+    assert not qemu.is_running(vm)
+    assert_cleaned(kiln, kiln_operator, body)

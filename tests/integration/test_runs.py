@@ -9,6 +9,7 @@ import pytest
 
 from kiln.providers.local.gallery import ImageManifest, LocalGallery
 from kubehelpers import Kiln, condition, template
+from kubehelpers import run as run_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -144,8 +145,6 @@ def test_source_image_trigger_starts_a_run_when_latest_moves(
 
 
 def test_a_run_canceled_while_queued_never_starts(kiln: Kiln) -> None:
-    from kubehelpers import run as run_manifest
-
     kiln.create("imagebuildruns", run_manifest("early-cancel", "nothing-here", cancel=True))
     try:
         body = kiln.wait_for("imagebuildruns", "early-cancel", ended, 30)
@@ -153,3 +152,31 @@ def test_a_run_canceled_while_queued_never_starts(kiln: Kiln) -> None:
         assert "templateSnapshot" not in body["status"]
     finally:
         kiln.delete("imagebuildruns", "early-cancel")
+
+
+def _staging_after_a_failed_run(kiln: Kiln, name: str, **spec: Any) -> Path:
+    kiln.create("imagetemplates", template(name, source=MISSING_IMAGE, **spec))
+    kiln.create("imagebuildruns", run_manifest(f"{name}-1", name))
+    body = kiln.wait_for("imagebuildruns", f"{name}-1", ended, 60)
+    staging = Path(body["status"]["checkpoint"]["staging"])
+    assert (staging / f"{name}-1" / "customization.log").parent.is_dir()
+    return staging
+
+
+def test_deleting_a_template_removes_its_staging_directory(kiln: Kiln) -> None:
+    staging = _staging_after_a_failed_run(kiln, "stage")
+    assert staging.name.startswith("IT_local_stage_")
+    kiln.delete("imagetemplates", "stage")
+    kiln.wait_for("imagetemplates", "stage", lambda b: b is None, 30)
+    assert not staging.exists()
+    kiln.delete("imagebuildruns", "stage-1")
+
+
+def test_a_custom_staging_group_is_emptied_not_removed(kiln: Kiln) -> None:
+    group = f"{SUB.rsplit('/', 2)[0]}/resourceGroups/kiln-custom-staging"
+    staging = _staging_after_a_failed_run(kiln, "custom", stagingResourceGroup=group)
+    assert staging.name == "kiln-custom-staging"
+    kiln.delete("imagetemplates", "custom")
+    kiln.wait_for("imagetemplates", "custom", lambda b: b is None, 30)
+    assert staging.is_dir() and list(staging.iterdir()) == []
+    kiln.delete("imagebuildruns", "custom-1")

@@ -29,11 +29,9 @@ SKUS = ["12", "12-gen2"]
 CMDLINE = "root=/dev/vda rw console=ttyS0"
 DISK_SIZE = "4G"
 MANIFEST = "manifest.json"
-MIRRORS = [
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
-]
+# The host's own Debian sources (its mirror or proxy); without them mmdebstrap uses
+# Debian's default mirror with the updates and security suites.
+HOST_DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 PACKAGES = [
     "linux-image-cloud-amd64",
     "openssh-server",
@@ -225,7 +223,8 @@ def _bootstrap(rootfs: Path, work: Path) -> None:
     hook = f'cp -a {shlex.quote(str(overlay))}/. "$1/"'
     argv = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory"]
     argv += [f"--include={','.join(PACKAGES)}", f"--essential-hook={hook}"]
-    run_tool([*argv, "bookworm", rootfs, *MIRRORS], timeout=1800)
+    mirrors = [HOST_DEBIAN_SOURCES] if HOST_DEBIAN_SOURCES.is_file() else []
+    run_tool([*argv, "bookworm", rootfs, *mirrors], timeout=1800)
     shutil.rmtree(overlay)
 
 
