@@ -1,0 +1,1 @@
+"""Resource-provider handlers: Microsoft.Resources, .Storage, .Network, .Compute."""
