@@ -7,18 +7,19 @@ from collections import defaultdict
 
 from kiln.api.template import Provider
 from kiln.kube import Kube
+from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import BuildProvider, ProviderError
+from kiln.providers.local.provider import LocalProvider
 from kiln.settings import OperatorSettings
 
 
 class Runtime:
     def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
-        from kiln.providers.local.provider import LocalProvider
-
         self.settings = settings
         self.kube = kube
         self.providers: dict[str, BuildProvider] = {
             Provider.local.value: LocalProvider(settings),
+            Provider.azure.value: AzureProvider(settings, kube),
         }
         self.template_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.build_slots = asyncio.Semaphore(settings.max_active_runs)
@@ -32,5 +33,7 @@ class Runtime:
                 f"available: {', '.join(sorted(self.providers))}"
             ) from None
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
         self.template_locks.clear()

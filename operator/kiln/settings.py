@@ -31,6 +31,26 @@ class OperatorSettings(BaseModel):
     location: str | None = None
     resource_group: str | None = None
     subscription_id: str | None = None
+    azure_arm_endpoint: str = Field(
+        default="https://management.azure.com",
+        description="Azure Resource Manager endpoint (a sovereign cloud's, or an emulator's).",
+    )
+    azure_authority: str | None = Field(
+        default=None, description="Entra ID authority host; unset: azure-identity's default."
+    )
+    azure_ca_bundle: Path | None = Field(
+        default=None, description="CA bundle for ARM and the authority (private endpoints)."
+    )
+    azure_credentials_secret: str | None = Field(
+        default=None,
+        description="namespace/name of a Secret with clientId, clientSecret and tenantId; "
+        "unset: DefaultAzureCredential (workload identity, managed identity, environment).",
+    )
+    azure_ssh_source: str = Field(
+        default="*",
+        description="Source address range the build VM's NSG admits to the SSH port "
+        "(set it to the operator's egress address).",
+    )
     max_active_runs: int = Field(default=2, ge=1, description="Builds at once, operator-wide.")
     vm_memory_mb: int = Field(default=1024, ge=256)
     liveness_port: int = 8080
@@ -58,6 +78,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         "max_active_runs": "KILN_MAX_ACTIVE_RUNS",
         "vm_memory_mb": "KILN_VM_MEMORY_MB",
         "liveness_port": "KILN_LIVENESS_PORT",
+        "azure_arm_endpoint": "KILN_AZURE_ARM_ENDPOINT",
+        "azure_authority": "KILN_AZURE_AUTHORITY",
+        "azure_ca_bundle": "KILN_AZURE_CA_BUNDLE",
+        "azure_credentials_secret": "KILN_AZURE_CREDENTIALS_SECRET",
+        "azure_ssh_source": "KILN_AZURE_SSH_SOURCE",
     }
     values: dict[str, object] = {field: env[var] for field, var in names.items() if env.get(var)}
     if env.get("KILN_NAMESPACES"):

@@ -103,3 +103,9 @@ class BuildProvider(Protocol):
 
     def describe_vm(self, ctx: RunContext) -> str:
         """How a person reaches a kept build VM (errorHandling abort)."""
+
+    async def publish_logs(self, ctx: RunContext) -> None:
+        """Put the run's customization log where the provider keeps logs."""
+
+    async def close(self) -> None:
+        """Release clients and connections at operator shutdown."""

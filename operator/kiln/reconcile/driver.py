@@ -37,6 +37,7 @@ QUEUE_POLL_SECONDS = 5.0
 DEFAULT_TIMEOUT_MINUTES = 240
 MAX_CONNECTION_ERRORS = 10
 MAX_STEP_ERRORS = 3
+CLEANUP_RETRY_SECONDS = 15.0
 
 
 def _status(run: Body) -> Body:
@@ -178,17 +179,19 @@ class RunDriver:
             await self.finish(run, RunState.Failed, reasons.PROVIDER_ERROR, str(error))
             return None
         assert self.env is not None
+        records: list[Body] = [dict(r) for r in status["steps"]]
+        if ctx.checkpoint.get("ending"):
+            return await self.conclude(run, ctx, records)
         if (run.get("spec") or {}).get("cancel"):
-            return await self.cancel(run, ctx)
+            message = "canceled; build resources removed."
+            return await self.end(run, ctx, records, RunState.Canceled, reasons.CANCELED, message)
         if self._timed_out(run, ctx):
             minutes = ctx.spec.build_timeout_in_minutes or DEFAULT_TIMEOUT_MINUTES
-            outcome = Outcome.failed(
+            message = (
                 f"the build took longer than buildTimeoutInMinutes ({minutes}); raise it or "
-                "make the build faster",
-                reasons.TIMED_OUT,
+                "make the build faster"
             )
-            return await self.fail(run, ctx, status["steps"], outcome, keep_vm=False)
-        records: list[Body] = [dict(r) for r in status["steps"]]
+            return await self.end(run, ctx, records, RunState.Failed, reasons.TIMED_OUT, message)
         index = decide.next_step(records)
         if index is None:
             state, reason, message = decide.final_state(ctx.checkpoint)
@@ -214,7 +217,7 @@ class RunDriver:
             ctx.checkpoint["validationFailure"] = outcome.message
             await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
             return 0
-        return await self.fail(run, ctx, records, outcome, keep_vm=self._keep_vm(ctx, step.name))
+        return await self.fail(run, ctx, records, outcome, self._keep_vm(ctx, step.name))
 
     async def _reconcile_step(self, name: str, ctx: RunContext) -> Outcome:
         """A step's reconcile, with provider and connection errors turned into outcomes."""
@@ -282,8 +285,8 @@ class RunDriver:
     # --- endings -------------------------------------------------------------------------
 
     async def fail(
-        self, run: Body, ctx: RunContext, records: list[Body], outcome: Outcome, *, keep_vm: bool
-    ) -> None:
+        self, run: Body, ctx: RunContext, records: list[Body], outcome: Outcome, keep_vm: bool
+    ) -> float | None:
         assert self.env is not None
         message = outcome.message
         if outcome.log_tail:
@@ -294,18 +297,45 @@ class RunDriver:
             )
         if keep_vm:
             message += f" errorHandling is abort, so {self.env.provider.describe_vm(ctx)}."
-        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint, "message": message})
-        await self.clean_up(run, ctx, records, keep_vm=keep_vm)
-        await self.finish(run, RunState.Failed, outcome.reason or reasons.FAILED, message, ctx)
+        reason = outcome.reason or reasons.FAILED
+        return await self.end(run, ctx, records, RunState.Failed, reason, message, keep_vm)
 
-    async def cancel(self, run: Body, ctx: RunContext) -> None:
-        if _status(run).get("runState") != RunState.Canceling:
-            message = "canceling: removing the build resources"
-            await self.write(run, {"runState": RunState.Canceling, "message": message})
-        records = [dict(r) for r in _status(run).get("steps") or []]
-        await self.clean_up(run, ctx, records, keep_vm=False)
-        message = "canceled; build resources removed."
-        await self.finish(run, RunState.Canceled, reasons.CANCELED, message, ctx)
+    async def end(
+        self,
+        run: Body,
+        ctx: RunContext,
+        records: list[Body],
+        state: RunState,
+        reason: str,
+        message: str,
+        keep_vm: bool = False,
+    ) -> float | None:
+        """Record how the run ends before cleaning up, so a restart finishes the cleanup."""
+        ctx.checkpoint["ending"] = {
+            "state": state,
+            "reason": reason,
+            "message": message,
+            "keepVm": keep_vm,
+        }
+        patch: Body = {"steps": records, "checkpoint": ctx.checkpoint, "message": message}
+        if state == RunState.Canceled:
+            patch["runState"] = RunState.Canceling
+        await self.write(run, patch)
+        return await self.conclude(run, ctx, records)
+
+    async def conclude(self, run: Body, ctx: RunContext, records: list[Body]) -> float | None:
+        """Clean up (retried until it works), then write the final state."""
+        ending = ctx.checkpoint["ending"]
+        try:
+            await self.clean_up(run, ctx, records, keep_vm=ending["keepVm"])
+        except Exception as error:  # the build's resources must not leak: try again later
+            log.exception("cleanup of run %s/%s failed", self.namespace, self.name)
+            await self.write(
+                run, {"message": f"{ending['message']} Cleanup failed, retrying: {error}"}
+            )
+            return CLEANUP_RETRY_SECONDS
+        await self.finish(run, RunState(ending["state"]), ending["reason"], ending["message"], ctx)
+        return None
 
     async def clean_up(
         self, run: Body, ctx: RunContext, records: list[Body], *, keep_vm: bool
@@ -352,12 +382,23 @@ class RunDriver:
         }
         if ctx is not None:
             patch |= {"checkpoint": ctx.checkpoint, "runOutputs": _outputs(ctx)}
+            await self._publish_logs(ctx)
         await self.write(run, patch)
         if self.env is not None and ctx is not None:
             await self.env.disconnect(ctx)
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
         await refresh_template(self.runtime, self.namespace, run["spec"]["templateRef"]["name"])
+
+    async def _publish_logs(self, ctx: RunContext) -> None:
+        """Best effort: a log that could not be uploaded must not change how the run ended."""
+        assert self.env is not None
+        try:
+            await self.env.provider.publish_logs(ctx)
+        except Exception:
+            log.warning(
+                "could not publish the log of run %s/%s", self.namespace, self.name, exc_info=True
+            )
 
     # --- the loop ------------------------------------------------------------------------
 

@@ -239,6 +239,12 @@ class LocalProvider:
             f"serial log {handle.serial_log}; delete the run to remove it"
         )
 
+    async def publish_logs(self, ctx: RunContext) -> None:
+        """The log is written in the staging directory already."""
+
+    async def close(self) -> None:
+        """Nothing is held open between passes."""
+
     async def delete_vm(self, ctx: RunContext) -> None:
         directory = self.vm_dir(ctx)
         handle = qemu.find(directory)

@@ -1,0 +1,757 @@
+"""The azure provider: the build happens in an Azure subscription, as AIB does it.
+
+Staging resource group IT_<resourceGroup>_<template>_<guid> with a storage account for
+logs; per run a network (or a NIC in the template's subnet), a build VM reached over SSH
+with a per-run key and a host key injected through customData; capture by deallocate +
+generalize; distribution to managed images, gallery image versions and VHD blobs.
+Everything Kiln creates is tagged with the template and run; only tagged resources are
+ever deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.storage.blob.aio import BlobClient, BlobServiceClient
+
+from kiln.api.status import RunOutput
+from kiln.api.template import (
+    ImageTemplateSpec,
+    LatestVersioning,
+    ManagedImageDistributor,
+    ManagedImageSource,
+    PlatformImageSource,
+    SharedImageDistributor,
+    SourceVersioning,
+    VhdDistributor,
+)
+from kiln.communicators.ssh import SshCommunicator
+from kiln.kube import Kube
+from kiln.naming import staging_group_name
+from kiln.pipeline.logs import COMBINED
+from kiln.providers.azure import operations as ops
+from kiln.providers.azure.clients import (
+    AzureClients,
+    make_clients,
+    make_credential,
+    transport_options,
+)
+from kiln.providers.azure.errors import classify
+from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
+from kiln.settings import OperatorSettings
+
+BUILD_USER = "packer"
+SSH_PORT = 22
+LOG_CONTAINER = "packerlogs"
+VHD_CONTAINER = "vhds"
+PAGE = 4 * 1024 * 1024
+ROLE_TAG, TEMPLATE_TAG, RUN_TAG = "kiln-role", "kiln-template-uid", "kiln-run-uid"
+_ARM_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/(?P<ns>[^/]+)/"
+    r"(?P<rest>.+)$",
+    re.I,
+)
+
+
+def parse_id(resource_id: str) -> tuple[str, str, list[str]]:
+    """(subscription, resource group, [type, name, type, name, ...]) of an ARM ID."""
+    match = _ARM_ID.match(resource_id)
+    if not match:
+        raise ProviderError(f"{resource_id!r} is not an Azure resource ID")
+    return match["sub"], match["rg"], match["rest"].split("/")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def storage_account_name(template_uid: str) -> str:
+    """3-24 lowercase letters and digits, unique per template (accounts are global)."""
+    return "kiln" + hashlib.sha256(template_uid.encode()).hexdigest()[:20]
+
+
+class AzureProvider:
+    name = "azure"
+
+    def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
+        self.settings = settings
+        self.kube = kube
+        self._clients: dict[str, AzureClients] = {}
+
+    def _subscription(self, spec: ImageTemplateSpec) -> str:
+        subscription = spec.subscription_id or self.settings.subscription_id
+        if not subscription:
+            raise ProviderError(
+                "no Azure subscription: set spec.subscriptionId or KILN_SUBSCRIPTION_ID"
+            )
+        return subscription
+
+    async def clients(self, spec: ImageTemplateSpec) -> AzureClients:
+        return await self.clients_for(self._subscription(spec))
+
+    async def clients_for(self, subscription: str) -> AzureClients:
+        if subscription not in self._clients:
+            credential = await make_credential(self.settings, self.kube)
+            self._clients[subscription] = make_clients(self.settings, credential, subscription)
+        return self._clients[subscription]
+
+    async def close(self) -> None:
+        for clients in self._clients.values():
+            await clients.close()
+        self._clients.clear()
+
+    # --- names and tags ----------------------------------------------------------------
+
+    def staging_group(self, template: TemplateIdentity, spec: ImageTemplateSpec) -> str:
+        if spec.staging_resource_group:
+            return spec.staging_resource_group.rstrip("/").rsplit("/", 1)[-1]
+        return staging_group_name(spec.resource_group or "", template.name, template.uid)
+
+    def staging_id(self, template: TemplateIdentity, spec: ImageTemplateSpec) -> str:
+        group = self.staging_group(template, spec)
+        return f"/subscriptions/{self._subscription(spec)}/resourceGroups/{group}"
+
+    def run_dir(self, template: TemplateIdentity, spec: ImageTemplateSpec, run: str) -> Path:
+        return self.settings.data_root / "azure" / self.staging_group(template, spec) / run
+
+    @staticmethod
+    def _tags(ctx: RunContext, role: str, run: bool = True) -> dict[str, str]:
+        tags = dict(ctx.spec.managed_resource_tags or {})
+        tags |= {
+            "createdBy": "AzureVMImageBuilder",
+            "imageTemplateName": ctx.template.name,
+            "imageTemplateResourceGroupName": ctx.spec.resource_group or "",
+            ROLE_TAG: role,
+            TEMPLATE_TAG: ctx.template.uid,
+        }
+        if run:
+            tags[RUN_TAG] = ctx.run_uid
+        return tags
+
+    def _names(self, ctx: RunContext) -> dict[str, str]:
+        prefix = f"kiln-{ctx.run_uid[:8]}"
+        return {kind: f"{prefix}-{kind}" for kind in ("vnet", "nsg", "pip", "nic", "vm", "osdisk")}
+
+    # --- staging -------------------------------------------------------------------------
+
+    async def ensure_staging(self, ctx: RunContext) -> str:
+        clients = await self.clients(ctx.spec)
+        group = self.staging_group(ctx.template, ctx.spec)
+        location = ctx.spec.location
+        exists = await ops.call(clients.resource.resource_groups.check_existence(group))
+        if exists:
+            current = await ops.call(clients.resource.resource_groups.get(group))
+            owner = (current.tags or {}).get(TEMPLATE_TAG)
+            if owner != ctx.template.uid:
+                resources = [
+                    r async for r in clients.resource.resources.list_by_resource_group(group)
+                ]
+                if owner is not None or resources:
+                    raise ProviderError(
+                        f"staging resource group {group} is not empty and not this template's; "
+                        "spec.stagingResourceGroup must name an empty or new group"
+                    )
+        body = {"location": location, "tags": self._tags(ctx, "staging", run=False)}
+        await ops.call(clients.resource.resource_groups.create_or_update(group, body))
+        account = storage_account_name(ctx.template.uid)
+        account_body = {
+            "location": location,
+            "sku": {"name": "Standard_LRS"},
+            "kind": "StorageV2",
+            "tags": self._tags(ctx, "staging-storage", run=False),
+            "properties": {"minimumTlsVersion": "TLS1_2", "allowBlobPublicAccess": False},
+        }
+        operations = ctx.checkpoint.setdefault("operations", {})
+        await ops.ensure_all(
+            operations,
+            {
+                "storage": lambda **kw: clients.storage.storage_accounts.begin_create(
+                    group, account, account_body, **kw
+                )
+            },
+            "creating the staging storage account",
+        )
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.staging_id(ctx.template, ctx.spec)
+
+    async def delete_staging(
+        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+    ) -> None:
+        parts = staging.strip("/").split("/")  # subscriptions/SUB/resourceGroups/NAME
+        clients = await self.clients_for(parts[1])
+        await self._delete_group(clients, parts[3], template, keep_group)
+
+    async def _delete_group(
+        self, clients: AzureClients, group: str, template: TemplateIdentity, keep_group: bool
+    ) -> None:
+        if not await ops.call(clients.resource.resource_groups.check_existence(group)):
+            return
+        current = await ops.call(clients.resource.resource_groups.get(group))
+        if (current.tags or {}).get(TEMPLATE_TAG) != template.uid:
+            return  # never delete what Kiln did not make
+        if not keep_group:
+            poller = await ops.call(clients.resource.resource_groups.begin_delete(group))
+            await ops.call(poller.result())
+            return
+        async for resource in clients.resource.resources.list_by_resource_group(group):
+            if (resource.tags or {}).get(TEMPLATE_TAG) == template.uid:
+                poller = await ops.call(
+                    clients.resource.resources.begin_delete_by_id(resource.id, "2024-03-01")
+                )
+                await ops.call(poller.result())
+
+    async def publish_logs(self, ctx: RunContext) -> None:
+        """The customization log to the staging account, as AIB's packerlogs/<run>/."""
+        log = ctx.run_dir / COMBINED
+        if not log.exists():
+            return
+        service = await self._staging_blobs(ctx)
+        async with service:
+            container = service.get_container_client(LOG_CONTAINER)
+            if not await container.exists():
+                await container.create_container()
+            blob = container.get_blob_client(f"{ctx.run_name}/{COMBINED}")
+            await blob.upload_blob(log.read_bytes(), overwrite=True)
+
+    async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
+        clients = await self.clients(ctx.spec)
+        group = self.staging_group(ctx.template, ctx.spec)
+        name = storage_account_name(ctx.template.uid)
+        account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
+        keys = await ops.call(clients.storage.storage_accounts.list_keys(group, name))
+        key_list = getattr(keys, "keys_property", None) or keys.keys
+        return BlobServiceClient(
+            account.primary_endpoints.blob,
+            credential=key_list[0].value,
+            **transport_options(self.settings),
+        )
+
+    # --- source --------------------------------------------------------------------------
+
+    async def resolve_source(self, ctx: RunContext) -> str:
+        clients = await self.clients(ctx.spec)
+        source = ctx.spec.source
+        if isinstance(source, PlatformImageSource):
+            version = source.version
+            if version.lower() == "latest":
+                version = await self._latest_platform_version(clients, ctx.spec)
+            reference: dict[str, Any] = {
+                "publisher": source.publisher,
+                "offer": source.offer,
+                "sku": source.sku,
+                "version": version,
+            }
+            exact = ":".join((source.publisher, source.offer, source.sku, version))
+            ctx.checkpoint["sourceVersion"] = version
+        elif isinstance(source, ManagedImageSource):
+            _, group, parts = parse_id(source.image_id)
+            await ops.call(clients.compute.images.get(group, parts[-1]))
+            reference, exact = {"id": source.image_id}, source.image_id
+        else:
+            exact = await self._gallery_version(clients, source.image_version_id)
+            reference = {"id": exact}
+            ctx.checkpoint["sourceVersion"] = exact.rsplit("/", 1)[-1]
+        ctx.checkpoint["imageReference"] = reference
+        return exact
+
+    async def _latest_platform_version(self, clients: AzureClients, spec: ImageTemplateSpec) -> str:
+        source = spec.source
+        assert isinstance(source, PlatformImageSource)
+        images = await ops.call(
+            clients.compute.virtual_machine_images.list(
+                spec.location, source.publisher, source.offer, source.sku
+            )
+        )
+        if not images:
+            raise ProviderError(
+                f"no versions of {source.publisher}:{source.offer}:{source.sku} in {spec.location}"
+            )
+        return max((image.name for image in images), key=version_key)
+
+    async def _gallery_version(self, clients: AzureClients, version_id: str) -> str:
+        _, group, parts = parse_id(version_id)
+        gallery, definition, version = parts[1], parts[3], parts[5]
+        if version.lower() != "latest":
+            await ops.call(
+                clients.compute.gallery_image_versions.get(group, gallery, definition, version)
+            )
+            return version_id
+        versions = [
+            v
+            async for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+                group, gallery, definition
+            )
+            if not (v.publishing_profile and v.publishing_profile.exclude_from_latest)
+            and v.provisioning_state == "Succeeded"
+        ]
+        if not versions:
+            raise ProviderError(f"{version_id}: the image definition has no version to use")
+        newest = max(versions, key=lambda v: version_key(v.name))
+        return f"{version_id.rsplit('/', 1)[0]}/{newest.name}"
+
+    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+        clients = await self.clients(spec)
+        source = spec.source
+        if isinstance(source, PlatformImageSource):
+            return await self._latest_platform_version(clients, spec)
+        if isinstance(source, ManagedImageSource):
+            return None
+        return await self._gallery_version(clients, source.image_version_id)
+
+    # --- build VM ------------------------------------------------------------------------
+
+    def _vm_size(self, spec: ImageTemplateSpec) -> str:
+        if spec.vm_profile and spec.vm_profile.vm_size:
+            return spec.vm_profile.vm_size
+        sku = spec.source.sku if isinstance(spec.source, PlatformImageSource) else "gen2"
+        return "Standard_D2ds_v4" if "gen2" in sku.lower() else "Standard_D1_v2"
+
+    def _custom_data(self, ctx: RunContext) -> str:
+        """cloud-init: the host key Kiln generated, so the VM is verified, never trusted."""
+        config = {
+            "ssh_deletekeys": True,
+            "ssh_keys": {
+                "ed25519_private": ctx.host_private_key,
+                "ed25519_public": ctx.host_public_key,
+            },
+        }
+        document = "#cloud-config\n" + yaml.safe_dump(config)
+        return base64.b64encode(document.encode()).decode()
+
+    async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
+        """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
+        names = self._names(ctx)
+        location = ctx.spec.location
+        operations = ctx.checkpoint.setdefault("operations", {})
+        network = clients.network
+        vnet_config = ctx.spec.vm_profile.vnet_config if ctx.spec.vm_profile else None
+        ip_configuration: dict[str, Any]
+        if vnet_config and vnet_config.subnet_id:
+            ip_configuration = {"subnet": {"id": vnet_config.subnet_id}}
+            nsg_ref: dict[str, Any] = {}
+        else:
+            vnet = {
+                "location": location,
+                "tags": self._tags(ctx, "network"),
+                "properties": {
+                    "addressSpace": {"addressPrefixes": ["10.0.0.0/24"]},
+                    "subnets": [{"name": "build", "properties": {"addressPrefix": "10.0.0.0/24"}}],
+                },
+            }
+            nsg = {
+                "location": location,
+                "tags": self._tags(ctx, "network"),
+                "properties": {
+                    "securityRules": [
+                        {
+                            "name": "AllowCommunicator",
+                            "properties": {
+                                "protocol": "Tcp",
+                                "access": "Allow",
+                                "direction": "Inbound",
+                                "priority": 100,
+                                "sourceAddressPrefix": self.settings.azure_ssh_source,
+                                "sourcePortRange": "*",
+                                "destinationAddressPrefix": "*",
+                                "destinationPortRange": str(SSH_PORT),
+                            },
+                        }
+                    ]
+                },
+            }
+            pip = {
+                "location": location,
+                "tags": self._tags(ctx, "network"),
+                "sku": {"name": "Standard"},
+                "properties": {"publicIPAllocationMethod": "Static"},
+            }
+            await ops.ensure_all(
+                operations,
+                {
+                    "vnet": lambda **kw: network.virtual_networks.begin_create_or_update(
+                        group, names["vnet"], vnet, **kw
+                    ),
+                    "nsg": lambda **kw: network.network_security_groups.begin_create_or_update(
+                        group, names["nsg"], nsg, **kw
+                    ),
+                    "pip": lambda **kw: network.public_ip_addresses.begin_create_or_update(
+                        group, names["pip"], pip, **kw
+                    ),
+                },
+                "creating the build network",
+            )
+            subscription = self._subscription(ctx.spec)
+            prefix = f"/subscriptions/{subscription}/resourceGroups/{group}/providers/"
+            prefix += "Microsoft.Network"
+            ip_configuration = {
+                "subnet": {"id": f"{prefix}/virtualNetworks/{names['vnet']}/subnets/build"},
+                "publicIPAddress": {"id": f"{prefix}/publicIPAddresses/{names['pip']}"},
+            }
+            nsg_ref = {
+                "networkSecurityGroup": {"id": f"{prefix}/networkSecurityGroups/{names['nsg']}"}
+            }
+        nic = {
+            "location": location,
+            "tags": self._tags(ctx, "network"),
+            "properties": {
+                **nsg_ref,
+                "ipConfigurations": [
+                    {
+                        "name": "build",
+                        "properties": {"privateIPAllocationMethod": "Dynamic", **ip_configuration},
+                    }
+                ],
+            },
+        }
+        await ops.ensure_all(
+            operations,
+            {
+                "nic": lambda **kw: network.network_interfaces.begin_create_or_update(
+                    group, names["nic"], nic, **kw
+                )
+            },
+            "creating the build VM's network interface",
+        )
+        created = await ops.call(network.network_interfaces.get(group, names["nic"]))
+        return str(created.id)
+
+    async def create_vm(self, ctx: RunContext) -> Endpoint:
+        clients = await self.clients(ctx.spec)
+        group = self.staging_group(ctx.template, ctx.spec)
+        names = self._names(ctx)
+        nic_id = await self._network(ctx, clients, group)
+        profile = ctx.spec.vm_profile
+        os_disk: dict[str, Any] = {
+            "name": names["osdisk"],
+            "createOption": "FromImage",
+            "deleteOption": "Delete",
+            "managedDisk": {"storageAccountType": "Standard_LRS"},
+        }
+        if profile and profile.os_disk_size_gb:
+            os_disk["diskSizeGB"] = profile.os_disk_size_gb
+        vm: dict[str, Any] = {
+            "location": ctx.spec.location,
+            "tags": self._tags(ctx, "build-vm"),
+            "properties": {
+                "hardwareProfile": {"vmSize": self._vm_size(ctx.spec)},
+                "storageProfile": {
+                    "imageReference": ctx.checkpoint["imageReference"],
+                    "osDisk": os_disk,
+                },
+                "osProfile": {
+                    "computerName": "kiln-build",
+                    "adminUsername": BUILD_USER,
+                    "customData": self._custom_data(ctx),
+                    "linuxConfiguration": {
+                        "disablePasswordAuthentication": True,
+                        "ssh": {
+                            "publicKeys": [
+                                {
+                                    "path": f"/home/{BUILD_USER}/.ssh/authorized_keys",
+                                    "keyData": ctx.client_public_key,
+                                }
+                            ]
+                        },
+                    },
+                },
+                "networkProfile": {
+                    "networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]
+                },
+            },
+        }
+        source = ctx.spec.source
+        if isinstance(source, PlatformImageSource) and source.plan_info:
+            plan = source.plan_info
+            vm["plan"] = {
+                "name": plan.plan_name,
+                "product": plan.plan_product,
+                "publisher": plan.plan_publisher,
+            }
+        if profile and profile.user_assigned_identities:
+            vm["identity"] = {
+                "type": "UserAssigned",
+                "userAssignedIdentities": {
+                    identity: {} for identity in profile.user_assigned_identities
+                },
+            }
+        operations = ctx.checkpoint.setdefault("operations", {})
+        await ops.ensure_all(
+            operations,
+            {
+                "vm": lambda **kw: clients.compute.virtual_machines.begin_create_or_update(
+                    group, names["vm"], vm, **kw
+                )
+            },
+            "creating the build VM",
+        )
+        ctx.checkpoint["vmId"] = (
+            await ops.call(clients.compute.virtual_machines.get(group, names["vm"]))
+        ).id
+        return Endpoint(
+            host=await self._address(ctx, clients, group), port=SSH_PORT, user=BUILD_USER
+        )
+
+    async def _address(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
+        names = self._names(ctx)
+        nic = await ops.call(clients.network.network_interfaces.get(group, names["nic"]))
+        configuration = nic.ip_configurations[0]
+        if configuration.public_ip_address is None:
+            return str(configuration.private_ip_address)
+        pip = await ops.call(clients.network.public_ip_addresses.get(group, names["pip"]))
+        return str(pip.ip_address)
+
+    async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
+        """Azure keeps the VM's disk; nothing to fetch before shutdown."""
+
+    async def stop_vm(self, ctx: RunContext) -> bool:
+        """Deallocate, then generalize: what capture needs."""
+        if ctx.checkpoint.get("generalized"):
+            return True
+        clients = await self.clients(ctx.spec)
+        group, name = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["vm"]
+        await ops.ensure_all(
+            ctx.checkpoint.setdefault("operations", {}),
+            {
+                "deallocate": lambda **kw: clients.compute.virtual_machines.begin_deallocate(
+                    group, name, **kw
+                )
+            },
+            "deallocating the build VM",
+        )
+        await ops.call(clients.compute.virtual_machines.generalize(group, name))
+        ctx.checkpoint["generalized"] = True
+        return True
+
+    async def capture(self, ctx: RunContext) -> None:
+        """Azure captures from the generalized VM in each distributor."""
+
+    def describe_vm(self, ctx: RunContext) -> str:
+        endpoint = ctx.checkpoint.get("endpoint") or {}
+        return (
+            f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: ssh "
+            f"{BUILD_USER}@{endpoint.get('host', '?')} with the key in Secret "
+            f"{ctx.namespace}/{ctx.run_name}-ssh (ssh-privatekey); delete the run to remove it"
+        )
+
+    async def delete_vm(self, ctx: RunContext) -> None:
+        """Build resources in reverse order; only those tagged with this run."""
+        clients = await self.clients(ctx.spec)
+        group = self.staging_group(ctx.template, ctx.spec)
+        names = self._names(ctx)
+        compute, network = clients.compute, clients.network
+        steps = [
+            (compute.virtual_machines, names["vm"]),
+            (compute.disks, names["osdisk"]),
+            (network.network_interfaces, names["nic"]),
+            (network.public_ip_addresses, names["pip"]),
+            (network.network_security_groups, names["nsg"]),
+            (network.virtual_networks, names["vnet"]),
+        ]
+        for operation_group, name in steps:
+            await self._delete_if_ours(ctx, operation_group, group, name)
+
+    async def _delete_if_ours(
+        self, ctx: RunContext, operation_group: Any, group: str, name: str
+    ) -> None:
+        try:
+            resource = await operation_group.get(group, name)
+        except ResourceNotFoundError:
+            return
+        except AzureError as error:
+            raise classify(error) from error
+        if (resource.tags or {}).get(RUN_TAG) != ctx.run_uid:
+            return  # never delete what Kiln did not make for this run
+        poller = await ops.call(operation_group.begin_delete(group, name))
+        await ops.call(poller.result())
+
+    # --- distribution ----------------------------------------------------------------------
+
+    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
+        target = ctx.spec.distribute[index]
+        clients = await self.clients(ctx.spec)
+        operations = ctx.checkpoint.setdefault("operations", {})
+        key = f"distribute-{index}"
+        tags = dict(target.artifact_tags or {})
+        if isinstance(target, ManagedImageDistributor):
+            _, group, parts = parse_id(target.image_id)
+            body = {
+                "location": target.location,
+                "tags": tags,
+                "properties": {
+                    "sourceVirtualMachine": {"id": ctx.checkpoint["vmId"]},
+                    "hyperVGeneration": self._generation(ctx.spec),
+                },
+            }
+            await ops.ensure_all(
+                operations,
+                {
+                    key: lambda **kw: clients.compute.images.begin_create_or_update(
+                        group, parts[-1], body, **kw
+                    )
+                },
+                f"creating managed image {parts[-1]}",
+            )
+            return _output(target.run_output_name, target.image_id)
+        if isinstance(target, SharedImageDistributor):
+            return await self._distribute_shared(ctx, clients, target, index)
+        return await self._distribute_vhd(ctx, clients, target, index)
+
+    @staticmethod
+    def _generation(spec: ImageTemplateSpec) -> str:
+        sku = spec.source.sku if isinstance(spec.source, PlatformImageSource) else "gen2"
+        return "V2" if "gen2" in sku.lower() else "V1"
+
+    async def _distribute_shared(
+        self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
+    ) -> RunOutput:
+        _, group, parts = parse_id(target.gallery_image_id)
+        gallery, definition = parts[1], parts[3]
+        version_key_name = f"distribute-{index}-version"
+        version = ctx.checkpoint.get(version_key_name)
+        if version is None:  # decided once, so a resumed run publishes the same version
+            version = (
+                parts[5]
+                if len(parts) > 5
+                else await self._next_version(ctx, clients, group, gallery, definition, target)
+            )
+            ctx.checkpoint[version_key_name] = version
+        regions = [
+            {
+                "name": r.name,
+                "regionalReplicaCount": r.replica_count or 1,
+                "storageAccountType": r.storage_account_type or "Standard_LRS",
+            }
+            for r in target.target_regions or []
+        ]
+        regions += [
+            {
+                "name": name,
+                "regionalReplicaCount": 1,
+                "storageAccountType": target.storage_account_type or "Standard_LRS",
+            }
+            for name in target.replication_regions or []
+        ]
+        if not any(r["name"] == ctx.spec.location for r in regions):
+            regions.append({"name": ctx.spec.location, "regionalReplicaCount": 1})
+        profile: dict[str, Any] = {
+            "targetRegions": regions,
+            "excludeFromLatest": bool(target.exclude_from_latest),
+        }
+        if target.replication_mode:
+            profile["replicationMode"] = target.replication_mode
+        body = {
+            "location": ctx.spec.location,
+            "tags": dict(target.artifact_tags or {}),
+            "properties": {
+                "publishingProfile": profile,
+                "storageProfile": {"source": {"id": ctx.checkpoint["vmId"]}},
+            },
+        }
+        versions = clients.compute.gallery_image_versions
+        await ops.ensure_all(
+            ctx.checkpoint.setdefault("operations", {}),
+            {
+                f"distribute-{index}": lambda **kw: versions.begin_create_or_update(
+                    group, gallery, definition, version, body, **kw
+                )
+            },
+            f"publishing {definition} {version}",
+        )
+        definition_id = target.gallery_image_id.split("/versions/")[0]
+        return _output(target.run_output_name, f"{definition_id}/versions/{version}")
+
+    async def _next_version(
+        self,
+        ctx: RunContext,
+        clients: AzureClients,
+        group: str,
+        gallery: str,
+        definition: str,
+        target: SharedImageDistributor,
+    ) -> str:
+        if isinstance(target.versioning, SourceVersioning):
+            version = str(ctx.checkpoint.get("sourceVersion", ""))
+            if not re.match(r"^\d+\.\d+\.\d+$", version):
+                raise ProviderError(
+                    f"source version {version!r} is not MAJOR.MINOR.PATCH; use scheme Latest"
+                )
+            return version
+        existing = [
+            version_key(v.name)
+            async for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+                group, gallery, definition
+            )
+        ]
+        major = target.versioning.major if isinstance(target.versioning, LatestVersioning) else None
+        if major is not None and major >= 0:
+            existing = [v for v in existing if v[0] == major]
+            if not existing:
+                return f"{major}.0.0"
+        if not existing:
+            return "0.0.1"
+        newest = max(existing)
+        return f"{newest[0]}.{newest[1]}.{newest[2] + 1}"
+
+    async def _distribute_vhd(
+        self, ctx: RunContext, clients: AzureClients, target: VhdDistributor, index: int
+    ) -> RunOutput:
+        """Read access to the OS disk, a sparse page-blob copy, access revoked."""
+        group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
+        done_key = f"distribute-{index}-copied"
+        if not ctx.checkpoint.get(done_key):
+            poller = await ops.call(
+                clients.compute.disks.begin_grant_access(
+                    group, disk, {"access": "Read", "durationInSeconds": 3600}
+                )
+            )
+            access = await ops.call(poller.result())
+            try:
+                destination = await self._copy_pages(ctx, access.access_sas, target)
+            finally:
+                revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
+                await ops.call(revoke.result())
+            ctx.checkpoint[done_key] = destination
+        destination = ctx.checkpoint[done_key]
+        return RunOutput(
+            run_output_name=target.run_output_name,
+            artifact_id=destination,
+            artifact_uri=destination,
+            provisioning_state="Succeeded",
+        )
+
+    async def _copy_pages(self, ctx: RunContext, source_sas: str, target: VhdDistributor) -> str:
+        options = transport_options(self.settings)
+        source = BlobClient.from_blob_url(source_sas, **options)
+        if target.uri:  # a SAS in the URI, else the operator's own identity
+            credential = None if "?" in target.uri else (await self.clients(ctx.spec)).credential
+            destination = BlobClient.from_blob_url(target.uri, credential=credential, **options)
+        else:
+            service = await self._staging_blobs(ctx)
+            container = service.get_container_client(VHD_CONTAINER)
+            if not await container.exists():
+                await container.create_container()
+            destination = container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd")
+        async with source, destination:
+            size = (await source.get_blob_properties()).size
+            await destination.create_page_blob(size)
+            for offset in range(0, size, PAGE):
+                length = min(PAGE, size - offset)
+                chunk = await (await source.download_blob(offset=offset, length=length)).readall()
+                if chunk.count(0) != len(chunk):  # page blobs are sparse: skip zeros
+                    await destination.upload_page(chunk, offset=offset, length=length)
+            return destination.url.split("?", 1)[0]
+
+
+def _output(name: str, artifact_id: str) -> RunOutput:
+    return RunOutput(
+        run_output_name=name,
+        artifact_id=artifact_id,
+        artifact_uri=artifact_id,
+        provisioning_state="Succeeded",
+    )
