@@ -30,9 +30,7 @@ class Pending(ProviderError):
         super().__init__(f"waiting for Azure: {what}", fatal=False, retry_after=retry_after)
 
 
-async def track(
-    operations: dict[str, Any], key: str, begin: Begin, wait: float = WAIT_SECONDS
-) -> bool:
+async def track(operations: dict[str, Any], key: str, begin: Begin) -> bool:
     """True once the operation finished well; False while it runs; raises when it failed."""
     state = operations.get(key)
     if state == DONE:
@@ -40,7 +38,7 @@ async def track(
     try:
         poller = await (begin(continuation_token=state) if state else begin())
         operations[key] = poller.continuation_token()
-        await asyncio.wait_for(poller.result(), wait)
+        await asyncio.wait_for(poller.result(), WAIT_SECONDS)
     except TimeoutError:
         return False
     except AzureError as error:

@@ -1,0 +1,285 @@
+"""The azure provider against the ARM emulator, through the real azure-mgmt SDK clients.
+
+Build VMs here exist only in ARM's books (no SSH): these tests drive the provider's
+steps directly, the way the pipeline does, and read the emulator's inventory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.resource.resources import ResourceManagementClient
+
+from fakes.arm import ArmEmulator
+from kiln.api.template import ImageTemplateSpec
+from kiln.communicators.ssh import generate_keypair
+from kiln.providers.azure import operations
+from kiln.providers.azure.provider import AzureProvider
+from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
+from kiln.settings import OperatorSettings
+from kubehelpers import valid_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.azure]
+
+LOCATION = "westeurope"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def arm() -> Iterator[ArmEmulator]:
+    with ArmEmulator(lro_duration=0.2, retry_after=0.05) as emulator:
+        yield emulator
+
+
+@pytest.fixture(autouse=True)
+def quick_polls(monkeypatch: pytest.MonkeyPatch, arm: ArmEmulator) -> Iterator[None]:
+    monkeypatch.setattr(operations, "WAIT_SECONDS", 2.0)
+    for name, value in arm.environment().items():
+        if name.startswith("AZURE_"):
+            monkeypatch.setenv(name, value)
+    yield
+    arm.clear_faults()
+
+
+def settings_for(arm: ArmEmulator, tmp_path: Path) -> OperatorSettings:
+    return OperatorSettings(
+        data_root=tmp_path,
+        azure_arm_endpoint=arm.url,
+        azure_authority=arm.url,
+        azure_ca_bundle=arm.ca_path,
+        subscription_id=arm.subscription_id,
+        azure_ssh_source="203.0.113.0/24",
+    )
+
+
+def gallery_ids(arm: ArmEmulator, group: str) -> tuple[str, str]:
+    """A gallery and an image definition to publish to (AIB needs them to exist)."""
+    resource = arm.client(ResourceManagementClient)
+    compute = arm.client(ComputeManagementClient)
+    resource.resource_groups.create_or_update(group, {"location": LOCATION})
+    compute.galleries.begin_create_or_update(group, "kiln", {"location": LOCATION}).result()
+    compute.gallery_images.begin_create_or_update(
+        group,
+        "kiln",
+        "base",
+        {
+            "location": LOCATION,
+            "properties": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": "V2",
+                "identifier": {"publisher": "kiln", "offer": "base", "sku": "1"},
+            },
+        },
+    ).result()
+    prefix = f"/subscriptions/{arm.subscription_id}/resourceGroups/{group}/providers/"
+    return (
+        f"{prefix}Microsoft.Compute/images/base-image",
+        f"{prefix}Microsoft.Compute/galleries/kiln/images/base",
+    )
+
+
+def context(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> RunContext:
+    client, host = generate_keypair(), generate_keypair()
+    body = {
+        **valid_spec(),
+        "provider": "azure",
+        "location": LOCATION,
+        "resourceGroup": "images",
+        "subscriptionId": arm.subscription_id,
+        **spec,
+    }
+    uid = str(uuid.uuid4())
+    return RunContext(
+        namespace="default",
+        run_name="run-1",
+        run_uid=str(uuid.uuid4()),
+        template=TemplateIdentity(namespace="default", name="tmpl", uid=uid),
+        spec=ImageTemplateSpec.model_validate(body),
+        checkpoint={},
+        run_dir=tmp_path / "run-1",
+        client_private_key=client.private_key.get_secret_value(),
+        client_public_key=client.public_key,
+        host_private_key=host.private_key.get_secret_value(),
+        host_public_key=host.public_key,
+    )
+
+
+async def until_done(action: Callable[[], Awaitable[T]], limit: int = 200) -> T:
+    """Call a step again while it says 'not yet', as the driver does."""
+    for _ in range(limit):
+        try:
+            return await action()
+        except ProviderError as error:
+            if error.fatal:
+                raise
+            await asyncio.sleep(0.05)
+    raise AssertionError("the step never finished")
+
+
+@pytest.fixture
+async def provider(arm: ArmEmulator, tmp_path: Path) -> AsyncIterator[AzureProvider]:
+    azure = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+    yield azure
+    await azure.close()
+
+
+def kinds(arm: ArmEmulator, group: str) -> list[str]:
+    """Types of the resources in a group (the group itself left out)."""
+    items = arm.inventory(group)
+    return sorted(i.type for i in items if i.type != "Microsoft.Resources/resourceGroups")
+
+
+async def test_a_build_leaves_only_staging_and_outputs(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    image_id, definition_id = gallery_ids(arm, "outputs")
+    ctx = context(
+        arm,
+        tmp_path,
+        distribute=[
+            {
+                "type": "ManagedImage",
+                "runOutputName": "img",
+                "imageId": image_id,
+                "location": LOCATION,
+            },
+            {
+                "type": "SharedImage",
+                "runOutputName": "sig",
+                "galleryImageId": definition_id,
+                "targetRegions": [{"name": LOCATION}, {"name": "northeurope", "replicaCount": 2}],
+                "versioning": {"scheme": "Latest", "major": 1},
+            },
+        ],
+    )
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    group = staging.rsplit("/", 1)[-1]
+    assert group.startswith("IT_images_tmpl_")
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+    exact = await provider.resolve_source(ctx)
+    assert exact == "Debian:debian-12:12-gen2:0.20241111.1927"
+    endpoint = await until_done(lambda: provider.create_vm(ctx))
+    assert endpoint.host.startswith("127.0.2.") and endpoint.port == 22
+    assert endpoint.user == "packer"
+    vm = arm.vm_info(ctx.checkpoint["vmId"])
+    user_data = yaml.safe_load(base64.b64decode(vm.custom_data or ""))
+    assert user_data["ssh_keys"]["ed25519_public"] == ctx.host_public_key
+    assert vm.ssh_public_keys == [ctx.client_public_key]
+    nsg = arm.client(NetworkManagementClient).network_security_groups.get(
+        group, f"kiln-{ctx.run_uid[:8]}-nsg"
+    )
+    rule = nsg.security_rules[0]
+    assert (rule.source_address_prefix, rule.destination_port_range) == ("203.0.113.0/24", "22")
+    assert await until_done(lambda: provider.stop_vm(ctx))
+    outputs = [await until_done(lambda i=i: provider.distribute(ctx, i)) for i in range(2)]
+    assert outputs[0].artifact_id == image_id
+    assert outputs[1].artifact_id == f"{definition_id}/versions/1.0.0"
+    version = arm.client(ComputeManagementClient).gallery_image_versions.get(
+        "outputs", "kiln", "base", "1.0.0"
+    )
+    regions = {r.name: r.regional_replica_count for r in version.publishing_profile.target_regions}
+    assert regions == {LOCATION: 1, "northeurope": 2}
+    await provider.delete_vm(ctx)
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+    assert arm.creation_count(ctx.checkpoint["vmId"]) == 1
+    await provider.delete_staging(ctx.template, staging, keep_group=False)
+    assert arm.client(ResourceManagementClient).resource_groups.check_existence(group) is False
+    assert arm.client(ComputeManagementClient).images.get("outputs", "base-image").id == image_id
+
+
+async def test_transient_failures_are_retried_without_duplicates(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    ctx = context(arm, tmp_path)
+    arm.set_failure_rate(0.1, statuses=(429, 500, 503), retry_after=0.05, seed=7)
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    await until_done(lambda: provider.resolve_source(ctx))
+    await until_done(lambda: provider.create_vm(ctx))
+    await until_done(lambda: provider.stop_vm(ctx))
+    await until_done(lambda: provider.delete_vm(ctx))
+    arm.clear_faults()
+    assert any(r.status in (429, 500, 503) for r in arm.requests)
+    created = arm.creations()
+    assert created and all(count == 1 for count in created.values()), created
+    group = staging.rsplit("/", 1)[-1]
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+
+
+async def test_a_vm_create_resumes_from_its_continuation_token(
+    arm: ArmEmulator, tmp_path: Path
+) -> None:
+    settings = settings_for(arm, tmp_path)
+    ctx = context(arm, tmp_path)
+    first = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+    await until_done(lambda: first.ensure_staging(ctx))
+    await first.resolve_source(ctx)
+    arm.set_lro_duration(6.0, "Microsoft.Compute/virtualMachines", "create")
+    try:
+        with pytest.raises(ProviderError, match="creating the build VM"):
+            for _ in range(20):
+                await first.create_vm(ctx)  # network first, then the VM: still running
+        token = ctx.checkpoint["operations"]["vm"]
+        assert token and token != operations.DONE
+        await first.close()  # the operator dies here
+        second = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+        await until_done(lambda: second.create_vm(ctx))
+        assert arm.creation_count(ctx.checkpoint["vmId"]) == 1
+        await second.delete_vm(ctx)
+        await second.close()
+    finally:
+        arm.set_lro_duration(0.2, "Microsoft.Compute/virtualMachines", "create")
+
+
+async def test_an_unavailable_size_is_fatal_with_azures_message(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    ctx = context(arm, tmp_path, vmProfile={"vmSize": "Standard_NoSuchSize"})
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    await provider.resolve_source(ctx)
+    with pytest.raises(ProviderError) as failure:
+        await until_done(lambda: provider.create_vm(ctx))
+    assert failure.value.fatal
+    assert "SkuNotAvailable" in str(failure.value)
+    await provider.delete_vm(ctx)
+    assert kinds(arm, staging.rsplit("/", 1)[-1]) == ["Microsoft.Storage/storageAccounts"]
+
+
+async def test_vnet_config_builds_privately(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    network = arm.client(NetworkManagementClient)
+    arm.client(ResourceManagementClient).resource_groups.create_or_update(
+        "corp-net", {"location": LOCATION}
+    )
+    network.virtual_networks.begin_create_or_update(
+        "corp-net",
+        "corp",
+        {
+            "location": LOCATION,
+            "properties": {
+                "addressSpace": {"addressPrefixes": ["10.8.0.0/16"]},
+                "subnets": [{"name": "builds", "properties": {"addressPrefix": "10.8.1.0/24"}}],
+            },
+        },
+    ).result()
+    subnet = network.subnets.get("corp-net", "corp", "builds").id
+    ctx = context(arm, tmp_path, vmProfile={"vnetConfig": {"subnetId": subnet}})
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    await provider.resolve_source(ctx)
+    endpoint = await until_done(lambda: provider.create_vm(ctx))
+    assert endpoint.host.startswith("127.0.3.")
+    group = staging.rsplit("/", 1)[-1]
+    assert "Microsoft.Network/publicIPAddresses" not in kinds(arm, group)
+    assert "Microsoft.Network/virtualNetworks" not in kinds(arm, group)
+    await provider.delete_vm(ctx)
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
