@@ -18,7 +18,6 @@ from kubernetes.client.exceptions import ApiException
 from kiln import GROUP, VERSION
 from kiln.api.run import TERMINAL_RUN_STATES, RunState
 from kiln.kube import RUNS, TEMPLATES
-from kiln.pipeline.logs import COMBINED
 
 DEMO_TEMPLATE = "debian-12-base"
 NAMESPACE = "default"
@@ -110,9 +109,9 @@ def _summary(run: dict[str, Any]) -> None:
     print(f"Source: {status.get('exactSource')}")
     for step in status.get("steps", []):
         print(f"  step {step['name']:<12} {step['state']:<10} {step.get('message', '')}")
-    staging = (status.get("checkpoint") or {}).get("staging")
-    if staging:
-        print(f"Log: {Path(staging) / run['metadata']['name'] / COMBINED}")
+    log = (status.get("checkpoint") or {}).get("logPath")
+    if log:
+        print(f"Log: {log}")
     print("\nImages:")
     for output in status.get("runOutputs") or []:
         print(f"  {output['runOutputName']}: {output.get('artifactId')}")

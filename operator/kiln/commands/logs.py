@@ -12,7 +12,6 @@ from kubernetes.client import CustomObjectsApi
 from kiln import GROUP, VERSION
 from kiln.api.run import TERMINAL_RUN_STATES
 from kiln.kube import RUNS, load_client
-from kiln.pipeline.logs import COMBINED
 
 FOLLOW_POLL_SECONDS = 2.0
 
@@ -22,16 +21,20 @@ class LogsError(Exception):
 
 
 def log_path(run: dict[str, Any]) -> Path:
+    """Where the operator writes the run's log (for azure runs, a copy goes to the staging
+    storage account's packerlogs container)."""
     status = run.get("status") or {}
-    staging = (status.get("checkpoint") or {}).get("staging")
-    if not staging:
+    path = (status.get("checkpoint") or {}).get("logPath")
+    if not path:
         raise LogsError(
             f"run {run['metadata']['name']} has no log yet (state: "
             f"{status.get('runState') or 'not started'}, {status.get('message') or ''})"
         )
-    if status.get("provider") != "local":
-        raise LogsError(f"logs of {status.get('provider')} runs are in the staging storage account")
-    return Path(staging) / run["metadata"]["name"] / COMBINED
+    return Path(path)
+
+
+def _started(run: dict[str, Any]) -> bool:
+    return bool(((run.get("status") or {}).get("checkpoint") or {}).get("logPath"))
 
 
 def show(name: str, namespace: str, follow: bool) -> None:
@@ -41,7 +44,7 @@ def show(name: str, namespace: str, follow: bool) -> None:
         return api.get_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name)
 
     run = fetch()
-    while follow and not (run.get("status") or {}).get("checkpoint", {}).get("staging"):
+    while follow and not _started(run):
         if (run.get("status") or {}).get("runState") in TERMINAL_RUN_STATES:
             break
         time.sleep(FOLLOW_POLL_SECONDS)

@@ -128,7 +128,7 @@ class RunDriver:
                 "templateHash": spec_hash(spec),
                 "templateSnapshot": spec,
                 "steps": steps,
-                "checkpoint": {"template": identity.model_dump()},
+                "checkpoint": {"template": identity.model_dump(), "logPath": str(ctx.log_path)},
                 "conditions": decide.run_conditions(
                     _status(run).get("conditions"),
                     RunState.Running,
