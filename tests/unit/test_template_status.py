@@ -121,7 +121,7 @@ def test_effective_spec_azure_without_settings_leaves_place_unset() -> None:
     assert "location" not in spec
     assert "resourceGroup" not in spec
     paths = {p.path for p in problems_of(spec)}
-    assert paths == {"spec.location", "spec.resourceGroup"}
+    assert paths == {"spec.location", "spec.resourceGroup", "spec.subscriptionId"}
 
 
 def test_effective_spec_does_not_mutate_its_input() -> None:

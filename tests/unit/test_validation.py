@@ -21,7 +21,7 @@ SHA = "a" * 64
 Spec = dict[str, Any]
 
 BASE: Spec = valid_spec()
-AZURE_PLACE = {"location": "westeurope", "resourceGroup": "images"}
+AZURE_PLACE = {"location": "westeurope", "resourceGroup": "images", "subscriptionId": "sub"}
 
 
 def spec(**changes: Any) -> Spec:
@@ -558,15 +558,22 @@ CASES: list[tuple[str, Provider, Spec, str, str]] = [
     (
         "azure-without-location",
         AZURE,
-        spec(resourceGroup="images"),
+        spec(resourceGroup="images", subscriptionId="sub"),
         "spec.location",
         "is required for the azure provider",
     ),
     (
         "azure-without-resource-group",
         AZURE,
-        spec(location="westeurope"),
+        spec(location="westeurope", subscriptionId="sub"),
         "spec.resourceGroup",
+        "is required for the azure provider",
+    ),
+    (
+        "azure-without-subscription",
+        AZURE,
+        spec(location="westeurope", resourceGroup="images"),
+        "spec.subscriptionId",
         "is required for the azure provider",
     ),
     # pydantic-level errors
@@ -672,9 +679,9 @@ def test_base_spec_is_valid_for_azure_with_a_place() -> None:
     assert validate_template(azure(), Provider.azure) == []
 
 
-def test_base_spec_on_azure_without_a_place_names_both_fields() -> None:
+def test_base_spec_on_azure_without_a_place_names_every_missing_field() -> None:
     paths = {p.path for p in validate_template(spec(), Provider.azure)}
-    assert paths == {"spec.location", "spec.resourceGroup"}
+    assert paths == {"spec.location", "spec.resourceGroup", "spec.subscriptionId"}
 
 
 VALID_VARIANTS: list[tuple[str, Provider, Spec]] = [

@@ -164,7 +164,12 @@ def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]
             message="must be a resource group ID: /subscriptions/SUB/resourceGroups/NAME",
         )
     if provider == Provider.azure:
-        for field, value in (("location", spec.location), ("resourceGroup", spec.resource_group)):
+        required = (
+            ("location", spec.location),
+            ("resourceGroup", spec.resource_group),
+            ("subscriptionId", spec.subscription_id),
+        )
+        for field, value in required:
             if not value:
                 yield SpecProblem(
                     path=f"spec.{field}",

@@ -6,7 +6,7 @@ from typing import Any
 
 from kiln.api.template import ImageTemplateSpec
 from kiln.kube import TEMPLATES, template_runs
-from kiln.providers.base import TemplateIdentity
+from kiln.providers.base import ProviderError, TemplateIdentity
 from kiln.reconcile import templates as decide
 from kiln.reconcile.conditions import now_rfc3339
 from kiln.runtime import Runtime
@@ -23,7 +23,11 @@ def staging_of(runtime: Runtime, body: dict[str, Any]) -> str | None:
     provider = runtime.providers.get(spec.get("provider", ""))
     if provider is None or decide.problems_of(spec):
         return None
-    return provider.staging_id(template_identity(body), ImageTemplateSpec.model_validate(spec))
+    parsed = ImageTemplateSpec.model_validate(spec)
+    try:
+        return provider.staging_id(template_identity(body), parsed)
+    except ProviderError:
+        return None
 
 
 async def refresh_template(runtime: Runtime, namespace: str, name: str) -> None:
