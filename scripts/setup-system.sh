@@ -33,4 +33,5 @@ fi
 
 here="$(cd "$(dirname "$0")" && pwd)"
 bash "$here/build-kube-apiserver.sh" >/dev/null
-echo "setup: system packages and kube-apiserver ready"
+bash "$here/setup-azurite.sh" >/dev/null
+echo "setup: system packages, kube-apiserver and Azurite ready"

@@ -18,6 +18,8 @@ from kubernetes import client, config
 
 from kiln import localcluster
 
+pytest_plugins = ["fakes.fixtures"]  # Azurite and the ARM emulator with QEMU VMs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = REPO_ROOT / "crds"
 

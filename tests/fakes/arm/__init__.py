@@ -15,7 +15,7 @@
 `async with ArmEmulator() as arm:` runs it in the current loop (for the aio clients).
 """
 
-from .backend import NoopVmBackend, RecordingVmBackend, VmBackend
+from .backend import DiskBackend, NoopVmBackend, RecordingVmBackend, VmBackend
 from .emulator import DEFAULT_CLIENT_ID, DEFAULT_SUBSCRIPTION, DEFAULT_TENANT, ArmEmulator
 from .errors import ArmError
 from .faults import FailNext
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_VM_SIZES",
     "ArmEmulator",
     "ArmError",
+    "DiskBackend",
     "FailNext",
     "InventoryItem",
     "MarketplaceImage",

@@ -1,7 +1,9 @@
 """`python -m fakes.arm --port 0 --state-dir DIR`: run the ARM emulator by hand.
 
 Prints the URL, CA path and credentials (also written to DIR/connection.json) and serves
-until interrupted; state persists in DIR/state.json across restarts.
+until interrupted; state persists in DIR/state.json across restarts. With `--qemu`, VMs
+are real QEMU machines (fakes.arm.qemu_backend, files under DIR/qemu) and the marketplace
+is the locally cached Debian 12 image.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 from .emulator import DEFAULT_CLIENT_ID, DEFAULT_SUBSCRIPTION, DEFAULT_TENANT, ArmEmulator
 
@@ -30,11 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage-account-key", default=None)
     parser.add_argument("--lro-duration", type=float, default=2.0)
     parser.add_argument("--retry-after", type=float, default=1.0)
+    parser.add_argument("--qemu", action="store_true", help="real QEMU VMs (QemuVmBackend)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    extra: dict[str, Any] = {}
+    if args.qemu:
+        from .qemu_backend import QemuVmBackend, debian12_marketplace
+
+        extra["backend"] = QemuVmBackend(args.state_dir / "qemu")
+        extra["marketplace"] = debian12_marketplace()
     arm = ArmEmulator(
         host=args.host,
         port=args.port,
@@ -47,6 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
         storage_account_key=args.storage_account_key,
         lro_duration=args.lro_duration,
         retry_after=args.retry_after,
+        **extra,
     )
     async with arm:
         info = {

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import apiversions, ids, tls
+from . import apiversions, diskaccess, ids, tls
 from .backend import NoopVmBackend, VmBackend
 from .errors import ArmError
 from .faults import FailNext, Faults, Stage, retry_headers
@@ -133,10 +133,7 @@ class ArmEmulator:
         marketplace: Iterable[MarketplaceImage] = DEFAULT_MARKETPLACE,
         blob_endpoint: str = "https://{account}.blob.core.windows.net/",
         storage_account_key: str | None = None,
-        disk_access_url: str = (
-            "https://md-{token}.z22.blob.storage.azure.net/{token}/abcd?sv=2018-03-28&sr=b"
-            "&si={disk}&sig={sig}"
-        ),
+        disk_access_url: str | None = None,
         backend: VmBackend | None = None,
         lro_duration: float = 0.5,
         lro_durations: Mapping[str, float] | None = None,
@@ -276,6 +273,7 @@ class ArmEmulator:
         ssl_ctx.load_cert_chain(files.cert_path, files.key_path)
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_routes(self.identity.routes())
+        app.router.add_route("*", "/md-{token}/{container}/{blob}", self._disk_blob)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -568,6 +566,20 @@ class ArmEmulator:
 
     def known_vm_sizes(self) -> set[str]:
         return set(DEFAULT_VM_SIZES).union(*self._vm_sizes.values())
+
+    async def backend_hook(self, name: str, *args: Any) -> Any:
+        """Call an optional VmBackend hook (capture, discard, delete_disk) if it has it."""
+        hook = getattr(self.backend, name, None)
+        return None if hook is None else await hook(*args)
+
+    @property
+    def serves_disks(self) -> bool:
+        """True when the backend exports disks: accessSAS URLs then point here."""
+        return callable(getattr(self.backend, "disk_vhd", None))
+
+    async def _disk_blob(self, request: web.Request) -> web.StreamResponse:
+        """GET/HEAD of a disk's accessSAS URL (no ARM token: the SAS is the credential)."""
+        return await diskaccess.serve(self, request)
 
     def blob_endpoint_for(self, account: str) -> str:
         url = self.blob_endpoint.format(account=account)

@@ -245,6 +245,9 @@ class VmInfo(BaseModel):
     image_reference: dict[str, Any] = Field(default_factory=dict)
     plan: dict[str, Any] | None = None
     os_disk_id: str | None = None
+    os_disk_size_gb: int | None = None
+    # the managed image or gallery image version the OS disk is made from (None: marketplace)
+    source_image_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
 
     @property

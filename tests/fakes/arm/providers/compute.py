@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copy
 import re
-import secrets
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .. import ids
+from .. import diskaccess, ids
 from ..errors import ArmError, invalid_parameter, missing_parameter
 from ..models import MarketplaceImage, Operation, StoredResource, VmInfo, iso, utcnow
 from ..validation import (
@@ -626,6 +625,9 @@ class VirtualMachines(ComputeType):
             image_reference=copy.deepcopy(get_path(props, "storageProfile.imageReference", {})),
             plan=res.body.get("plan"),
             os_disk_id=get_path(props, "storageProfile.osDisk.managedDisk.id"),
+            os_disk_size_gb=get_path(props, "storageProfile.osDisk.diskSizeGB"),
+            source_image_id=res.meta.get("source_gallery_version")
+            or get_path(props, "storageProfile.imageReference.id"),
             tags=dict(res.tags),
         )
 
@@ -946,22 +948,20 @@ class Disks(ComputeType):
         self, emu: ArmEmulator, op: Operation, res: StoredResource
     ) -> dict[str, Any]:
         res.body["properties"]["diskState"] = "ActiveSAS"
-        url = emu.disk_access_url.format(
-            disk=res.name,
-            resource_group=res.resource_group,
-            subscription=res.subscription,
-            token=secrets.token_hex(6),
-            sig=secrets.token_urlsafe(24),
-        )
+        url = diskaccess.grant(emu, res, op.params["access"], op.params["seconds"])
         return {"accessSAS": url}
 
     async def revoke_access(self, ctx: Ctx, res: StoredResource) -> Reply:
         return await self.start_action(ctx, res, "endGetAccess")
 
     async def access_revoked(self, emu: ArmEmulator, op: Operation, res: StoredResource) -> None:
+        diskaccess.revoke(res)
         res.body["properties"]["diskState"] = (
             "Attached" if res.body.get("managedBy") else "Unattached"
         )
+
+    async def on_deleted(self, emu: ArmEmulator, res: StoredResource) -> None:
+        await emu.backend_hook("delete_disk", res.id)
 
 
 # --- managed images ---------------------------------------------------------------------
@@ -1052,6 +1052,20 @@ class Images(ComputeType):
             raise source_not_found(disk_id, "storageProfile.osDisk.managedDisk.id")
         os_disk.setdefault("diskSizeGB", 30)
         return res
+
+    async def on_created(self, emu: ArmEmulator, op: Operation | None, res: StoredResource) -> None:
+        """The backend keeps a copy of the source disk under the image's id."""
+        if op is not None and op.kind != "create":
+            return
+        props = res.body["properties"]
+        source = get_path(props, "sourceVirtualMachine.id") or get_path(
+            props, "storageProfile.osDisk.managedDisk.id"
+        )
+        if source:
+            await emu.backend_hook("capture", source, res.id)
+
+    async def on_deleted(self, emu: ArmEmulator, res: StoredResource) -> None:
+        await emu.backend_hook("discard", res.id)
 
 
 # --- galleries --------------------------------------------------------------------------
@@ -1335,6 +1349,8 @@ class GalleryImageVersions(GalleryChild):
         )
 
     async def on_created(self, emu: ArmEmulator, op: Operation | None, res: StoredResource) -> None:
+        if (op is None or op.kind == "create") and res.meta.get("source_id"):
+            await emu.backend_hook("capture", res.meta["source_id"], res.id)
         res.meta["replication"] = dict.fromkeys(res.meta.get("replication", {}), "Completed")
         res.body["properties"]["publishingProfile"]["publishedDate"] = iso(utcnow())
         definition = emu.lookup(ids.parent_id(res.id))
@@ -1343,6 +1359,9 @@ class GalleryImageVersions(GalleryChild):
                 "hyperVGeneration": definition.body["properties"].get("hyperVGeneration", "V1"),
                 "osType": definition.body["properties"].get("osType"),
             }
+
+    async def on_deleted(self, emu: ArmEmulator, res: StoredResource) -> None:
+        await emu.backend_hook("discard", res.id)
 
     def decorate(
         self, emu: ArmEmulator, res: StoredResource, doc: dict[str, Any], ctx: Ctx | None
