@@ -1,0 +1,287 @@
+"""ImageTemplates with provider azure, built by the operator against the ARM emulator.
+
+The emulator's VMs are real QEMU machines reached over SSH, its storage accounts are
+Azurite, and the operator talks to both only through the real Azure SDKs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.resource.resources import ResourceManagementClient
+from azure.storage.blob import BlobServiceClient
+from kubernetes import client as kube_client
+from kubernetes import config
+
+from conftest import OperatorProcess
+from fakes.arm import ArmEmulator
+from fakes.azurite import Azurite
+from kubehelpers import Kiln, condition, run, template
+
+pytestmark = [pytest.mark.e2e, pytest.mark.azure]
+
+NAMESPACE = "azure-builds"
+LOCATION = "westeurope"
+BUILD_TIMEOUT = 1500
+TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
+VM_TYPE = "Microsoft.Compute/virtualMachines"
+BUILD_TYPES = {
+    VM_TYPE,
+    "Microsoft.Compute/disks",
+    "Microsoft.Network/networkInterfaces",
+    "Microsoft.Network/publicIPAddresses",
+    "Microsoft.Network/networkSecurityGroups",
+    "Microsoft.Network/virtualNetworks",
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(arm_qemu: ArmEmulator) -> dict[str, str]:
+    """A resource group with a gallery and an image definition to publish to."""
+    resource = arm_qemu.client(ResourceManagementClient)
+    compute = arm_qemu.client(ComputeManagementClient)
+    resource.resource_groups.create_or_update("outputs", {"location": LOCATION})
+    compute.galleries.begin_create_or_update("outputs", "kiln", {"location": LOCATION}).result()
+    compute.gallery_images.begin_create_or_update(
+        "outputs",
+        "kiln",
+        "app",
+        {
+            "location": LOCATION,
+            "properties": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": "V2",
+                "identifier": {"publisher": "kiln", "offer": "app", "sku": "1"},
+            },
+        },
+    ).result()
+    prefix = f"/subscriptions/{arm_qemu.subscription_id}/resourceGroups/outputs/providers"
+    return {
+        "image": f"{prefix}/Microsoft.Compute/images/app",
+        "gallery": f"{prefix}/Microsoft.Compute/galleries/kiln/images/app",
+    }
+
+
+@pytest.fixture(scope="module")
+def azure_operator(
+    control_plane: Any, arm_qemu: ArmEmulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """An operator for one namespace, configured for the emulator as it would be for Azure."""
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        core = kube_client.CoreV1Api(api)
+        if NAMESPACE not in [n.metadata.name for n in core.list_namespace().items]:
+            core.create_namespace({"metadata": {"name": NAMESPACE}})
+    data = tmp_path_factory.mktemp("azure-operator")
+    credentials = {k: v for k, v in arm_qemu.environment().items() if k.startswith("AZURE_")}
+    operator = OperatorProcess(
+        control_plane.kubeconfig,
+        data,
+        data / "operator.log",
+        KILN_NAMESPACES=NAMESPACE,
+        KILN_DEFAULT_PROVIDER="azure",
+        KILN_AZURE_ARM_ENDPOINT=arm_qemu.url,
+        KILN_AZURE_AUTHORITY=arm_qemu.url,
+        KILN_AZURE_CA_BUNDLE=str(arm_qemu.ca_path),
+        KILN_SUBSCRIPTION_ID=arm_qemu.subscription_id,
+        KILN_LOCATION=LOCATION,
+        KILN_RESOURCE_GROUP="images",
+        KILN_AZURE_SSH_SOURCE="127.0.0.0/8",
+        **credentials,
+    )
+    operator.start()
+    yield operator
+    operator.stop()
+
+
+@pytest.fixture(scope="module")
+def kiln(control_plane: Any, azure_operator: OperatorProcess) -> Iterator[Kiln]:
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        yield Kiln(api, NAMESPACE)
+
+
+def ended(body: dict | None) -> bool:
+    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
+
+
+def wait_ended(kiln: Kiln, name: str) -> dict:
+    body = kiln.wait_for("imagebuildruns", name, ended, BUILD_TIMEOUT, "ended")
+    assert body is not None
+    return body
+
+
+def azure_template(name: str, **spec: Any) -> dict:
+    manifest = template(name, **spec)
+    manifest["spec"]["provider"] = "azure"
+    return manifest
+
+
+def leftovers(arm: ArmEmulator) -> list[str]:
+    return [item.id for item in arm.inventory() if item.type in BUILD_TYPES]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A file and its http:// URL (the azure provider takes http(s) sources, as AIB does)."""
+    payload = tmp_path / "payload.txt"
+    payload.write_text(f"azure payload {time.time_ns()}\n")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield payload, f"http://127.0.0.1:{server.server_address[1]}/payload.txt"
+    server.shutdown()
+    thread.join()
+
+
+def test_a_template_builds_in_azure_with_every_distribution(
+    kiln: Kiln,
+    arm_qemu: ArmEmulator,
+    azurite: Azurite,
+    outputs: dict[str, str],
+    served: tuple[Path, str],
+) -> None:
+    payload, url = served
+    checksum = hashlib.sha256(payload.read_bytes()).hexdigest()
+    kiln.create(
+        "imagetemplates",
+        azure_template(
+            "app",
+            customize=[
+                {
+                    "type": "Shell",
+                    "inline": ["echo azure-build-marker | sudo tee /etc/kiln-marker"],
+                },
+                {
+                    "type": "File",
+                    "sourceUri": url,
+                    "sha256Checksum": checksum,
+                    "destination": "/tmp/payload.txt",
+                },
+                {
+                    "type": "Shell",
+                    "inline": ["cmp /tmp/payload.txt /tmp/payload.txt && echo copied"],
+                },
+            ],
+            distribute=[
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "image",
+                    "imageId": outputs["image"],
+                    "location": LOCATION,
+                },
+                {
+                    "type": "SharedImage",
+                    "runOutputName": "gallery",
+                    "galleryImageId": outputs["gallery"],
+                    "targetRegions": [
+                        {"name": LOCATION},
+                        {"name": "northeurope", "replicaCount": 2},
+                    ],
+                    "versioning": {"scheme": "Latest", "major": 1},
+                    "artifactTags": {"team": "platform"},
+                },
+                {"type": "VHD", "runOutputName": "vhd"},
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("app-1", "app"))
+    body = wait_ended(kiln, "app-1")
+    status = body["status"]
+    assert status["runState"] == "Succeeded", status["message"]
+    assert status["exactSource"].startswith("Debian:debian-12:12-gen2:")
+    found = {o["runOutputName"]: o for o in status["runOutputs"]}
+    assert found["image"]["artifactId"] == outputs["image"]
+    assert found["gallery"]["artifactId"] == f"{outputs['gallery']}/versions/1.0.0"
+    assert found["vhd"]["artifactUri"].endswith("/vhds/app-1-vhd.vhd")
+    assert "?" not in found["vhd"]["artifactUri"]  # never a SAS in status
+    assert leftovers(arm_qemu) == []
+    staging = body["status"]["checkpoint"]["staging"].rsplit("/", 1)[-1]
+    in_staging = sorted(i.type for i in arm_qemu.inventory(staging))
+    assert in_staging == ["Microsoft.Resources/resourceGroups", "Microsoft.Storage/storageAccounts"]
+    blobs = BlobServiceClient.from_connection_string(azurite.connection_string)
+    log = blobs.get_blob_client("packerlogs", "app-1/customization.log").download_blob().readall()
+    assert b"azure-build-marker" in log and b"copied" in log
+    vhd = blobs.get_blob_client("vhds", "app-1-vhd.vhd").get_blob_properties()
+    assert vhd.blob_type == "PageBlob" and vhd.size % 512 == 0
+
+
+def test_faults_and_an_operator_killed_during_vm_create(
+    kiln: Kiln, arm_qemu: ArmEmulator, outputs: dict[str, str], azure_operator: OperatorProcess
+) -> None:
+    kiln.create(
+        "imagetemplates",
+        azure_template(
+            "flaky",
+            customize=[{"type": "Shell", "inline": ["echo flaky"]}],
+            distribute=[
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "image",
+                    "location": LOCATION,
+                    "imageId": outputs["image"].replace("/app", "/flaky"),
+                }
+            ],
+        ),
+    )
+    arm_qemu.set_lro_duration(15.0, VM_TYPE, "create")
+    arm_qemu.set_failure_rate(0.1, statuses=(429, 500, 503), retry_after=0.5, seed=11)
+    try:
+        kiln.create("imagebuildruns", run("flaky-1", "flaky"))
+        kiln.wait_for(
+            "imagebuildruns",
+            "flaky-1",
+            lambda b: "creating the build VM" in ((b or {}).get("status") or {}).get("message", ""),
+            300,
+            "creating the VM",
+        )
+        azure_operator.kill()
+        time.sleep(2)
+        azure_operator.start()
+        arm_qemu.set_lro_duration(0.1, VM_TYPE, "create")
+        body = wait_ended(kiln, "flaky-1")
+    finally:
+        arm_qemu.clear_faults()
+        arm_qemu.set_lro_duration(0.1, VM_TYPE, "create")
+    assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+    assert any(r.status in (429, 500, 503) for r in arm_qemu.requests)
+    vm_id = body["status"]["checkpoint"]["vmId"]
+    assert arm_qemu.creation_count(vm_id) == 1
+    assert all(count == 1 for count in arm_qemu.creations().values())
+    assert leftovers(arm_qemu) == []
+
+
+def test_a_fatal_azure_error_stalls_the_run_and_cleans_up(
+    kiln: Kiln, arm_qemu: ArmEmulator
+) -> None:
+    kiln.create(
+        "imagetemplates", azure_template("nosize", vmProfile={"vmSize": "Standard_M416ms_v2"})
+    )
+    kiln.create("imagebuildruns", run("nosize-1", "nosize"))
+    body = wait_ended(kiln, "nosize-1")
+    assert body["status"]["runState"] == "Failed"
+    stalled = condition(body, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ProviderError"
+    assert "Azure SkuNotAvailable" in stalled["message"]
+    assert leftovers(arm_qemu) == []
+
+
+def test_deleting_a_template_removes_its_staging_group(kiln: Kiln, arm_qemu: ArmEmulator) -> None:
+    body = kiln.get("imagebuildruns", "app-1")
+    assert body is not None
+    staging = body["status"]["checkpoint"]["staging"].rsplit("/", 1)[-1]
+    resource = arm_qemu.client(ResourceManagementClient)
+    assert resource.resource_groups.check_existence(staging)
+    kiln.delete("imagetemplates", "app")
+    kiln.wait_for("imagetemplates", "app", lambda b: b is None, 120, "deleted")
+    assert not resource.resource_groups.check_existence(staging)
+    assert arm_qemu.client(ComputeManagementClient).images.get("outputs", "app")  # outputs stay
