@@ -123,9 +123,12 @@ class OperatorProcess:
 def kiln_operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """One operator for the session, with its own data directory (staging, VMs, gallery)."""
+    """One operator for the session's `default` namespace (other tests run their own
+    operators in other namespaces), with its own data directory (staging, VMs, gallery)."""
     data = tmp_path_factory.mktemp("kiln-data")
-    operator = OperatorProcess(control_plane.kubeconfig, data, data.parent / "operator.log")
+    operator = OperatorProcess(
+        control_plane.kubeconfig, data, data.parent / "operator.log", KILN_NAMESPACES="default"
+    )
     operator.start()
     yield operator
     operator.stop()

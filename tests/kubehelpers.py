@@ -129,3 +129,17 @@ def kubectl(
         text=True,
         timeout=60,
     )
+
+
+TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
+
+
+def ended(body: Body | None) -> bool:
+    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
+
+
+def wait_ended(kiln: Kiln, name: str, timeout: float = 1500) -> Body:
+    """Wait for a run to end (a real build takes minutes without KVM)."""
+    body = kiln.wait_for("imagebuildruns", name, ended, timeout, "ended")
+    assert body is not None
+    return body

@@ -26,6 +26,7 @@ from azure.mgmt.resource.resources import ResourceManagementClient
 from azure.mgmt.storage import StorageManagementClient
 from azure.storage.blob import BlobClient, BlobServiceClient
 
+from azurehelpers import vnet_and_nsg
 from fakes.arm import ArmEmulator, VmInfo
 from fakes.arm.qemu_backend import QemuVmBackend, user_data
 from fakes.azurite import Azurite
@@ -163,41 +164,7 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
 
     rg = "rg-qemu-e2e"
     resources.resource_groups.create_or_update(rg, {"location": LOCATION})
-    vnet = network.virtual_networks.begin_create_or_update(
-        rg,
-        "vnet",
-        {
-            "location": LOCATION,
-            "properties": {
-                "addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
-                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.0.0.0/24"}}],
-            },
-        },
-    ).result()
-    nsg = network.network_security_groups.begin_create_or_update(
-        rg,
-        "nsg",
-        {
-            "location": LOCATION,
-            "properties": {
-                "securityRules": [
-                    {
-                        "name": "AllowSSH",
-                        "properties": {
-                            "protocol": "Tcp",
-                            "access": "Allow",
-                            "direction": "Inbound",
-                            "priority": 100,
-                            "sourceAddressPrefix": "*",
-                            "sourcePortRange": "*",
-                            "destinationAddressPrefix": "*",
-                            "destinationPortRange": "22",
-                        },
-                    }
-                ]
-            },
-        },
-    ).result()
+    vnet, nsg = vnet_and_nsg(network, rg, LOCATION)
     pip = network.public_ip_addresses.begin_create_or_update(
         rg,
         "pip1",

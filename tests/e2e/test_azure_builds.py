@@ -22,17 +22,16 @@ from azure.storage.blob import BlobServiceClient
 from kubernetes import client as kube_client
 from kubernetes import config
 
+from azurehelpers import create_gallery
 from conftest import OperatorProcess
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
-from kubehelpers import Kiln, condition, run, template
+from kubehelpers import Kiln, condition, run, template, wait_ended
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
 NAMESPACE = "azure-builds"
 LOCATION = "westeurope"
-BUILD_TIMEOUT = 1500
-TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
 VM_TYPE = "Microsoft.Compute/virtualMachines"
 BUILD_TYPES = {
     VM_TYPE,
@@ -46,30 +45,7 @@ BUILD_TYPES = {
 
 @pytest.fixture(scope="module")
 def outputs(arm_qemu: ArmEmulator) -> dict[str, str]:
-    """A resource group with a gallery and an image definition to publish to."""
-    resource = arm_qemu.client(ResourceManagementClient)
-    compute = arm_qemu.client(ComputeManagementClient)
-    resource.resource_groups.create_or_update("outputs", {"location": LOCATION})
-    compute.galleries.begin_create_or_update("outputs", "kiln", {"location": LOCATION}).result()
-    compute.gallery_images.begin_create_or_update(
-        "outputs",
-        "kiln",
-        "app",
-        {
-            "location": LOCATION,
-            "properties": {
-                "osType": "Linux",
-                "osState": "Generalized",
-                "hyperVGeneration": "V2",
-                "identifier": {"publisher": "kiln", "offer": "app", "sku": "1"},
-            },
-        },
-    ).result()
-    prefix = f"/subscriptions/{arm_qemu.subscription_id}/resourceGroups/outputs/providers"
-    return {
-        "image": f"{prefix}/Microsoft.Compute/images/app",
-        "gallery": f"{prefix}/Microsoft.Compute/galleries/kiln/images/app",
-    }
+    return create_gallery(arm_qemu, "outputs", "kiln", "app", LOCATION)
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +83,6 @@ def azure_operator(
 def kiln(control_plane: Any, azure_operator: OperatorProcess) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
         yield Kiln(api, NAMESPACE)
-
-
-def ended(body: dict | None) -> bool:
-    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
-
-
-def wait_ended(kiln: Kiln, name: str) -> dict:
-    body = kiln.wait_for("imagebuildruns", name, ended, BUILD_TIMEOUT, "ended")
-    assert body is not None
-    return body
 
 
 def azure_template(name: str, **spec: Any) -> dict:

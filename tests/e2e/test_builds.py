@@ -17,7 +17,7 @@ from kubernetes.client import CoreV1Api
 import vmboot
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
-from kubehelpers import Kiln, condition, condition_status, run, template
+from kubehelpers import Kiln, condition, condition_status, run, template, wait_ended
 
 pytestmark = pytest.mark.e2e
 
@@ -25,23 +25,12 @@ BUILD_TIMEOUT = 1200
 SUB = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/e2e"
 GALLERY_IMAGE = f"{SUB}/providers/Microsoft.Compute/galleries/g/images/base"
 MANAGED_IMAGE = f"{SUB}/providers/Microsoft.Compute/images/base"
-TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
 
 
 @pytest.fixture(scope="module")
 def kiln(control_plane: Any, kiln_operator: Any) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as client:
         yield Kiln(client)
-
-
-def ended(body: dict | None) -> bool:
-    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
-
-
-def wait_ended(kiln: Kiln, name: str) -> dict:
-    body = kiln.wait_for("imagebuildruns", name, ended, BUILD_TIMEOUT, "ended")
-    assert body is not None
-    return body
 
 
 def step(body: dict, name: str) -> dict:

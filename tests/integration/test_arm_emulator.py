@@ -34,6 +34,7 @@ from azure.mgmt.storage import StorageManagementClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from azurehelpers import vnet_and_nsg
 from fakes.arm import ArmEmulator, RecordingVmBackend
 
 pytestmark = [pytest.mark.azure, pytest.mark.integration, pytest.mark.timeout(120)]
@@ -118,41 +119,7 @@ def build_network(
     network: NetworkManagementClient, rg: str, *, public_ip: bool = True
 ) -> dict[str, Any]:
     """vnet + subnet, NSG allowing SSH, Standard static public IP, NIC: what Kiln creates."""
-    vnet = network.virtual_networks.begin_create_or_update(
-        rg,
-        "vnet",
-        {
-            "location": LOCATION,
-            "properties": {
-                "addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
-                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.0.0.0/24"}}],
-            },
-        },
-    ).result()
-    nsg = network.network_security_groups.begin_create_or_update(
-        rg,
-        "nsg",
-        {
-            "location": LOCATION,
-            "properties": {
-                "securityRules": [
-                    {
-                        "name": "AllowSSH",
-                        "properties": {
-                            "protocol": "Tcp",
-                            "access": "Allow",
-                            "direction": "Inbound",
-                            "priority": 100,
-                            "sourceAddressPrefix": "*",
-                            "sourcePortRange": "*",
-                            "destinationAddressPrefix": "*",
-                            "destinationPortRange": "22",
-                        },
-                    }
-                ]
-            },
-        },
-    ).result()
+    vnet, nsg = vnet_and_nsg(network, rg, LOCATION)
     nic_cfg: dict[str, Any] = {"subnet": {"id": vnet.subnets[0].id}}
     pip = None
     if public_ip:

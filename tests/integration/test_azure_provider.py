@@ -19,6 +19,7 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 
+from azurehelpers import create_gallery
 from fakes.arm import ArmEmulator
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import generate_keypair
@@ -58,33 +59,6 @@ def settings_for(arm: ArmEmulator, tmp_path: Path) -> OperatorSettings:
         azure_ca_bundle=arm.ca_path,
         subscription_id=arm.subscription_id,
         azure_ssh_source="203.0.113.0/24",
-    )
-
-
-def gallery_ids(arm: ArmEmulator, group: str) -> tuple[str, str]:
-    """A gallery and an image definition to publish to (AIB needs them to exist)."""
-    resource = arm.client(ResourceManagementClient)
-    compute = arm.client(ComputeManagementClient)
-    resource.resource_groups.create_or_update(group, {"location": LOCATION})
-    compute.galleries.begin_create_or_update(group, "kiln", {"location": LOCATION}).result()
-    compute.gallery_images.begin_create_or_update(
-        group,
-        "kiln",
-        "base",
-        {
-            "location": LOCATION,
-            "properties": {
-                "osType": "Linux",
-                "osState": "Generalized",
-                "hyperVGeneration": "V2",
-                "identifier": {"publisher": "kiln", "offer": "base", "sku": "1"},
-            },
-        },
-    ).result()
-    prefix = f"/subscriptions/{arm.subscription_id}/resourceGroups/{group}/providers/"
-    return (
-        f"{prefix}Microsoft.Compute/images/base-image",
-        f"{prefix}Microsoft.Compute/galleries/kiln/images/base",
     )
 
 
@@ -142,7 +116,8 @@ def kinds(arm: ArmEmulator, group: str) -> list[str]:
 async def test_a_build_leaves_only_staging_and_outputs(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
-    image_id, definition_id = gallery_ids(arm, "outputs")
+    ids = create_gallery(arm, "outputs", "kiln", "base", LOCATION)
+    image_id, definition_id = ids["image"], ids["gallery"]
     ctx = context(
         arm,
         tmp_path,
@@ -194,7 +169,7 @@ async def test_a_build_leaves_only_staging_and_outputs(
     assert arm.creation_count(ctx.checkpoint["vmId"]) == 1
     await provider.delete_staging(ctx.template, staging, keep_group=False)
     assert arm.client(ResourceManagementClient).resource_groups.check_existence(group) is False
-    assert arm.client(ComputeManagementClient).images.get("outputs", "base-image").id == image_id
+    assert arm.client(ComputeManagementClient).images.get("outputs", "base").id == image_id
 
 
 async def test_transient_failures_are_retried_without_duplicates(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kiln.providers.local.gallery import ImageManifest, LocalGallery
-from kubehelpers import Kiln, condition, template
+from kubehelpers import Kiln, condition, ended, template
 from kubehelpers import run as run_manifest
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,6 @@ MISSING_IMAGE = {
     "imageId": f"{SUB}/providers/Microsoft.Compute/images/none",
 }
 DEFINITION = f"{SUB}/providers/Microsoft.Compute/galleries/g/images/trigger-src"
-TERMINAL = {"Succeeded", "PartiallySucceeded", "Failed", "Canceled"}
 
 
 @pytest.fixture
@@ -43,10 +42,6 @@ def wait_runs(kiln: Kiln, template_name: str, count: int, timeout: float) -> lis
 
     kiln.wait_for("imagetemplates", template_name, enough, timeout, f"{count} run(s)")
     return sorted(found, key=lambda r: r["metadata"]["creationTimestamp"])
-
-
-def ended(body: dict | None) -> bool:
-    return ((body or {}).get("status") or {}).get("runState") in TERMINAL
 
 
 def test_autorun_runs_each_generation_and_a_failed_build_stalls_the_template(kiln: Kiln) -> None:

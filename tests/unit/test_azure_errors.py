@@ -9,7 +9,8 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError
 from azure.core.pipeline.transport import HttpResponse
 
 from kiln.providers.azure.errors import classify
-from kiln.providers.azure.provider import parse_id, storage_account_name, version_key
+from kiln.providers.azure.provider import parse_id, storage_account_name
+from kiln.versions import version_key
 
 
 class FakeResponse(HttpResponse):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.api.template import LatestVersioning, SourceVersioning
 from kiln.providers.local.gallery import (
     IMAGE_FILES,
     MANIFEST,
@@ -14,6 +15,7 @@ from kiln.providers.local.gallery import (
     ImageManifest,
     LocalGallery,
 )
+from kiln.versions import VersioningError, next_version
 
 SUB = "/subscriptions/Sub-1/resourceGroups/Images-RG/providers/Microsoft.Compute"
 DEFINITION = f"{SUB}/galleries/MyGallery/images/Debian12"
@@ -128,10 +130,22 @@ def test_gallery_error_is_a_lookup_error() -> None:
 # --- next_version ---------------------------------------------------------------------------
 
 
+def latest(major: int | None) -> LatestVersioning:
+    return LatestVersioning(scheme="Latest", major=major)
+
+
 def test_next_version_of_an_empty_definition(gallery: LocalGallery) -> None:
-    assert gallery.next_version(DEFINITION, None) == "0.0.1"
-    assert gallery.next_version(DEFINITION, -1) == "0.0.1"
-    assert gallery.next_version(DEFINITION, 3) == "3.0.0"
+    existing = gallery.version_names(DEFINITION)
+    assert next_version(existing, None, "") == "0.0.1"
+    assert next_version(existing, latest(-1), "") == "0.0.1"
+    assert next_version(existing, latest(3), "") == "3.0.0"
+
+
+def test_source_versioning_takes_the_source_version() -> None:
+    source = SourceVersioning(scheme="Source")
+    assert next_version(["9.9.9"], source, "0.20241111.1927") == "0.20241111.1927"
+    with pytest.raises(VersioningError, match=r"not MAJOR\.MINOR\.PATCH"):
+        next_version([], source, "latest")
 
 
 @pytest.mark.parametrize(
@@ -149,7 +163,7 @@ def test_next_version_bumps_the_newest_patch(
 ) -> None:
     for version in ("0.9.9", "1.9.0", "1.10.0", "1.2.3"):
         publish(gallery, tmp_path, version, run=f"ns/{version}")
-    assert gallery.next_version(DEFINITION, major) == expected
+    assert next_version(gallery.version_names(DEFINITION), latest(major), "") == expected
 
 
 def test_versions_are_sorted_numerically_and_skip_incomplete(

@@ -23,12 +23,10 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     ImageTemplateSpec,
-    LatestVersioning,
     ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
     SharedImageDistributor,
-    SourceVersioning,
     VhdDistributor,
 )
 from kiln.communicators.ssh import SshCommunicator
@@ -45,6 +43,7 @@ from kiln.providers.azure.clients import (
 from kiln.providers.azure.errors import classify
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
+from kiln.versions import VersioningError, next_version, version_key
 
 BUILD_USER = "packer"
 SSH_PORT = 22
@@ -65,10 +64,6 @@ def parse_id(resource_id: str) -> tuple[str, str, list[str]]:
     if not match:
         raise ProviderError(f"{resource_id!r} is not an Azure resource ID")
     return match["sub"], match["rg"], match["rest"].split("/")
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
 def storage_account_name(template_uid: str) -> str:
@@ -675,28 +670,16 @@ class AzureProvider:
         definition: str,
         target: SharedImageDistributor,
     ) -> str:
-        if isinstance(target.versioning, SourceVersioning):
-            version = str(ctx.checkpoint.get("sourceVersion", ""))
-            if not re.match(r"^\d+\.\d+\.\d+$", version):
-                raise ProviderError(
-                    f"source version {version!r} is not MAJOR.MINOR.PATCH; use scheme Latest"
-                )
-            return version
+        versions = clients.compute.gallery_image_versions
         existing = [
-            version_key(v.name)
-            async for v in clients.compute.gallery_image_versions.list_by_gallery_image(
-                group, gallery, definition
-            )
+            v.name async for v in versions.list_by_gallery_image(group, gallery, definition)
         ]
-        major = target.versioning.major if isinstance(target.versioning, LatestVersioning) else None
-        if major is not None and major >= 0:
-            existing = [v for v in existing if v[0] == major]
-            if not existing:
-                return f"{major}.0.0"
-        if not existing:
-            return "0.0.1"
-        newest = max(existing)
-        return f"{newest[0]}.{newest[1]}.{newest[2] + 1}"
+        try:
+            return next_version(
+                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
+            )
+        except VersioningError as error:
+            raise ProviderError(str(error)) from error
 
     async def _distribute_vhd(
         self, ctx: RunContext, clients: AzureClients, target: VhdDistributor, index: int

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from kiln.providers.local.disks import run_tool, sha256_file, virtual_size
+from kiln.versions import version_key
 
 PUBLISHER = "Debian"
 OFFER = "debian-12"
@@ -124,10 +125,6 @@ def _offer_dir(cache_root: Path, publisher: str, offer: str) -> Path:
     return cache_root / "images" / publisher / offer
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
-
-
 def _load(directory: Path) -> BaseImage | None:
     manifest = directory / MANIFEST
     if not manifest.is_file():
@@ -150,7 +147,7 @@ def list_images(cache_root: Path, publisher: str, offer: str, sku: str) -> list[
                 continue
             images = (_load(d) for d in off.iterdir() if not d.name.startswith("."))
             found += [i for i in images if i and sku.lower() in (s.lower() for s in i.skus)]
-    return sorted(found, key=lambda i: _version_key(i.version))
+    return sorted(found, key=lambda i: version_key(i.version))
 
 
 def resolve(cache_root: Path, publisher: str, offer: str, sku: str, version: str) -> BaseImage:

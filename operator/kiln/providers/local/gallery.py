@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from kiln.versions import version_key
+
 IMAGE_FILES = ("disk.qcow2", "vmlinuz", "initrd.img")
 MANIFEST = "image.json"
 
@@ -51,10 +53,6 @@ class ImageManifest(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     exclude_from_latest: bool = False
     regions: dict[str, int] = Field(default_factory=dict, description="region -> replicas")
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
 
 
 class LocalGallery:
@@ -95,7 +93,7 @@ class LocalGallery:
             for d in definition.iterdir()
             if not d.name.startswith(".") and (d / MANIFEST).is_file()
         ]
-        return sorted(found, key=lambda m: _version_key(m.id.rsplit("/", 1)[-1]))
+        return sorted(found, key=lambda m: version_key(m.id.rsplit("/", 1)[-1]))
 
     def resolve_version(self, image_version_id: str) -> tuple[str, Path]:
         """(exact version ID, directory) for a version ID; 'latest' picks the newest."""
@@ -124,17 +122,8 @@ class LocalGallery:
             )
         return directory
 
-    def next_version(self, gallery_image_id: str, major: int | None) -> str:
-        """AIB's Latest scheme: one patch above the newest version (within major, if set)."""
-        existing = [_version_key(m.id.rsplit("/", 1)[-1]) for m in self.versions(gallery_image_id)]
-        if major is not None and major >= 0:
-            existing = [v for v in existing if v[0] == major]
-            if not existing:
-                return f"{major}.0.0"
-        if not existing:
-            return "0.0.1"
-        newest = max(existing)
-        return f"{newest[0]}.{newest[1]}.{newest[2] + 1}"
+    def version_names(self, gallery_image_id: str) -> list[str]:
+        return [m.id.rsplit("/", 1)[-1] for m in self.versions(gallery_image_id)]
 
     def published_by(self, directory: Path, run: str) -> bool:
         """True when directory holds an artifact this run published (a resumed step)."""

@@ -20,7 +20,6 @@ from kiln.api.template import (
     PlatformImageSource,
     SharedImageDistributor,
     SharedImageVersionSource,
-    SourceVersioning,
     VhdDistributor,
 )
 from kiln.communicators.ssh import SshCommunicator
@@ -38,6 +37,7 @@ from kiln.providers.local.disks import (
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 from kiln.settings import OperatorSettings
+from kiln.versions import VersioningError, next_version
 
 BUILD_USER = "packer"
 OWNER_MARKER = ".kiln-template"
@@ -339,16 +339,13 @@ class LocalProvider:
         explicit = self.gallery.explicit_version(target.gallery_image_id)
         if explicit:
             return explicit
-        if isinstance(target.versioning, SourceVersioning):
-            version = ctx.checkpoint.get("sourceVersion", "")
-            if version.count(".") != 2 or not version.replace(".", "").isdigit():
-                raise GalleryError(
-                    f"source version {version!r} is not MAJOR.MINOR.PATCH, so Source "
-                    "versioning cannot use it; use versioning scheme Latest"
-                )
-            return version
-        major = getattr(target.versioning, "major", None)
-        return self.gallery.next_version(definition_id, major)
+        existing = self.gallery.version_names(definition_id)
+        try:
+            return next_version(
+                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
+            )
+        except VersioningError as error:
+            raise GalleryError(str(error)) from error
 
     def _distribute_vhd(
         self, ctx: RunContext, target: VhdDistributor, image_dir: Path

@@ -1,0 +1,67 @@
+"""Azure resources that tests create themselves, through the real SDK clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.resource.resources import ResourceManagementClient
+
+SSH_RULE = {
+    "name": "AllowSSH",
+    "properties": {
+        "protocol": "Tcp",
+        "access": "Allow",
+        "direction": "Inbound",
+        "priority": 100,
+        "sourceAddressPrefix": "*",
+        "sourcePortRange": "*",
+        "destinationAddressPrefix": "*",
+        "destinationPortRange": "22",
+    },
+}
+
+
+def vnet_and_nsg(network: NetworkManagementClient, rg: str, location: str) -> tuple[Any, Any]:
+    """A vnet with one subnet and an NSG admitting SSH."""
+    vnet = network.virtual_networks.begin_create_or_update(
+        rg,
+        "vnet",
+        {
+            "location": location,
+            "properties": {
+                "addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
+                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.0.0.0/24"}}],
+            },
+        },
+    ).result()
+    nsg = network.network_security_groups.begin_create_or_update(
+        rg, "nsg", {"location": location, "properties": {"securityRules": [SSH_RULE]}}
+    ).result()
+    return vnet, nsg
+
+
+def create_gallery(
+    arm: Any, group: str, gallery: str, definition: str, location: str
+) -> dict[str, str]:
+    """A resource group with a gallery and an image definition: where AIB publishes."""
+    arm.client(ResourceManagementClient).resource_groups.create_or_update(
+        group, {"location": location}
+    )
+    compute = arm.client(ComputeManagementClient)
+    compute.galleries.begin_create_or_update(group, gallery, {"location": location}).result()
+    properties = {
+        "osType": "Linux",
+        "osState": "Generalized",
+        "hyperVGeneration": "V2",
+        "identifier": {"publisher": "kiln", "offer": definition, "sku": "1"},
+    }
+    compute.gallery_images.begin_create_or_update(
+        group, gallery, definition, {"location": location, "properties": properties}
+    ).result()
+    prefix = f"/subscriptions/{arm.subscription_id}/resourceGroups/{group}/providers"
+    return {
+        "image": f"{prefix}/Microsoft.Compute/images/{definition}",
+        "gallery": f"{prefix}/Microsoft.Compute/galleries/{gallery}/images/{definition}",
+    }
