@@ -19,7 +19,7 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 
-from azurehelpers import create_gallery
+from azurehelpers import create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import generate_keypair
@@ -258,3 +258,57 @@ async def test_vnet_config_builds_privately(
     assert "Microsoft.Network/virtualNetworks" not in kinds(arm, group)
     await provider.delete_vm(ctx)
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+
+
+async def test_a_custom_staging_group_must_be_empty_and_is_emptied_not_removed(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    resource = arm.client(ResourceManagementClient)
+    network = arm.client(NetworkManagementClient)
+    for group in ("busy-staging", "my-staging"):
+        resource.resource_groups.create_or_update(group, {"location": LOCATION})
+    vnet_and_nsg(network, "busy-staging", LOCATION)
+    prefix = f"/subscriptions/{arm.subscription_id}/resourceGroups"
+    busy = context(arm, tmp_path, stagingResourceGroup=f"{prefix}/busy-staging")
+    with pytest.raises(ProviderError, match="not empty and not this template's"):
+        await until_done(lambda: provider.ensure_staging(busy))
+    ctx = context(arm, tmp_path, stagingResourceGroup=f"{prefix}/my-staging")
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    assert staging == f"{prefix}/my-staging"
+    tags = resource.resource_groups.get("my-staging").tags
+    assert tags["createdBy"] == "AzureVMImageBuilder" and tags["imageTemplateName"] == "tmpl"
+    assert kinds(arm, "my-staging") == ["Microsoft.Storage/storageAccounts"]
+    await provider.delete_staging(ctx.template, staging, keep_group=True)
+    assert resource.resource_groups.check_existence("my-staging")
+    assert kinds(arm, "my-staging") == []
+
+
+async def test_a_marketplace_plan_goes_on_the_build_vm(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    plan = {
+        "planName": "cis-ubuntu2204-l1-gen2",
+        "planProduct": "cis-ubuntu-linux-2204-l1",
+        "planPublisher": "center-for-internet-security-inc",
+    }
+    source = {
+        "type": "PlatformImage",
+        "publisher": "center-for-internet-security-inc",
+        "offer": "cis-ubuntu-linux-2204-l1",
+        "sku": "cis-ubuntu2204-l1-gen2",
+        "version": "latest",
+        "planInfo": plan,
+    }
+    ctx = context(arm, tmp_path, source=source)
+    await until_done(lambda: provider.ensure_staging(ctx))
+    assert await provider.resolve_source(ctx) == (
+        "center-for-internet-security-inc:cis-ubuntu-linux-2204-l1:cis-ubuntu2204-l1-gen2:2.1.0"
+    )
+    await until_done(lambda: provider.create_vm(ctx))
+    vm = arm.vm_info(ctx.checkpoint["vmId"])
+    assert vm.plan == {
+        "name": plan["planName"],
+        "product": plan["planProduct"],
+        "publisher": plan["planPublisher"],
+    }
+    await provider.delete_vm(ctx)

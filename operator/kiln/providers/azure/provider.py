@@ -194,12 +194,23 @@ class AzureProvider:
             poller = await ops.call(clients.resource.resource_groups.begin_delete(group))
             await ops.call(poller.result())
             return
-        async for resource in clients.resource.resources.list_by_resource_group(group):
-            if (resource.tags or {}).get(TEMPLATE_TAG) == template.uid:
-                poller = await ops.call(
-                    clients.resource.resources.begin_delete_by_id(resource.id, "2024-03-01")
-                )
+        ours = [
+            resource
+            async for resource in clients.resource.resources.list_by_resource_group(group)
+            if (resource.tags or {}).get(TEMPLATE_TAG) == template.uid
+        ]
+        kinds = _deletable(clients)
+        for resource in sorted(
+            ours, key=lambda r: list(kinds).index(r.type) if r.type in kinds else 99
+        ):
+            if resource.type not in kinds:
+                raise ProviderError(f"Kiln cannot delete {resource.type} {resource.id}")
+            operation_group, long_running = kinds[resource.type]
+            if long_running:
+                poller = await ops.call(operation_group.begin_delete(group, resource.name))
                 await ops.call(poller.result())
+            else:
+                await ops.call(operation_group.delete(group, resource.name))
 
     async def publish_logs(self, ctx: RunContext) -> None:
         """The customization log to the staging account, as AIB's packerlogs/<run>/."""
@@ -539,17 +550,17 @@ class AzureProvider:
         clients = await self.clients(ctx.spec)
         group = self.staging_group(ctx.template, ctx.spec)
         names = self._names(ctx)
-        compute, network = clients.compute, clients.network
-        steps = [
-            (compute.virtual_machines, names["vm"]),
-            (compute.disks, names["osdisk"]),
-            (network.network_interfaces, names["nic"]),
-            (network.public_ip_addresses, names["pip"]),
-            (network.network_security_groups, names["nsg"]),
-            (network.virtual_networks, names["vnet"]),
-        ]
-        for operation_group, name in steps:
-            await self._delete_if_ours(ctx, operation_group, group, name)
+        run_resources = {
+            "Microsoft.Compute/virtualMachines": names["vm"],
+            "Microsoft.Compute/disks": names["osdisk"],
+            "Microsoft.Network/networkInterfaces": names["nic"],
+            "Microsoft.Network/publicIPAddresses": names["pip"],
+            "Microsoft.Network/networkSecurityGroups": names["nsg"],
+            "Microsoft.Network/virtualNetworks": names["vnet"],
+        }
+        for kind, (operation_group, _) in _deletable(clients).items():
+            if kind in run_resources:
+                await self._delete_if_ours(ctx, operation_group, group, run_resources[kind])
 
     async def _delete_if_ours(
         self, ctx: RunContext, operation_group: Any, group: str, name: str
@@ -729,6 +740,20 @@ class AzureProvider:
                 if chunk.count(0) != len(chunk):  # page blobs are sparse: skip zeros
                     await destination.upload_page(chunk, offset=offset, length=length)
             return destination.url.split("?", 1)[0]
+
+
+def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
+    """What Kiln creates, in the order it can be deleted: (operation group, long-running)."""
+    compute, network = clients.compute, clients.network
+    return {
+        "Microsoft.Compute/virtualMachines": (compute.virtual_machines, True),
+        "Microsoft.Compute/disks": (compute.disks, True),
+        "Microsoft.Network/networkInterfaces": (network.network_interfaces, True),
+        "Microsoft.Network/publicIPAddresses": (network.public_ip_addresses, True),
+        "Microsoft.Network/networkSecurityGroups": (network.network_security_groups, True),
+        "Microsoft.Network/virtualNetworks": (network.virtual_networks, True),
+        "Microsoft.Storage/storageAccounts": (clients.storage.storage_accounts, False),
+    }
 
 
 def _output(name: str, artifact_id: str) -> RunOutput:
