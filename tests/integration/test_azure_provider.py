@@ -312,3 +312,12 @@ async def test_a_marketplace_plan_goes_on_the_build_vm(
         "publisher": plan["planPublisher"],
     }
     await provider.delete_vm(ctx)
+
+
+async def test_windows_steps_are_refused_clearly(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    ctx = context(arm, tmp_path, customize=[{"type": "PowerShell", "inline": ["Get-Date"]}])
+    with pytest.raises(ProviderError, match="Windows build VMs") as failure:
+        await provider.resolve_source(ctx)
+    assert failure.value.fatal

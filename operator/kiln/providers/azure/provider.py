@@ -26,8 +26,11 @@ from kiln.api.template import (
     ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
+    PowerShellStep,
     SharedImageDistributor,
     VhdDistributor,
+    WindowsRestartStep,
+    WindowsUpdateStep,
 )
 from kiln.communicators.ssh import SshCommunicator
 from kiln.kube import Kube
@@ -45,6 +48,7 @@ from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIde
 from kiln.settings import OperatorSettings
 from kiln.versions import VersioningError, next_version, version_key
 
+WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
 BUILD_USER = "packer"
 SSH_PORT = 22
 LOG_CONTAINER = "packerlogs"
@@ -243,6 +247,14 @@ class AzureProvider:
     async def resolve_source(self, ctx: RunContext) -> str:
         clients = await self.clients(ctx.spec)
         source = ctx.spec.source
+        steps = [*(ctx.spec.customize or [])]
+        if ctx.spec.validate_ and ctx.spec.validate_.in_vm_validations:
+            steps += ctx.spec.validate_.in_vm_validations
+        if any(isinstance(step, WINDOWS_STEPS) for step in steps):
+            raise ProviderError(
+                "Windows build VMs (WinRM) are not supported by Kiln's azure provider yet; "
+                "build Linux images, or keep this template on AIB for now"
+            )
         if isinstance(source, PlatformImageSource):
             version = source.version
             if version.lower() == "latest":
