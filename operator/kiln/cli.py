@@ -75,7 +75,9 @@ def _images(args: argparse.Namespace) -> int:
     from kiln.providers.local import baseimage
     from kiln.settings import load_settings
 
-    image = baseimage.ensure_debian12(load_settings().cache_root)
+    cache = load_settings().cache_root
+    build = baseimage.build_debian12 if args.action == "build" else baseimage.ensure_debian12
+    image = build(cache)
     print(
         f"{image.publisher}:{image.offer}:{','.join(image.skus)}:{image.version} {image.directory}"
     )
@@ -99,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.set_defaults(func=_logs)
 
     images = commands.add_parser("images", help="local provider platform images")
-    images.add_argument("action", choices=["ensure"], help="build the Debian 12 image if missing")
+    images.add_argument(
+        "action",
+        choices=["ensure", "build"],
+        help="ensure: build the Debian 12 image if none is cached; build: a new version "
+        "(templates following 'latest' with a SourceImage trigger rebuild on it)",
+    )
     images.set_defaults(func=_images)
 
     demo = commands.add_parser("demo", help="build examples/ on this machine (make demo)")

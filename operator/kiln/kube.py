@@ -29,14 +29,6 @@ def load_client() -> ApiClient:
     return ApiClient()
 
 
-def is_not_found(error: Exception) -> bool:
-    return isinstance(error, ApiException) and error.status == 404
-
-
-def is_conflict(error: Exception) -> bool:
-    return isinstance(error, ApiException) and error.status == 409
-
-
 class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.custom = CustomObjectsApi(client)

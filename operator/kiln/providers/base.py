@@ -89,8 +89,8 @@ class BuildProvider(Protocol):
     async def collect_from_vm(self, ctx: RunContext, communicator: Communicator) -> None:
         """Fetch what capture needs from the running VM (e.g. its kernel) before shutdown."""
 
-    async def vm_stopped(self, ctx: RunContext) -> bool:
-        """True once the build VM has shut down after deprovisioning."""
+    async def stop_vm(self, ctx: RunContext) -> bool:
+        """True once the build VM is stopped and ready for capture; False: ask again."""
 
     async def capture(self, ctx: RunContext) -> None:
         """Turn the stopped VM's disk into the image the distributors publish."""
