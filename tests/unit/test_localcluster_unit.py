@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,9 +101,13 @@ def fake_etcd(tmp_path: Path) -> Iterator[tuple[StateDir, subprocess.Popen[bytes
     etcd = tmp_path / "bin" / "etcd"
     etcd.parent.mkdir()
     etcd.symlink_to(sys.executable)
-    proc = subprocess.Popen(
-        [str(etcd), "-c", "import time; time.sleep(60)", state.marker(localcluster.ETCD)]
-    )
+    marker = state.marker(localcluster.ETCD)
+    proc = subprocess.Popen([str(etcd), "-c", "import time; time.sleep(60)", marker])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while marker.encode() not in cmdline.read_bytes():  # until exec has replaced the fork
+        assert time.monotonic() < deadline, "the fake etcd never started"
+        time.sleep(0.01)
     yield state, proc
     proc.kill()
     proc.wait()

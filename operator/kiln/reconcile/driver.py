@@ -204,7 +204,9 @@ class RunDriver:
         outcome = await self._reconcile_step(step.name, ctx)
         record["message"] = outcome.message
         if outcome.kind == "wait":
-            await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
+            progress = self._progress(ctx, records, step.sub_state, outcome.message)
+            if any(status.get(key) != value for key, value in progress.items()):
+                await self.write(run, progress)  # polling a running job writes nothing new
             return outcome.delay
         record.update(endTime=now_rfc3339())
         if outcome.kind == "done":
