@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from azurehelpers import SSH_RULE
 from fakes.arm import apiversions, ids, validation
 from fakes.arm.errors import ArmError
 from fakes.arm.faults import Faults, retry_headers
@@ -248,17 +249,7 @@ def test_port_ranges(value: str, ok: bool) -> None:
 
 
 def _rule(**props) -> dict:
-    base = {
-        "protocol": "Tcp",
-        "access": "Allow",
-        "direction": "Inbound",
-        "priority": 100,
-        "sourceAddressPrefix": "*",
-        "sourcePortRange": "*",
-        "destinationAddressPrefix": "*",
-        "destinationPortRange": "22",
-    }
-    base.update(props)
+    base = {**SSH_RULE["properties"], **props}
     return {"name": "r", "properties": {k: v for k, v in base.items() if v is not None}}
 
 

@@ -211,33 +211,29 @@ class ArmEmulator:
             "connection_verify": str(self.ca_path),
         }
 
+    def _credential_arguments(self, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """What both ClientSecretCredential flavours are given to get tokens here."""
+        options = {
+            "authority": self.url,
+            "disable_instance_discovery": True,
+            "connection_verify": str(self.ca_path),
+            **kwargs,
+        }
+        return (self.tenant_id, self.client_id, self.client_secret), options
+
     def credential(self, **kwargs: Any) -> Any:
         """A real azure.identity.ClientSecretCredential that gets its tokens here."""
         from azure.identity import ClientSecretCredential
 
-        return ClientSecretCredential(
-            self.tenant_id,
-            self.client_id,
-            self.client_secret,
-            authority=self.url,
-            disable_instance_discovery=True,
-            connection_verify=str(self.ca_path),
-            **kwargs,
-        )
+        args, options = self._credential_arguments(**kwargs)
+        return ClientSecretCredential(*args, **options)
 
     def async_credential(self, **kwargs: Any) -> Any:
         """azure.identity.aio.ClientSecretCredential, for the aio clients."""
         from azure.identity.aio import ClientSecretCredential
 
-        return ClientSecretCredential(
-            self.tenant_id,
-            self.client_id,
-            self.client_secret,
-            authority=self.url,
-            disable_instance_discovery=True,
-            connection_verify=str(self.ca_path),
-            **kwargs,
-        )
+        args, options = self._credential_arguments(**kwargs)
+        return ClientSecretCredential(*args, **options)
 
     def client(self, client_class: Callable[..., T], credential: Any = None, **kwargs: Any) -> T:
         """`arm.client(ComputeManagementClient)`: a real SDK client wired to the emulator."""

@@ -185,6 +185,19 @@ def in_use_subnet(subnet_id: str, users: list[str]) -> ArmError:
     )
 
 
+def child_resource(
+    parent: StoredResource, child_id: str, type_name: str, props: dict[str, Any]
+) -> dict[str, Any]:
+    """A child (subnet, security rule) as ARM shows it: it shares its parent's etag."""
+    return {
+        "id": child_id,
+        "name": child_id.rsplit("/", 1)[-1],
+        "type": type_name,
+        "etag": parent.meta.get("etag"),
+        "properties": props,
+    }
+
+
 def render_subnet(emu: ArmEmulator, vnet: StoredResource, s: dict[str, Any]) -> dict[str, Any]:
     sid = f"{vnet.id}/subnets/{s['name']}"
     props = copy.deepcopy(s.get("properties", {}))
@@ -194,13 +207,7 @@ def render_subnet(emu: ArmEmulator, vnet: StoredResource, s: dict[str, Any]) -> 
         props["ipConfigurations"] = [{"id": u} for u in users]
     props.setdefault("privateEndpointNetworkPolicies", "Disabled")
     props.setdefault("privateLinkServiceNetworkPolicies", "Enabled")
-    return {
-        "id": sid,
-        "name": s["name"],
-        "type": SUBNET,
-        "etag": vnet.meta.get("etag"),
-        "properties": props,
-    }
+    return child_resource(vnet, sid, SUBNET, props)
 
 
 class VirtualNetworks(NetworkType):
@@ -430,13 +437,7 @@ def render_rule(nsg: StoredResource, rule: dict[str, Any], default: bool = False
     props.setdefault("destinationAddressPrefixes", [])
     props.setdefault("sourcePortRanges", [])
     props.setdefault("destinationPortRanges", [])
-    return {
-        "id": f"{nsg.id}/{kind}/{rule['name']}",
-        "name": rule["name"],
-        "type": f"{NSG}/{kind}",
-        "etag": nsg.meta.get("etag"),
-        "properties": props,
-    }
+    return child_resource(nsg, f"{nsg.id}/{kind}/{rule['name']}", f"{NSG}/{kind}", props)
 
 
 class NetworkSecurityGroups(NetworkType):
