@@ -59,6 +59,14 @@ from .providers.compute import (
     skus_route,
     vm_sizes_route,
 )
+from .providers.keyvault import (
+    Secrets,
+    Vaults,
+    deleted_vault_route,
+    find_secret,
+    list_deleted_vaults,
+    sweep_purged,
+)
 from .providers.network import (
     NetworkInterfaces,
     NetworkSecurityGroups,
@@ -110,6 +118,8 @@ def _handlers() -> dict[str, ResourceType]:
         Galleries(),
         GalleryImages(),
         GalleryImageVersions(),
+        Vaults(),
+        Secrets(),
     ]
     return {t.key: t for t in types}
 
@@ -279,6 +289,9 @@ class ArmEmulator:
         self.port = bound[1]
         self.url = f"https://{self.host}:{self.port}"
         self._load()
+        attach = getattr(self.backend, "attach", None)
+        if callable(attach):  # a backend that reports guest events (shutdown) back to ARM
+            attach(self)
         log.info("ARM emulator listening on %s (state in %s)", self.url, self.state_dir)
         return self
 
@@ -291,6 +304,9 @@ class ArmEmulator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._save(force=True)
+        detach = getattr(self.backend, "detach", None)
+        if callable(detach):  # the backend's servers (WinRM guests) run in this loop
+            await detach()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -412,6 +428,38 @@ class ArmEmulator:
             return handler.info(self, res)
 
         return self._call(get)
+
+    def deleted_vaults(self) -> list[str]:
+        """Names of key vaults still soft-deleted (not purged): they hold their names."""
+
+        def names() -> list[str]:
+            sweep_purged(self)
+            return sorted(r.name for r in self.state.deleted_vaults.values())
+
+        return self._call(names)
+
+    def vault_secret(self, secret_url: str) -> str | None:
+        """The value a Key Vault secret URL names (latest version if none), or None."""
+
+        def get() -> str | None:
+            found = find_secret(self, secret_url)
+            return None if found is None else found[2]
+
+        return self._call(get)
+
+    def guest_powered_off(self, vm_id: str) -> None:
+        """The guest shut itself down (Sysprep /shutdown): the VM's power state is stopped.
+
+        Backends call it from the emulator's loop; the VM keeps its allocation, as in Azure.
+        """
+
+        def apply() -> None:
+            res = self.lookup(vm_id)
+            if res is not None and res.type == VirtualMachines.type_name:
+                res.meta["power"] = "stopped"
+                self.touch()
+
+        self._call(apply)
 
     def creation_count(self, resource_id: str) -> int:
         """How many times the resource went from absent to present."""
@@ -1022,6 +1070,13 @@ class ArmEmulator:
                         "Microsoft.Storage/checkNameAvailability",
                     )
                     return check_name_availability(ctx)
+                if (ns, tail[0], ctx.method) == ("microsoft.keyvault", "deletedvaults", "GET"):
+                    apiversions.check(
+                        ctx.api_version,
+                        "microsoft.keyvault/deletedvaults",
+                        "Microsoft.KeyVault/deletedVaults",
+                    )
+                    return list_deleted_vaults(ctx)
                 handler = self.handlers.get(f"{ns}/{tail[0]}")
                 if handler is not None and ctx.method == "GET":
                     apiversions.check(ctx.api_version, handler.key, handler.type_name)
@@ -1092,6 +1147,11 @@ class ArmEmulator:
                     "Microsoft.Compute/locations/vmSizes",
                 )
                 return vm_sizes_route(ctx, location)
+        if ns == "microsoft.keyvault" and segs and segs[0].lower() == "deletedvaults":
+            apiversions.check(
+                ctx.api_version, "microsoft.keyvault/locations", "Microsoft.KeyVault/deletedVaults"
+            )
+            return deleted_vault_route(ctx, location, segs)
         raise self._invalid_type(ctx, p.namespace or "", "locations/" + "/".join(segs))
 
     def _invalid_type(self, ctx: Ctx, namespace: str, type_path: str) -> ArmError:

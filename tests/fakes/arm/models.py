@@ -197,6 +197,8 @@ class ArmState(BaseModel):
     creations: dict[str, CreationRecord] = Field(default_factory=dict)
     next_public_ip: int = 1
     next_private_ip: int = 1
+    # soft-deleted key vaults by lower-case name (names stay taken until purged)
+    deleted_vaults: dict[str, StoredResource] = Field(default_factory=dict)
 
 
 class RequestRecord(BaseModel):
@@ -224,6 +226,17 @@ class InventoryItem(BaseModel):
     provisioning_state: str
 
 
+class WinRmListener(BaseModel):
+    """A WinRM listener of a Windows VM; Https ones carry the Key Vault certificate as PEM."""
+
+    model_config = ConfigDict(frozen=True)
+
+    protocol: Literal["Http", "Https"]
+    certificate_url: str | None = None
+    certificate_pem: str | None = None
+    private_key_pem: str | None = Field(default=None, repr=False)
+
+
 class VmInfo(BaseModel):
     """What a VmBackend learns about a VM: where it lives, who logs in, what runs at boot."""
 
@@ -249,6 +262,9 @@ class VmInfo(BaseModel):
     # the managed image or gallery image version the OS disk is made from (None: marketplace)
     source_image_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    # Windows: the password WinRM authenticates (never in repr) and the WinRM listeners
+    admin_password: str | None = Field(default=None, repr=False)
+    winrm_listeners: list[WinRmListener] = Field(default_factory=list)
 
     @property
     def address(self) -> str | None:

@@ -220,7 +220,27 @@ def validate_admin_username(name: str, os_type: str) -> None:
         )
 
 
+# Passwords Azure refuses outright, whatever their complexity.
+DISALLOWED_PASSWORDS = frozenset(
+    [
+        "abc@123",
+        "iloveyou!",
+        "P@$$w0rd",
+        "P@ssw0rd",
+        "P@ssword123",
+        "Pa$$word",
+        "pass@word1",
+        "Password!",
+        "Password1",
+        "Password1!",
+        "Password22",
+    ]
+)
+
+
 def validate_admin_password(password: str, os_type: str) -> None:
+    if password in DISALLOWED_PASSWORDS:
+        raise invalid_parameter("The supplied password is not allowed.", "adminPassword")
     low, high = (8, 123) if os_type == "Windows" else (6, 72)
     classes = sum(
         [
@@ -237,6 +257,22 @@ def validate_admin_password(password: str, os_type: str) -> None:
             "Contains an uppercase character 2) Contains a lowercase character 3) Contains a "
             "numeric digit 4) Contains a special character 5) Control characters are not allowed",
             "adminPassword",
+        )
+
+
+_VAULT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]$")
+
+
+def validate_vault_name(name: str) -> None:
+    """Key Vault: 3-24 letters, digits, hyphens; a letter first, no '--', no '-' last."""
+    if not _VAULT_NAME.match(name) or "--" in name:
+        raise ArmError(
+            400,
+            "VaultNameNotValid",
+            f"The vault name '{name}' is invalid. A vault's name must be between 3-24 "
+            "alphanumeric characters. The name must begin with a letter, end with a letter or "
+            "digit, and not contain consecutive hyphens. Follow this link for more information: "
+            "https://go.microsoft.com/fwlink/?linkid=2147742",
         )
 
 

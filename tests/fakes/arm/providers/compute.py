@@ -6,14 +6,28 @@ to the emulator's VmBackend with a VmInfo (address, admin user, SSH keys, custom
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
+import json
 import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
 from .. import diskaccess, ids
 from ..errors import ArmError, invalid_parameter, missing_parameter
-from ..models import MarketplaceImage, Operation, StoredResource, VmInfo, iso, utcnow
+from ..models import (
+    MarketplaceImage,
+    Operation,
+    StoredResource,
+    VmInfo,
+    WinRmListener,
+    iso,
+    utcnow,
+)
 from ..validation import (
     GALLERY_STORAGE_TYPES,
     VM_DISK_TYPES,
@@ -32,6 +46,7 @@ from ..validation import (
     version_key,
 )
 from .base import Ctx, Reply, ResourceType, require_group
+from .keyvault import VAULT, find_secret, parse_secret_url, vault_uri, version_of
 from .network import NIC, nic_addresses, nic_vm
 
 if TYPE_CHECKING:
@@ -71,6 +86,31 @@ def parent_missing(name: str) -> ArmError:
         f"Can not perform requested operation on nested resource. Parent resource '{name}' not "
         "found.",
     )
+
+
+def load_vault_certificate(secret_value: str) -> tuple[str, str] | None:
+    """A VM certificate secret -> (certificate PEM, private key PEM), None when malformed.
+
+    Azure's format: base64 of UTF-8 JSON {"data": base64 PFX, "dataType": "pfx",
+    "password": PFX password (may be empty)}.
+    """
+    try:
+        doc = json.loads(base64.b64decode(secret_value, validate=True).decode("utf-8"))
+        if not isinstance(doc, dict) or str(doc.get("dataType", "")).lower() != "pfx":
+            return None
+        pfx = base64.b64decode(doc["data"], validate=True)
+        password = doc.get("password") or ""
+        key, cert, _ = pkcs12.load_key_and_certificates(pfx, password.encode() or None)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error):
+        return None
+    if key is None or cert is None:
+        return None
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
 def marketplace_image_id(sub: str, loc: str, img: MarketplaceImage, version: str) -> str:
@@ -443,6 +483,7 @@ class VirtualMachines(ComputeType):
         # os profile
         if create_option == "FromImage" and source.os_state == "Generalized":
             self._check_os_profile(props, res, source.os_type)
+            self._check_secrets(emu, props, res, source.os_type)
         elif props.get("osProfile"):
             raise invalid_parameter("Parameter 'osProfile' is not allowed.", "osProfile")
         # network
@@ -563,9 +604,9 @@ class VirtualMachines(ComputeType):
             if not password:
                 raise missing_parameter("adminPassword")
             validate_admin_password(password, os_type)
-            osp.setdefault(
-                "windowsConfiguration", {"provisionVMAgent": True, "enableAutomaticUpdates": True}
-            )
+            windows = osp.setdefault("windowsConfiguration", {})
+            windows.setdefault("provisionVMAgent", True)
+            windows.setdefault("enableAutomaticUpdates", True)
             return
         if osp.get("windowsConfiguration"):
             raise invalid_parameter(
@@ -600,6 +641,121 @@ class VirtualMachines(ComputeType):
         linux["disablePasswordAuthentication"] = disable_pw
         linux.setdefault("provisionVMAgent", True)
 
+    def _check_secrets(
+        self, emu: ArmEmulator, props: dict[str, Any], res: StoredResource, os_type: str
+    ) -> None:
+        """osProfile.secrets (certificates from Key Vault) and the WinRM listeners using them."""
+        osp = props["osProfile"]
+        groups = osp.get("secrets") or []
+        if not isinstance(groups, list):
+            raise invalid_parameter("osProfile.secrets must be an array.", "osProfile.secrets")
+        cert_urls: set[str] = set()
+        for group in groups:
+            vault_id = get_path(group, "sourceVault.id")
+            if not vault_id:
+                raise missing_parameter("osProfile.secrets.sourceVault.id")
+            vault = emu.lookup(vault_id)
+            if vault is None or vault.type != VAULT or vault.subscription != res.subscription:
+                raise ArmError(
+                    400,
+                    "KeyVaultNotFound",
+                    f"The Key Vault {vault_id} referenced in osProfile.secrets was not found in "
+                    f"subscription {res.subscription}.",
+                    target="osProfile.secrets.sourceVault.id",
+                )
+            if vault.location != res.location:
+                raise invalid_parameter(
+                    f"The Key Vault {vault_id} is in location '{vault.location}'; a VM can only "
+                    f"use a Key Vault in its own location '{res.location}'.",
+                    "osProfile.secrets.sourceVault.id",
+                )
+            if not get_path(vault.body, "properties.enabledForDeployment", False):
+                raise ArmError(
+                    400,
+                    "KeyVaultAccessForbidden",
+                    f"Key Vault {vault_uri(vault.name)} either has not been enabled for "
+                    f"deployment or the vault id provided, {vault_id}, does not match the Key "
+                    "Vault's true resource id.",
+                    target="osProfile.secrets.sourceVault.id",
+                )
+            for cert in group.get("vaultCertificates") or []:
+                url = cert.get("certificateUrl")
+                if not url:
+                    raise missing_parameter("osProfile.secrets.vaultCertificates.certificateUrl")
+                if parse_secret_url(url) is None or version_of(url) is None:
+                    raise invalid_parameter(
+                        f"The certificate URL {url} is invalid: it must be a Key Vault secret "
+                        "URL with a version (https://<vault>.vault.azure.net/secrets/<name>/"
+                        "<version>).",
+                        "osProfile.secrets.vaultCertificates.certificateUrl",
+                    )
+                found = find_secret(emu, url)
+                if found is None or not ids.same_id(found[0].id, vault.id):
+                    raise ArmError(
+                        400,
+                        "KeyVaultSecretDoesNotExist",
+                        f"The secret {url} was not found in Key Vault {vault_id}.",
+                        target="osProfile.secrets.vaultCertificates.certificateUrl",
+                    )
+                if os_type == "Windows" and not cert.get("certificateStore"):
+                    raise missing_parameter("osProfile.secrets.vaultCertificates.certificateStore")
+                cert_urls.add(url.lower())
+        listeners = get_path(osp, "windowsConfiguration.winRM.listeners", [])
+        for listener in listeners:
+            protocol = check_enum(
+                listener.get("protocol"), {"Http", "Https"}, "winRM.listeners.protocol"
+            )
+            listener["protocol"] = protocol
+            url = listener.get("certificateUrl")
+            if protocol == "Http":
+                if url:
+                    raise invalid_parameter(
+                        "A WinRM listener with protocol Http cannot have a certificateUrl.",
+                        "windowsConfiguration.winRM.listeners.certificateUrl",
+                    )
+                continue
+            if not url:
+                raise missing_parameter("windowsConfiguration.winRM.listeners.certificateUrl")
+            if url.lower() not in cert_urls:
+                raise invalid_parameter(
+                    f"The WinRM listener certificate {url} must also be listed in "
+                    "osProfile.secrets (vaultCertificates.certificateUrl).",
+                    "windowsConfiguration.winRM.listeners.certificateUrl",
+                )
+
+    def _install_certificates(self, emu: ArmEmulator, res: StoredResource) -> None:
+        """What the Windows agent does at provisioning: load each WinRM certificate's PFX."""
+        listeners = get_path(
+            res.body["properties"], "osProfile.windowsConfiguration.winRM.listeners", []
+        )
+        out: list[dict[str, Any]] = []
+        for listener in listeners:
+            url = listener.get("certificateUrl")
+            if listener.get("protocol") != "Https" or not url:
+                out.append({"protocol": listener.get("protocol", "Http")})
+                continue
+            found = find_secret(emu, url)
+            pems = load_vault_certificate(found[2]) if found is not None else None
+            if pems is None:
+                raise ArmError(
+                    400,
+                    "CertificateImproperlyFormatted",
+                    f"The secret retrieved from {url} is improperly formatted. Please ensure that "
+                    "the secret is a base64 encoded JSON object (UTF-8) with the fields 'data' "
+                    "(the base64 PFX), 'dataType' ('pfx') and 'password', and that the PFX opens "
+                    "with that password.",
+                )
+            cert_pem, key_pem = pems
+            out.append(
+                {
+                    "protocol": "Https",
+                    "certificate_url": url,
+                    "certificate_pem": cert_pem,
+                    "private_key_pem": key_pem,
+                }
+            )
+        res.meta["winrm_listeners"] = out
+
     # effects -----------------------------------------------------------------------------
 
     def info(self, emu: ArmEmulator, res: StoredResource) -> VmInfo:
@@ -629,6 +785,8 @@ class VirtualMachines(ComputeType):
             source_image_id=res.meta.get("source_gallery_version")
             or get_path(props, "storageProfile.imageReference.id"),
             tags=dict(res.tags),
+            admin_password=osp.get("adminPassword"),
+            winrm_listeners=[WinRmListener(**x) for x in res.meta.get("winrm_listeners", [])],
         )
 
     async def on_created(self, emu: ArmEmulator, op: Operation | None, res: StoredResource) -> None:
@@ -636,6 +794,8 @@ class VirtualMachines(ComputeType):
         nics = get_path(props, "networkProfile.networkInterfaces", [])
         primary = next((n for n in nics if get_path(n, "properties.primary", False)), nics[0])
         res.meta["public_ip"], res.meta["private_ip"] = nic_addresses(emu, primary["id"])
+        if res.meta.get("os_type") == "Windows" and get_path(props, "osProfile"):
+            self._install_certificates(emu, res)
         if op is not None and op.kind == "update":
             return
         os_disk = props["storageProfile"]["osDisk"]
