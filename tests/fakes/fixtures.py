@@ -6,9 +6,12 @@ whose VMs are real QEMU machines. Pull them in from a conftest with
 - `azurite` -> fakes.azurite.Azurite, running: `.blob_endpoint`, `.account_key`,
   `.connection_string`, `.client_kwargs()`.
 - `arm_qemu` -> fakes.arm.ArmEmulator in a background thread (use the sync SDK clients:
-  `arm_qemu.client(ComputeManagementClient)`), its `.backend` a QemuVmBackend; storage
-  accounts hand out Azurite's endpoint and key; the marketplace holds the locally cached
-  Debian:debian-12:{12,12-gen2} versions; sizes ARM_QEMU_VM_SIZES.
+  `arm_qemu.client(ComputeManagementClient)`), its `.backend` a QemuWindowsVmBackend (a
+  QemuVmBackend for Linux VMs whose Windows VMs are WinRM guests: `.backend.guest(vm_id)`,
+  `.backend.windows`); storage accounts hand out Azurite's endpoint and key; the marketplace
+  holds the locally cached Debian:debian-12:{12,12-gen2} versions, then Windows Server 2022
+  (MicrosoftWindowsServer:WindowsServer:2022-datacenter-azure-edition); sizes
+  ARM_QEMU_VM_SIZES.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from collections.abc import Iterator
 import pytest
 
 from fakes.arm import DEFAULT_LOCATIONS, ArmEmulator
-from fakes.arm.qemu_backend import QemuVmBackend, debian12_marketplace
+from fakes.arm.qemu_backend import (
+    QemuWindowsVmBackend,
+    debian12_marketplace,
+    windows_marketplace,
+)
 from fakes.azurite import Azurite, find_azurite_blob
 from kiln.providers.local import baseimage
 
@@ -41,10 +48,12 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
 
 @pytest.fixture(scope="session")
 def arm_qemu(tmp_path_factory: pytest.TempPathFactory, azurite: Azurite) -> Iterator[ArmEmulator]:
-    """The ARM emulator with real QEMU VMs, Azurite blobs and the local Debian 12 image."""
+    """The ARM emulator with real QEMU VMs, WinRM Windows guests, Azurite blobs and the local
+    Debian 12 image."""
     cache_root = baseimage.default_cache_root()
-    marketplace = debian12_marketplace(cache_root)  # builds the base image if none is cached
-    backend = QemuVmBackend(tmp_path_factory.mktemp("armvm"), cache_root)
+    # builds the base image if none is cached; Debian stays first (tests read marketplace[0])
+    marketplace = [*debian12_marketplace(cache_root), *windows_marketplace()]
+    backend = QemuWindowsVmBackend(tmp_path_factory.mktemp("armvm"), cache_root)
     emulator = ArmEmulator(
         backend=backend,
         blob_endpoint=azurite.blob_endpoint,

@@ -699,3 +699,48 @@ def test_sysprep_generalizes_and_shuts_down(
     ).result()
     assert image.storage_profile.os_disk.os_type == "Windows"
     assert ("capture", windows["vm"].id, image.id) in backend.disk_calls
+
+
+def test_qemu_backend_serves_windows_guests(tmp_path: Path) -> None:
+    """The arm_qemu fixture's backend: Windows VMs become WinRM guests, no QEMU started."""
+    from fakes.arm.qemu_backend import QemuVmBackend, QemuWindowsVmBackend
+
+    backend = QemuWindowsVmBackend(tmp_path / "vms")
+    assert isinstance(backend, QemuVmBackend)
+    with ArmEmulator(
+        lro_duration=0.05,
+        retry_after=0.05,
+        backend=backend,
+        locations=[LOCATION],
+        vm_sizes=["Standard_D2s_v5"],
+    ) as arm:
+        resources, network = (
+            arm.client(ResourceManagementClient),
+            arm.client(NetworkManagementClient),
+        )
+        compute, keyvault = (
+            arm.client(ComputeManagementClient),
+            arm.client(KeyVaultManagementClient),
+        )
+        rg = group(resources, "rg-qemu-win")
+        nic_id, ip = nic_with_ip(network, rg)
+        cert, key = make_certificate(ip)
+        vault = keyvault.vaults.begin_create_or_update(
+            rg, unique("kv-q"), vault_body(arm, enabledForDeployment=True)
+        ).result()
+        url = keyvault.secrets.create_or_update(
+            rg, vault.name, "winrm", {"properties": {"value": certificate_secret(cert, key, "")}}
+        ).properties.secret_uri_with_version
+        vm = compute.virtual_machines.begin_create_or_update(
+            rg, "vm", windows_vm(nic_id, vault.id, url)
+        ).result()
+        pem = tmp_path / "cert.pem"
+        pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        with wsman({"ip": ip, "pem": str(pem)}) as client:
+            assert powershell(client, "hostname") == ("kiln-build\r\n", "", 0)
+        assert backend.guest(vm.id).scripts == ["hostname"]
+        assert backend.qemu_pids() == [] and backend.handle(vm.id) is None
+        resources.resource_groups.begin_delete(rg).result()
+        assert backend.windows.server(vm.id) is None
+        keyvault.vaults.begin_purge_deleted(vault.name, LOCATION).result()
+        assert arm.deleted_vaults() == []

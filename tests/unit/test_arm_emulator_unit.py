@@ -357,6 +357,7 @@ def _sdk_default_versions() -> dict[str, set[str]]:
         "azure.mgmt.network",
         "azure.mgmt.storage",
         "azure.mgmt.resource.resources",
+        "azure.mgmt.keyvault",
     ]
     builder = re.compile(r"\ndef build_\w+_request\(.*?(?=\ndef |\nclass |\Z)", re.S)
     for pkg in packages:
@@ -400,6 +401,10 @@ def test_sdk_default_api_versions_are_accepted() -> None:
         "microsoft.compute/galleries/images/versions",
         "microsoft.compute/locations/publishers",
         "microsoft.compute/skus",
+        "microsoft.keyvault/vaults",
+        "microsoft.keyvault/vaults/secrets",
+        "microsoft.keyvault/locations",
+        "microsoft.keyvault/deletedvaults",
     ):
         assert defaults.get(key), f"no SDK request builder found for {key}"
     missing = {

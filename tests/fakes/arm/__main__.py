@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage-account-key", default=None)
     parser.add_argument("--lro-duration", type=float, default=2.0)
     parser.add_argument("--retry-after", type=float, default=1.0)
-    parser.add_argument("--qemu", action="store_true", help="real QEMU VMs (QemuVmBackend)")
+    parser.add_argument("--qemu", action="store_true", help="real QEMU VMs, WinRM Windows guests")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -41,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     extra: dict[str, Any] = {}
     if args.qemu:
-        from .qemu_backend import QemuVmBackend, debian12_marketplace
+        from .qemu_backend import QemuWindowsVmBackend, debian12_marketplace, windows_marketplace
 
-        extra["backend"] = QemuVmBackend(args.state_dir / "qemu")
-        extra["marketplace"] = debian12_marketplace()
+        extra["backend"] = QemuWindowsVmBackend(args.state_dir / "qemu")
+        extra["marketplace"] = [*debian12_marketplace(), *windows_marketplace()]
     arm = ArmEmulator(
         host=args.host,
         port=args.port,

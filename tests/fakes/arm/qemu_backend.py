@@ -53,7 +53,8 @@ from kiln.providers.local import baseimage, qemu
 from kiln.providers.local.disks import ToolError, atomic_output, run_tool, to_fixed_vhd, to_qcow2
 
 from .errors import ArmError
-from .models import MarketplaceImage, VmInfo
+from .models import DEFAULT_MARKETPLACE, MarketplaceImage, VmInfo
+from .winrm_guest import FakeWindowsGuest, WindowsGuestBackend
 
 log = logging.getLogger("fakes.arm.qemu")
 
@@ -667,3 +668,60 @@ class QemuVmBackend:
             clean = await qemu.powerdown(handle, self.shutdown_timeout)
             if not clean:
                 log.warning("VM %s was killed after %ss", vm.name, self.shutdown_timeout)
+
+
+def windows_marketplace() -> list[MarketplaceImage]:
+    """The Windows Server entries of the default catalogue (their VMs are WinRM guests)."""
+    return [m for m in DEFAULT_MARKETPLACE if m.os_type == "Windows"]
+
+
+class QemuWindowsVmBackend(QemuVmBackend):
+    """QEMU for Linux VMs; Windows VMs are WinRM guests (fakes.arm.winrm_guest).
+
+    Still a QemuVmBackend (qemu_pids, handle, serial_log, vm_dir... work as before), with
+    `windows` (the WindowsGuestBackend routing by os_type) and `guest(vm_id)`.
+    """
+
+    def __init__(self, work_dir: Path, cache_root: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(work_dir, cache_root, **kwargs)
+        # the inner backend is this object's QEMU half, so Linux calls do not loop back here
+        self.windows = WindowsGuestBackend(super(), self.work_dir / "windows")
+
+    def guest(self, vm_id: str) -> FakeWindowsGuest:
+        return self.windows.guest(vm_id)
+
+    def attach(self, emulator: Any) -> None:
+        self.windows.attach(emulator)
+
+    async def detach(self) -> None:
+        await self.windows.detach()
+
+    async def create(self, vm: VmInfo) -> None:
+        await self.windows.create(vm)
+
+    async def start(self, vm: VmInfo) -> None:
+        await self.windows.start(vm)
+
+    async def power_off(self, vm: VmInfo) -> None:
+        await self.windows.power_off(vm)
+
+    async def deallocate(self, vm: VmInfo) -> None:
+        await self.windows.deallocate(vm)
+
+    async def generalize(self, vm: VmInfo) -> None:
+        await self.windows.generalize(vm)
+
+    async def delete(self, vm: VmInfo) -> None:
+        await self.windows.delete(vm)
+
+    async def capture(self, source_id: str, target_id: str) -> None:
+        await self.windows.capture(source_id, target_id)
+
+    async def discard(self, target_id: str) -> None:
+        await self.windows.discard(target_id)
+
+    async def delete_disk(self, disk_id: str) -> None:
+        await self.windows.delete_disk(disk_id)
+
+    async def disk_vhd(self, disk_id: str) -> Path:
+        return await self.windows.disk_vhd(disk_id)
