@@ -43,7 +43,7 @@ def vnet_and_nsg(network: NetworkManagementClient, rg: str, location: str) -> tu
 
 
 def create_gallery(
-    arm: Any, group: str, gallery: str, definition: str, location: str
+    arm: Any, group: str, gallery: str, definition: str, location: str, os_type: str = "Linux"
 ) -> dict[str, str]:
     """A resource group with a gallery and an image definition: where AIB publishes."""
     arm.client(ResourceManagementClient).resource_groups.create_or_update(
@@ -52,7 +52,7 @@ def create_gallery(
     compute = arm.client(ComputeManagementClient)
     compute.galleries.begin_create_or_update(group, gallery, {"location": location}).result()
     properties = {
-        "osType": "Linux",
+        "osType": os_type,
         "osState": "Generalized",
         "hyperVGeneration": "V2",
         "identifier": {"publisher": "kiln", "offer": definition, "sku": "1"},

@@ -21,5 +21,8 @@ def staging_group_name(resource_group: str, template: str, template_uid: str) ->
     return f"IT_{group_part}_{template_part}_{guid}"
 
 
+BUILD_COMPUTER_NAME = "kiln-build"
+
+
 def run_secret_name(run: str) -> str:
     return f"{run[:240]}-ssh"

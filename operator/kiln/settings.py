@@ -46,10 +46,10 @@ class OperatorSettings(BaseModel):
         description="namespace/name of a Secret with clientId, clientSecret and tenantId; "
         "unset: DefaultAzureCredential (workload identity, managed identity, environment).",
     )
-    azure_ssh_source: str = Field(
+    azure_communicator_source: str = Field(
         default="*",
-        description="Source address range the build VM's NSG admits to the SSH port "
-        "(set it to the operator's egress address).",
+        description="Source address range the build VM's NSG admits to the communicator "
+        "port, SSH 22 or WinRM 5986 (set it to the operator's egress address).",
     )
     max_active_runs: int = Field(default=2, ge=1, description="Builds at once, operator-wide.")
     vm_memory_mb: int = Field(default=1024, ge=256)
@@ -82,7 +82,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         "azure_authority": "KILN_AZURE_AUTHORITY",
         "azure_ca_bundle": "KILN_AZURE_CA_BUNDLE",
         "azure_credentials_secret": "KILN_AZURE_CREDENTIALS_SECRET",
-        "azure_ssh_source": "KILN_AZURE_SSH_SOURCE",
+        "azure_communicator_source": "KILN_AZURE_COMMUNICATOR_SOURCE",
     }
     values: dict[str, object] = {field: env[var] for field, var in names.items() if env.get(var)}
     if env.get("KILN_NAMESPACES"):

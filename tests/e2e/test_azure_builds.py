@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 NAMESPACE = "azure-builds"
 LOCATION = "westeurope"
 VM_TYPE = "Microsoft.Compute/virtualMachines"
+VERSION_TYPE = "Microsoft.Compute/galleries/images/versions"
 BUILD_TYPES = {
     VM_TYPE,
     "Microsoft.Compute/disks",
@@ -71,7 +73,7 @@ def azure_operator(
         KILN_SUBSCRIPTION_ID=arm_qemu.subscription_id,
         KILN_LOCATION=LOCATION,
         KILN_RESOURCE_GROUP="images",
-        KILN_AZURE_SSH_SOURCE="127.0.0.0/8",
+        KILN_AZURE_COMMUNICATOR_SOURCE="127.0.0.0/8",
         **credentials,
     )
     operator.start()
@@ -224,6 +226,109 @@ def test_faults_and_an_operator_killed_during_vm_create(
     assert arm_qemu.creation_count(vm_id) == 1
     assert all(count == 1 for count in arm_qemu.creations().values())
     assert leftovers(arm_qemu) == []
+
+
+def test_an_operator_killed_during_gallery_replication_resumes_it(
+    kiln: Kiln, arm_qemu: ArmEmulator, outputs: dict[str, str], azure_operator: OperatorProcess
+) -> None:
+    kiln.create(
+        "imagetemplates",
+        azure_template(
+            "replicate",
+            customize=[{"type": "Shell", "inline": ["echo replicate"]}],
+            distribute=[
+                {
+                    "type": "SharedImage",
+                    "runOutputName": "gallery",
+                    "galleryImageId": f"{outputs['gallery']}/versions/7.0.0",
+                    "targetRegions": [{"name": LOCATION}, {"name": "northeurope"}],
+                }
+            ],
+        ),
+    )
+    arm_qemu.set_lro_duration(20.0, VERSION_TYPE, "create")
+    try:
+        kiln.create("imagebuildruns", run("replicate-1", "replicate"))
+        kiln.wait_for(
+            "imagebuildruns",
+            "replicate-1",
+            lambda b: "publishing" in ((b or {}).get("status") or {}).get("message", ""),
+            600,
+            "replicating the gallery version",
+        )
+        azure_operator.kill()
+        time.sleep(2)
+        azure_operator.start()
+        body = wait_ended(kiln, "replicate-1")
+    finally:
+        arm_qemu.set_lro_duration(0.1, VERSION_TYPE, "create")
+    assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+    version_id = f"{outputs['gallery']}/versions/7.0.0"
+    assert body["status"]["runOutputs"][0]["artifactId"] == version_id
+    assert arm_qemu.creation_count(version_id) == 1
+    creates = [
+        r for r in arm_qemu.requests if r.method == "PUT" and r.path.lower() == version_id.lower()
+    ]
+    assert creates, "the version was created through ARM"
+    assert arm_qemu.creation_count(body["status"]["checkpoint"]["vmId"]) == 1
+    assert leftovers(arm_qemu) == []
+
+
+def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
+    kiln: Kiln, arm_qemu: ArmEmulator, azurite: Azurite
+) -> None:
+    ids = create_gallery(arm_qemu, "winout", "kilnwin", "server", LOCATION, os_type="Windows")
+    kiln.create(
+        "imagetemplates",
+        azure_template(
+            "win",
+            source={
+                "type": "PlatformImage",
+                "publisher": "MicrosoftWindowsServer",
+                "offer": "WindowsServer",
+                "sku": "2022-datacenter-azure-edition",
+                "version": "latest",
+            },
+            customize=[],
+            distribute=[
+                {
+                    "type": "ManagedImage",
+                    "runOutputName": "image",
+                    "imageId": ids["image"],
+                    "location": LOCATION,
+                },
+                {
+                    "type": "SharedImage",
+                    "runOutputName": "gallery",
+                    "galleryImageId": ids["gallery"],
+                    "versioning": {"scheme": "Latest", "major": 2},
+                },
+                {"type": "VHD", "runOutputName": "vhd"},
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("win-1", "win"))
+    body = wait_ended(kiln, "win-1")
+    status = body["status"]
+    assert status["runState"] == "Succeeded", status["message"]
+    assert status["exactSource"].startswith("MicrosoftWindowsServer:WindowsServer:")
+    found = {o["runOutputName"]: o for o in status["runOutputs"]}
+    assert found["image"]["artifactId"] == ids["image"]
+    assert found["gallery"]["artifactId"] == f"{ids['gallery']}/versions/2.0.0"
+    assert found["vhd"]["artifactUri"].endswith("/vhds/win-1-vhd.vhd")
+    vm_id = status["checkpoint"]["vmId"]
+    guest = arm_qemu.backend.guest(vm_id)
+    assert any("Sysprep.exe /oobe /generalize" in script for script in guest.scripts)
+    assert guest.vm.admin_password not in json.dumps(body)
+    assert leftovers(arm_qemu) == []
+    staging = status["checkpoint"]["staging"].rsplit("/", 1)[-1]
+    in_staging = sorted(i.type for i in arm_qemu.inventory(staging))
+    assert in_staging == ["Microsoft.Resources/resourceGroups", "Microsoft.Storage/storageAccounts"]
+    assert arm_qemu.deleted_vaults() == []
+    blobs = BlobServiceClient.from_connection_string(azurite.connection_string)
+    log = blobs.get_blob_client("packerlogs", "win-1/customization.log").download_blob().readall()
+    assert b">>> Sysprep complete" in log
+    assert arm_qemu.client(ComputeManagementClient).images.get("winout", "server")
 
 
 def test_a_fatal_azure_error_stalls_the_run_and_cleans_up(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,9 +21,19 @@ from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 
 from azurehelpers import create_gallery, vnet_and_nsg
-from fakes.arm import ArmEmulator
+from fakes.arm import ArmEmulator, NoopVmBackend
+from fakes.arm.winrm_guest import WindowsGuestBackend
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import generate_keypair
+from kiln.communicators.winrm import (
+    CertificateMismatch,
+    WinRmCommunicator,
+    generate_winrm_credentials,
+)
+from kiln.naming import BUILD_COMPUTER_NAME
+from kiln.pipeline.base import StepEnv
+from kiln.pipeline.image import DeprovisionStep
+from kiln.pipeline.machine import ConnectStep
 from kiln.providers.azure import operations
 from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
@@ -58,7 +69,7 @@ def settings_for(arm: ArmEmulator, tmp_path: Path) -> OperatorSettings:
         azure_authority=arm.url,
         azure_ca_bundle=arm.ca_path,
         subscription_id=arm.subscription_id,
-        azure_ssh_source="203.0.113.0/24",
+        azure_communicator_source="203.0.113.0/24",
     )
 
 
@@ -314,10 +325,134 @@ async def test_a_marketplace_plan_goes_on_the_build_vm(
     await provider.delete_vm(ctx)
 
 
-async def test_windows_steps_are_refused_clearly(
+async def test_windows_steps_on_a_linux_source_are_refused_clearly(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
     ctx = context(arm, tmp_path, customize=[{"type": "PowerShell", "inline": ["Get-Date"]}])
-    with pytest.raises(ProviderError, match="Windows build VMs") as failure:
+    with pytest.raises(ProviderError, match="needs Windows, but the source image runs Linux"):
         await provider.resolve_source(ctx)
-    assert failure.value.fatal
+    assert ctx.checkpoint["osType"] == "Linux"
+
+
+WINDOWS_SOURCE = {
+    "type": "PlatformImage",
+    "publisher": "MicrosoftWindowsServer",
+    "offer": "WindowsServer",
+    "sku": "2022-datacenter-azure-edition",
+    "version": "latest",
+}
+
+
+@pytest.fixture(scope="module")
+def arm_windows() -> Iterator[ArmEmulator]:
+    """An emulator whose Windows VMs have a WinRM guest (Linux VMs exist in ARM only)."""
+    backend = WindowsGuestBackend(NoopVmBackend())
+    with ArmEmulator(backend=backend, lro_duration=0.2, retry_after=0.05) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def windows_arm(monkeypatch: pytest.MonkeyPatch, arm_windows: ArmEmulator) -> ArmEmulator:
+    """arm_windows, with the environment credentials of its own identity."""
+    for name, value in arm_windows.environment().items():
+        if name.startswith("AZURE_"):
+            monkeypatch.setenv(name, value)
+    return arm_windows
+
+
+async def windows_vm(arm: ArmEmulator, tmp_path: Path) -> tuple[AzureProvider, RunContext]:
+    """A provider and a run whose Windows build VM is created and answering WinRM."""
+    provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+    ctx = context(arm, tmp_path, source=WINDOWS_SOURCE, customize=[])
+    await until_done(lambda: provider.ensure_staging(ctx))
+    assert await provider.resolve_source(ctx) == (
+        "MicrosoftWindowsServer:WindowsServer:2022-datacenter-azure-edition:20348.2762.241006"
+    )
+    assert ctx.windows
+    ctx.winrm = generate_winrm_credentials(BUILD_COMPUTER_NAME)
+    endpoint = await until_done(lambda: provider.create_vm(ctx))
+    ctx.checkpoint["endpoint"] = endpoint.model_dump()
+    return provider, ctx
+
+
+async def test_a_windows_build_vm_is_reached_over_winrm_pinned_to_its_certificate(
+    windows_arm: ArmEmulator, tmp_path: Path
+) -> None:
+    arm = windows_arm
+    provider, ctx = await windows_vm(arm, tmp_path)
+    assert ctx.winrm is not None
+    endpoint = ctx.checkpoint["endpoint"]
+    assert endpoint["port"] == 5986 and endpoint["user"] == "packer"
+    vm = arm.resource(ctx.checkpoint["vmId"])
+    os_profile = vm["properties"]["osProfile"]
+    assert "adminPassword" not in os_profile and "linuxConfiguration" not in os_profile
+    listener = os_profile["windowsConfiguration"]["winRM"]["listeners"][0]
+    assert listener["protocol"] == "Https"
+    url = listener["certificateUrl"]
+    assert os_profile["secrets"][0]["vaultCertificates"][0]["certificateUrl"] == url
+    stored = json.loads(base64.b64decode(arm.vault_secret(url) or ""))
+    assert stored["dataType"] == "pfx" and stored["data"] == ctx.winrm.pfx.get_secret_value()
+    group = provider.staging_group(ctx.template, ctx.spec)
+    vault = arm.resource(os_profile["secrets"][0]["sourceVault"]["id"])
+    assert vault["properties"]["enabledForDeployment"] is True
+    assert vault["tags"]["kiln-run-uid"] == ctx.run_uid
+    nsg = arm.client(NetworkManagementClient).network_security_groups.get(
+        group, f"kiln-{ctx.run_uid[:8]}-nsg"
+    )
+    assert [rule.destination_port_range for rule in nsg.security_rules] == ["5986"]
+
+    communicator = WinRmCommunicator()
+    await communicator.connect(endpoint["host"], 5986, "packer", ctx.winrm, timeout=10)
+    result = await communicator.run_powershell("Write-Output 'hello from windows'")
+    assert (result.exit_status, result.stdout.strip()) == (0, "hello from windows")
+    guest = arm.backend.guest(ctx.checkpoint["vmId"])
+    assert guest.scripts[-1].endswith("Write-Output 'hello from windows'")
+    await communicator.close()
+
+    stranger = generate_winrm_credentials(BUILD_COMPUTER_NAME)
+    with pytest.raises(CertificateMismatch):
+        await WinRmCommunicator().connect(endpoint["host"], 5986, "packer", stranger, timeout=10)
+
+    await provider.delete_vm(ctx)
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+    assert arm.deleted_vaults() == []  # deleted and purged
+    await provider.close()
+
+
+async def test_a_windows_vm_is_sysprepped_then_captured(
+    windows_arm: ArmEmulator, tmp_path: Path
+) -> None:
+    arm = windows_arm
+    provider, ctx = await windows_vm(arm, tmp_path)
+    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    assert (await ConnectStep().reconcile(ctx, env)).kind == "done"
+    outcome = await DeprovisionStep().reconcile(ctx, env)
+    assert outcome.kind == "done", outcome.message
+    guest = arm.backend.guest(ctx.checkpoint["vmId"])
+    assert guest.image_state == "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
+    assert "Sysprep.exe /oobe /generalize /quiet /quit /mode:vm" in guest.scripts[-1]
+    log = (ctx.run_dir / "customization.log").read_text()
+    assert ">>> Sysprepping VM ..." in log
+    assert "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE\n>>> Sysprep complete" in log
+    assert "$" not in log
+    assert await provider.stop_vm(ctx)
+    assert arm.resource(ctx.checkpoint["vmId"])["properties"].get("osProfile")
+    await provider.delete_vm(ctx)
+    assert arm.deleted_vaults() == []
+    await provider.close()
+
+
+async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
+    windows_arm: ArmEmulator, tmp_path: Path
+) -> None:
+    provider, ctx = await windows_vm(windows_arm, tmp_path)
+    guest = windows_arm.backend.guest(ctx.checkpoint["vmId"])
+    guest.files["C:\\DeprovisioningScript.ps1"] = "Write-Output custom"
+    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    outcome = await DeprovisionStep().reconcile(ctx, env)
+    assert outcome.kind == "done", outcome.message
+    assert guest.scripts[-1].endswith("& 'C:\\DeprovisioningScript.ps1'\nexit $LASTEXITCODE\n")
+    assert not any("Sysprep.exe" in script for script in guest.scripts)
+    assert "running C:\\DeprovisioningScript.ps1" in (ctx.run_dir / "customization.log").read_text()
+    await provider.delete_vm(ctx)
+    await provider.close()

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from kiln.api.run import RunSubState
 from kiln.communicators.ssh import SshCommunicator
+from kiln.communicators.winrm import WinRmCommunicator
 from kiln.kube import Kube
 from kiln.providers.base import BuildProvider, Endpoint, RunContext
 
@@ -46,6 +47,7 @@ class StepEnv:
     provider: BuildProvider
     kube: Kube
     connections: dict[str, SshCommunicator] = field(default_factory=dict)
+    winrm_connections: dict[str, WinRmCommunicator] = field(default_factory=dict)
 
     async def communicator(self, ctx: RunContext, timeout: float = 20.0) -> SshCommunicator:
         """The run's open SSH connection, or a new one (after a restart) to the same VM."""
@@ -65,10 +67,26 @@ class StepEnv:
         self.connections[ctx.run_uid] = communicator
         return communicator
 
+    async def winrm(self, ctx: RunContext, timeout: float = 20.0) -> WinRmCommunicator:
+        """The run's WinRM communicator (a Windows build VM), connected and pinned."""
+        existing = self.winrm_connections.get(ctx.run_uid)
+        if existing is not None:
+            return existing
+        if ctx.winrm is None:
+            raise RuntimeError("a Windows run without WinRM credentials")
+        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        communicator = WinRmCommunicator()
+        await communicator.connect(
+            endpoint.host, endpoint.port, endpoint.user, ctx.winrm, timeout=timeout
+        )
+        self.winrm_connections[ctx.run_uid] = communicator
+        return communicator
+
     async def disconnect(self, ctx: RunContext) -> None:
-        communicator = self.connections.pop(ctx.run_uid, None)
-        if communicator is not None:
-            await communicator.close()
+        for connections in (self.connections, self.winrm_connections):
+            communicator = connections.pop(ctx.run_uid, None)
+            if communicator is not None:
+                await communicator.close()
 
 
 class Step(Protocol):

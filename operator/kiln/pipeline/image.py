@@ -5,6 +5,7 @@ from __future__ import annotations
 from kiln import reasons
 from kiln.api.run import RunSubState
 from kiln.api.status import RunOutput
+from kiln.customizers import windows
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import RunLogs
@@ -19,7 +20,8 @@ def builds_image(ctx: RunContext) -> bool:
 
 
 class DeprovisionStep:
-    """AIB's deprovisioning (or /tmp/DeprovisioningScript.sh), then a clean power-off."""
+    """AIB's deprovisioning (or /tmp/DeprovisioningScript.sh), then a clean power-off;
+    on Windows sysprep (or C:\\DeprovisioningScript.ps1), and capture deallocates."""
 
     name = "deprovision"
     sub_state = RunSubState.Customizing
@@ -30,6 +32,8 @@ class DeprovisionStep:
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         if ctx.checkpoint.get("poweroffRequested"):
             return Outcome.done("deprovisioned and powered off")
+        if ctx.windows:
+            return await self._sysprep(ctx, env)
         communicator = await env.communicator(ctx)
         if not ctx.checkpoint.get("collected"):
             await env.provider.collect_from_vm(ctx, communicator)
@@ -53,6 +57,30 @@ class DeprovisionStep:
         ctx.checkpoint["poweroffRequested"] = True
         await env.disconnect(ctx)
         return Outcome.done("deprovisioned; powering off")
+
+    async def _sysprep(self, ctx: RunContext, env: StepEnv) -> Outcome:
+        """Runs to its end in one call: sysprep is minutes, in a worker thread. Run again
+        after a restart, it finds the generalized state and ends at once."""
+        communicator = await env.winrm(ctx)
+        logs = RunLogs(ctx.run_dir)
+        logs.start(DEPROVISION_JOB, "deprovision")
+        override = await communicator.run_powershell(windows.HAS_OVERRIDE)
+        if override.stdout.strip() == "True":
+            logs.append(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
+            result = await communicator.run_powershell(windows.OVERRIDE_SCRIPT)
+        else:
+            result = await communicator.run_powershell(windows.DEPROVISION_SCRIPT)
+        logs.append(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
+        if result.exit_status != 0:
+            return Outcome.failed(
+                f"deprovisioning failed with exit code {result.exit_status}",
+                reasons.CUSTOMIZER_FAILED,
+                exit_code=result.exit_status,
+                log_tail=logs.tail(DEPROVISION_JOB),
+            )
+        ctx.checkpoint["poweroffRequested"] = True
+        await env.disconnect(ctx)
+        return Outcome.done("sysprep done; capture deallocates the VM")
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """Nothing of its own: the VM step removes the VM."""

@@ -8,12 +8,20 @@ import time
 from kiln import GROUP, VERSION, reasons
 from kiln.api.run import RunSubState
 from kiln.communicators.ssh import CommunicatorError, HostKeyMismatch, generate_keypair
-from kiln.naming import run_secret_name
+from kiln.communicators.winrm import WinRmCredentials, generate_winrm_credentials
+from kiln.naming import BUILD_COMPUTER_NAME, run_secret_name
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.providers.base import RunContext
 from kiln.reconcile.runs import label_value
 
 BOOT_TIMEOUT_SECONDS = 900
+# The run Secret's keys for a Windows build VM, and the WinRmCredentials field of each.
+WINRM_KEYS = {
+    "winrm-password": "password",
+    "winrm-certificate": "certificate_pem",
+    "winrm-pfx": "pfx",
+    "winrm-pfx-password": "pfx_password",
+}
 
 
 class StagingStep:
@@ -57,6 +65,27 @@ def decode_keys(data: dict[str, str], ctx: RunContext) -> None:
     ctx.client_public_key = text["ssh-publickey"]
     ctx.host_private_key = text["host-privatekey"]
     ctx.host_public_key = text["host-publickey"]
+    if all(key in text for key in WINRM_KEYS):
+        ctx.winrm = WinRmCredentials.model_validate(
+            {field: text[key] for key, field in WINRM_KEYS.items()}
+        )
+
+
+def _secret_data(ctx: RunContext) -> dict[str, str]:
+    """Fresh per-run credentials: SSH keys always, a WinRM login for Windows VMs."""
+    client, host = generate_keypair(f"kiln-{ctx.run_name}"), generate_keypair("host")
+    data = {
+        "ssh-privatekey": _b64(client.private_key.get_secret_value()),
+        "ssh-publickey": _b64(client.public_key),
+        "host-privatekey": _b64(host.private_key.get_secret_value()),
+        "host-publickey": _b64(host.public_key),
+    }
+    if ctx.windows:
+        winrm = generate_winrm_credentials(BUILD_COMPUTER_NAME)
+        for key, field in WINRM_KEYS.items():
+            value = getattr(winrm, field)
+            data[key] = _b64(value if isinstance(value, str) else value.get_secret_value())
+    return data
 
 
 class VmStep:
@@ -72,7 +101,6 @@ class VmStep:
         secret = run_secret_name(ctx.run_name)
         data = await env.kube.read_secret(ctx.namespace, secret)
         if data is None:
-            client, host = generate_keypair(f"kiln-{ctx.run_name}"), generate_keypair("host")
             await env.kube.create_secret(
                 ctx.namespace,
                 {
@@ -89,12 +117,7 @@ class VmStep:
                         ],
                     },
                     "type": "kubernetes.io/ssh-auth",
-                    "data": {
-                        "ssh-privatekey": _b64(client.private_key.get_secret_value()),
-                        "ssh-publickey": _b64(client.public_key),
-                        "host-privatekey": _b64(host.private_key.get_secret_value()),
-                        "host-publickey": _b64(host.public_key),
-                    },
+                    "data": _secret_data(ctx),
                 },
             )
             data = await env.kube.read_secret(ctx.namespace, secret)
@@ -114,7 +137,8 @@ class VmStep:
 
 
 class ConnectStep:
-    """Waits for an SSH login with the expected host key, then for cloud-init to finish."""
+    """Waits for a login that proves the VM's identity: SSH with the injected host key
+    (then cloud-init must finish), or WinRM pinned to the per-run certificate."""
 
     name = "connect"
     sub_state = RunSubState.Building
@@ -124,14 +148,18 @@ class ConnectStep:
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         deadline = ctx.checkpoint.setdefault("bootDeadline", time.time() + BOOT_TIMEOUT_SECONDS)
+        login = "a WinRM login" if ctx.windows else "an SSH login"
         try:
+            if ctx.windows:
+                await env.winrm(ctx)
+                return Outcome.done("connected over WinRM")
             communicator = await env.communicator(ctx)
         except HostKeyMismatch as error:
             return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
         except CommunicatorError as error:
             if time.time() > deadline:
                 return Outcome.failed(
-                    f"the build VM did not accept an SSH login in {BOOT_TIMEOUT_SECONDS}s: {error}",
+                    f"the build VM did not accept {login} in {BOOT_TIMEOUT_SECONDS}s: {error}",
                     reasons.PROVIDER_ERROR,
                 )
             return Outcome.wait("waiting for the build VM to boot", delay=5)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import SshCommunicator as Communicator
+from kiln.communicators.winrm import WinRmCredentials
 
 
 class ProviderError(Exception):
@@ -55,10 +56,16 @@ class RunContext(BaseModel):
     client_public_key: str = ""
     host_private_key: str = ""
     host_public_key: str = ""
+    winrm: WinRmCredentials | None = None
 
     @property
     def log_path(self) -> Path:
         return self.run_dir / "customization.log"
+
+    @property
+    def windows(self) -> bool:
+        """The source image runs Windows (the provider records it when resolving)."""
+        return self.checkpoint.get("osType") == "Windows"
 
 
 class BuildProvider(Protocol):

@@ -26,6 +26,7 @@ records it in `guest.scripts` and interprets, statement by statement (lines or `
   IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE (IMAGE_STATE_COMPLETE before); with `/shutdown`
   the VM powers off once the command ends (listener stops, ARM power state stopped).
 - `(Get-ItemProperty HKLM:\\SOFTWARE\\...\\Setup\\State).ImageState`: the image state.
+- `$name = <that query | a value>` sets a variable; `$name` expands in later values.
 - `Test-Path <path>`: True when a test set `guest.files[path]`, else False.
 - `Start-Sleep [-Seconds] N` / `-Milliseconds N`: a real (async) sleep, so a client's
   Receive sees a running command.
@@ -136,6 +137,7 @@ class FakeWindowsGuest:
     files: dict[str, str] = field(default_factory=dict)
     handler: Handler | None = None
     shutdown_requested: bool = False
+    variables: dict[str, str] = field(default_factory=dict)
 
     @property
     def computer_name(self) -> str:
@@ -144,6 +146,7 @@ class FakeWindowsGuest:
     async def run(self, script: str, out: Output) -> int:
         """Run a script, writing to `out` as it goes; returns the exit code."""
         self.scripts.append(script)
+        self.variables = {}  # each script is a new powershell.exe
         if self.handler is not None:
             result = self.handler(script)
             if result is not None:
@@ -166,7 +169,11 @@ class FakeWindowsGuest:
             if "/shutdown" in low:
                 self.shutdown_requested = True
             return
-        if re.search(r"get-itemproperty.*setup\\state", low) and "imagestate" in low:
+        m = re.match(r"^\$(\w+)\s*=\s*(.+)$", text, re.S)
+        if m:
+            self.variables[m.group(1).lower()] = self._expression(m.group(2))
+            return
+        if _IMAGE_STATE.search(low):
             out.line(self.image_state)
             return
         m = re.match(r"^(write-output|write-host|echo)\b\s*(.*)$", text, re.I | re.S)
@@ -195,14 +202,22 @@ class FakeWindowsGuest:
             await asyncio.sleep(seconds)
             return
 
+    def _expression(self, raw: str) -> str:
+        """The right side of `$x = ...`: the image state query, or a value."""
+        return self.image_state if _IMAGE_STATE.search(raw.lower()) else self._value(raw)
+
     def _value(self, raw: str) -> str:
-        """A PowerShell argument: 'literal', "expanding", or a bare word."""
+        """A PowerShell argument: 'literal', "expanding" or a bare word ($variables expand)."""
         raw = raw.strip()
         if len(raw) >= 2 and raw[0] == raw[-1] == "'":
             return raw[1:-1].replace("''", "'")
         if len(raw) >= 2 and raw[0] == raw[-1] == '"':
             raw = raw[1:-1]
-        return re.sub(r"\$env:computername", self.computer_name, raw, flags=re.I)
+        raw = re.sub(r"\$env:computername", self.computer_name, raw, flags=re.I)
+        return re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1).lower(), m.group(0)), raw)
+
+
+_IMAGE_STATE = re.compile(r"get-itemproperty.*setup\\state.*imagestate")
 
 
 def split_statements(script: str) -> list[str]:

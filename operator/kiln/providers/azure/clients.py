@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.identity.aio import ClientSecretCredential, DefaultAzureCredential
 from azure.mgmt.compute.aio import ComputeManagementClient
+from azure.mgmt.keyvault.aio import KeyVaultManagementClient
 from azure.mgmt.network.aio import NetworkManagementClient
 from azure.mgmt.resource.resources.aio import ResourceManagementClient
 from azure.mgmt.storage.aio import StorageManagementClient
@@ -62,9 +64,10 @@ class AzureClients:
     network: NetworkManagementClient
     compute: ComputeManagementClient
     storage: StorageManagementClient
+    keyvault: KeyVaultManagementClient
 
     async def close(self) -> None:
-        for client in (self.resource, self.network, self.compute, self.storage):
+        for client in (self.resource, self.network, self.compute, self.storage, self.keyvault):
             await client.close()
         await self.credential.close()
 
@@ -84,4 +87,21 @@ def make_clients(
         network=NetworkManagementClient(credential, subscription_id, **options),
         compute=ComputeManagementClient(credential, subscription_id, **options),
         storage=StorageManagementClient(credential, subscription_id, **options),
+        keyvault=KeyVaultManagementClient(credential, subscription_id, **options),
     )
+
+
+async def tenant_of(credential: AsyncTokenCredential, arm_endpoint: str) -> str:
+    """The Entra tenant the operator signs in to (Key Vaults name it), from the token's
+    tid claim: every credential type has one, whatever configured it."""
+    endpoint = arm_endpoint.rstrip("/")
+    token = (await credential.get_token(f"{endpoint}/.default")).token
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return str(claims["tid"])
+    except (IndexError, KeyError, ValueError) as error:
+        raise ProviderError(
+            "the Azure access token names no tenant (tid claim); Kiln needs it for the "
+            "Key Vault of a Windows build"
+        ) from error

@@ -2,8 +2,10 @@
 
 Staging resource group IT_<resourceGroup>_<template>_<guid> with a storage account for
 logs; per run a network (or a NIC in the template's subnet), a build VM reached over SSH
-with a per-run key and a host key injected through customData; capture by deallocate +
-generalize; distribution to managed images, gallery image versions and VHD blobs.
+with a per-run key and a host key injected through customData, or for a Windows source
+over WinRM/HTTPS with a per-run password and a certificate that Azure's VM agent installs
+from a per-run Key Vault; capture by deallocate + generalize; distribution to managed
+images, gallery image versions and VHD blobs.
 Everything Kiln creates is tagged with the template and run; only tagged resources are
 ever deleted.
 """
@@ -22,25 +24,29 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.status import RunOutput
 from kiln.api.template import (
+    FileStep,
     ImageTemplateSpec,
     ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
     PowerShellStep,
     SharedImageDistributor,
+    ShellStep,
     VhdDistributor,
     WindowsRestartStep,
     WindowsUpdateStep,
 )
 from kiln.communicators.ssh import SshCommunicator
+from kiln.communicators.winrm import WINRM_HTTPS_PORT, key_vault_certificate
 from kiln.kube import Kube
-from kiln.naming import staging_group_name
+from kiln.naming import BUILD_COMPUTER_NAME, run_secret_name, staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
 from kiln.providers.azure.clients import (
     AzureClients,
     make_clients,
     make_credential,
+    tenant_of,
     transport_options,
 )
 from kiln.providers.azure.errors import classify
@@ -51,6 +57,8 @@ from kiln.versions import VersioningError, next_version, version_key
 WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
 BUILD_USER = "packer"
 SSH_PORT = 22
+VAULT_TYPE = "Microsoft.KeyVault/vaults"
+WINRM_SECRET = "winrm-certificate"
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
 PAGE = 4 * 1024 * 1024
@@ -73,6 +81,39 @@ def parse_id(resource_id: str) -> tuple[str, str, list[str]]:
 def storage_account_name(template_uid: str) -> str:
     """3-24 lowercase letters and digits, unique per template (accounts are global)."""
     return "kiln" + hashlib.sha256(template_uid.encode()).hexdigest()[:20]
+
+
+def vault_name(run_uid: str) -> str:
+    """3-24 characters starting with a letter, unique per run (vault names are global)."""
+    return "kiln" + hashlib.sha256(run_uid.encode()).hexdigest()[:20]
+
+
+def _enum_value(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def check_steps_fit(spec: ImageTemplateSpec, os_type: str) -> None:
+    """The template's steps must suit the source image's OS, and Kiln must run them."""
+    phases = [("customize", spec.customize or [])]
+    if spec.validate_ and spec.validate_.in_vm_validations:
+        phases.append(("validate.inVMValidations", spec.validate_.in_vm_validations))
+    for phase, steps in phases:
+        for index, step in enumerate(steps):
+            where = f"spec.{phase}[{index}] ({step.type})"
+            if os_type == "Linux" and isinstance(step, WINDOWS_STEPS):
+                raise ProviderError(
+                    f"{where} needs Windows, but the source image runs Linux; use Shell steps"
+                )
+            if os_type == "Windows" and isinstance(step, ShellStep):
+                raise ProviderError(
+                    f"{where} needs Linux, but the source image runs Windows; use PowerShell steps"
+                )
+            if os_type == "Windows" and isinstance(step, (*WINDOWS_STEPS, FileStep)):
+                raise ProviderError(
+                    f"{where}: Kiln does not run customizers on Windows build VMs yet (the "
+                    "VM, its WinRM connection and sysprep work); remove the step, or keep "
+                    "this template on AIB for now"
+                )
 
 
 class AzureProvider:
@@ -194,6 +235,15 @@ class AzureProvider:
         current = await ops.call(clients.resource.resource_groups.get(group))
         if (current.tags or {}).get(TEMPLATE_TAG) != template.uid:
             return  # never delete what Kiln did not make
+        vaults = [
+            resource
+            async for resource in clients.resource.resources.list_by_resource_group(group)
+            if (resource.type or "").lower() == VAULT_TYPE.lower()
+        ]
+        for resource in vaults:
+            await self._delete_vault(
+                clients, group, resource.name, resource.location, TEMPLATE_TAG, template.uid
+            )
         if not keep_group:
             poller = await ops.call(clients.resource.resource_groups.begin_delete(group))
             await ops.call(poller.result())
@@ -247,18 +297,17 @@ class AzureProvider:
     async def resolve_source(self, ctx: RunContext) -> str:
         clients = await self.clients(ctx.spec)
         source = ctx.spec.source
-        steps = [*(ctx.spec.customize or [])]
-        if ctx.spec.validate_ and ctx.spec.validate_.in_vm_validations:
-            steps += ctx.spec.validate_.in_vm_validations
-        if any(isinstance(step, WINDOWS_STEPS) for step in steps):
-            raise ProviderError(
-                "Windows build VMs (WinRM) are not supported by Kiln's azure provider yet; "
-                "build Linux images, or keep this template on AIB for now"
-            )
         if isinstance(source, PlatformImageSource):
             version = source.version
             if version.lower() == "latest":
                 version = await self._latest_platform_version(clients, ctx.spec)
+            image = await ops.call(
+                clients.compute.virtual_machine_images.get(
+                    ctx.spec.location, source.publisher, source.offer, source.sku, version
+                )
+            )
+            os_type = image.os_disk_image.operating_system if image.os_disk_image else "Linux"
+            generation = image.hyper_v_generation
             reference: dict[str, Any] = {
                 "publisher": source.publisher,
                 "offer": source.offer,
@@ -269,12 +318,23 @@ class AzureProvider:
             ctx.checkpoint["sourceVersion"] = version
         elif isinstance(source, ManagedImageSource):
             _, group, parts = parse_id(source.image_id)
-            await ops.call(clients.compute.images.get(group, parts[-1]))
+            managed = await ops.call(clients.compute.images.get(group, parts[-1]))
+            os_type = managed.storage_profile.os_disk.os_type
+            generation = managed.hyper_v_generation
             reference, exact = {"id": source.image_id}, source.image_id
         else:
             exact = await self._gallery_version(clients, source.image_version_id)
+            _, group, parts = parse_id(exact)
+            definition = await ops.call(
+                clients.compute.gallery_images.get(group, parts[1], parts[3])
+            )
+            os_type = definition.os_type
+            generation = definition.hyper_v_generation
             reference = {"id": exact}
             ctx.checkpoint["sourceVersion"] = exact.rsplit("/", 1)[-1]
+        ctx.checkpoint["osType"] = _enum_value(os_type)
+        ctx.checkpoint["hyperVGeneration"] = _enum_value(generation) if generation else "V1"
+        check_steps_fit(ctx.spec, ctx.checkpoint["osType"])
         ctx.checkpoint["imageReference"] = reference
         return exact
 
@@ -324,11 +384,13 @@ class AzureProvider:
 
     # --- build VM ------------------------------------------------------------------------
 
-    def _vm_size(self, spec: ImageTemplateSpec) -> str:
-        if spec.vm_profile and spec.vm_profile.vm_size:
-            return spec.vm_profile.vm_size
-        sku = spec.source.sku if isinstance(spec.source, PlatformImageSource) else "gen2"
-        return "Standard_D2ds_v4" if "gen2" in sku.lower() else "Standard_D1_v2"
+    @staticmethod
+    def _vm_size(ctx: RunContext) -> str:
+        """AIB's defaults: Standard_D1_v2 for Gen1 images, Standard_D2ds_v4 for Gen2."""
+        profile = ctx.spec.vm_profile
+        if profile and profile.vm_size:
+            return profile.vm_size
+        return "Standard_D2ds_v4" if _generation(ctx) == "V2" else "Standard_D1_v2"
 
     def _custom_data(self, ctx: RunContext) -> str:
         """cloud-init: the host key Kiln generated, so the VM is verified, never trusted."""
@@ -341,6 +403,92 @@ class AzureProvider:
         }
         document = "#cloud-config\n" + yaml.safe_dump(config)
         return base64.b64encode(document.encode()).decode()
+
+    @staticmethod
+    def _port(ctx: RunContext) -> int:
+        return WINRM_HTTPS_PORT if ctx.windows else SSH_PORT
+
+    def _os_profile(self, ctx: RunContext, vault_id: str, certificate_url: str) -> dict[str, Any]:
+        """Linux: key login only, host key via cloud-init. Windows: password login over
+        a WinRM HTTPS listener whose certificate the VM agent installs from Key Vault."""
+        if not ctx.windows:
+            return {
+                "computerName": BUILD_COMPUTER_NAME,
+                "adminUsername": BUILD_USER,
+                "customData": self._custom_data(ctx),
+                "linuxConfiguration": {
+                    "disablePasswordAuthentication": True,
+                    "ssh": {
+                        "publicKeys": [
+                            {
+                                "path": f"/home/{BUILD_USER}/.ssh/authorized_keys",
+                                "keyData": ctx.client_public_key,
+                            }
+                        ]
+                    },
+                },
+            }
+        assert ctx.winrm is not None
+        return {
+            "computerName": BUILD_COMPUTER_NAME,
+            "adminUsername": BUILD_USER,
+            "adminPassword": ctx.winrm.password.get_secret_value(),
+            "secrets": [
+                {
+                    "sourceVault": {"id": vault_id},
+                    "vaultCertificates": [
+                        {"certificateUrl": certificate_url, "certificateStore": "My"}
+                    ],
+                }
+            ],
+            "windowsConfiguration": {
+                "provisionVMAgent": True,
+                "enableAutomaticUpdates": False,
+                "winRM": {"listeners": [{"protocol": "Https", "certificateUrl": certificate_url}]},
+            },
+        }
+
+    async def _winrm_vault(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
+        """The vault ID; the certificate's secret URL goes to the checkpoint (one version)."""
+        assert ctx.winrm is not None
+        name = vault_name(ctx.run_uid)
+        body = {
+            "location": ctx.spec.location,
+            "tags": self._tags(ctx, "winrm-vault"),
+            "properties": {
+                "tenantId": await tenant_of(clients.credential, self.settings.azure_arm_endpoint),
+                "sku": {"family": "A", "name": "standard"},
+                "accessPolicies": [],
+                "enabledForDeployment": True,
+                "softDeleteRetentionInDays": 7,
+            },
+        }
+        await ops.ensure_all(
+            ctx.checkpoint.setdefault("operations", {}),
+            {
+                "vault": lambda **kw: clients.keyvault.vaults.begin_create_or_update(
+                    group, name, body, **kw
+                )
+            },
+            "creating the Key Vault for the WinRM certificate",
+        )
+        if "winrmCertificateUrl" not in ctx.checkpoint:
+            secret = await ops.call(
+                clients.keyvault.secrets.create_or_update(
+                    group,
+                    name,
+                    WINRM_SECRET,
+                    {
+                        "properties": {
+                            "value": key_vault_certificate(ctx.winrm),
+                            "contentType": "application/x-pkcs12",
+                        }
+                    },
+                )
+            )
+            ctx.checkpoint["winrmCertificateUrl"] = secret.properties.secret_uri_with_version
+        subscription = self._subscription(ctx.spec)
+        return f"/subscriptions/{subscription}/resourceGroups/{group}/providers/{VAULT_TYPE}/{name}"
 
     async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
         """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
@@ -374,10 +522,10 @@ class AzureProvider:
                                 "access": "Allow",
                                 "direction": "Inbound",
                                 "priority": 100,
-                                "sourceAddressPrefix": self.settings.azure_ssh_source,
+                                "sourceAddressPrefix": self.settings.azure_communicator_source,
                                 "sourcePortRange": "*",
                                 "destinationAddressPrefix": "*",
-                                "destinationPortRange": str(SSH_PORT),
+                                "destinationPortRange": str(self._port(ctx)),
                             },
                         }
                     ]
@@ -444,6 +592,7 @@ class AzureProvider:
         group = self.staging_group(ctx.template, ctx.spec)
         names = self._names(ctx)
         nic_id = await self._network(ctx, clients, group)
+        vault_id = await self._winrm_vault(ctx, clients, group) if ctx.windows else ""
         profile = ctx.spec.vm_profile
         os_disk: dict[str, Any] = {
             "name": names["osdisk"],
@@ -457,27 +606,14 @@ class AzureProvider:
             "location": ctx.spec.location,
             "tags": self._tags(ctx, "build-vm"),
             "properties": {
-                "hardwareProfile": {"vmSize": self._vm_size(ctx.spec)},
+                "hardwareProfile": {"vmSize": self._vm_size(ctx)},
                 "storageProfile": {
                     "imageReference": ctx.checkpoint["imageReference"],
                     "osDisk": os_disk,
                 },
-                "osProfile": {
-                    "computerName": "kiln-build",
-                    "adminUsername": BUILD_USER,
-                    "customData": self._custom_data(ctx),
-                    "linuxConfiguration": {
-                        "disablePasswordAuthentication": True,
-                        "ssh": {
-                            "publicKeys": [
-                                {
-                                    "path": f"/home/{BUILD_USER}/.ssh/authorized_keys",
-                                    "keyData": ctx.client_public_key,
-                                }
-                            ]
-                        },
-                    },
-                },
+                "osProfile": self._os_profile(
+                    ctx, vault_id, ctx.checkpoint.get("winrmCertificateUrl", "")
+                ),
                 "networkProfile": {
                     "networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]
                 },
@@ -512,7 +648,7 @@ class AzureProvider:
             await ops.call(clients.compute.virtual_machines.get(group, names["vm"]))
         ).id
         return Endpoint(
-            host=await self._address(ctx, clients, group), port=SSH_PORT, user=BUILD_USER
+            host=await self._address(ctx, clients, group), port=self._port(ctx), user=BUILD_USER
         )
 
     async def _address(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
@@ -551,10 +687,18 @@ class AzureProvider:
 
     def describe_vm(self, ctx: RunContext) -> str:
         endpoint = ctx.checkpoint.get("endpoint") or {}
+        secret = f"{ctx.namespace}/{run_secret_name(ctx.run_name)}"
+        host = endpoint.get("host", "?")
+        if ctx.windows:
+            how = (
+                f"WinRM over HTTPS to {host}:{WINRM_HTTPS_PORT} as {BUILD_USER}, password and "
+                f"certificate in Secret {secret} (winrm-password, winrm-certificate)"
+            )
+        else:
+            how = f"ssh {BUILD_USER}@{host} with the key in Secret {secret} (ssh-privatekey)"
         return (
-            f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: ssh "
-            f"{BUILD_USER}@{endpoint.get('host', '?')} with the key in Secret "
-            f"{ctx.namespace}/{ctx.run_name}-ssh (ssh-privatekey); delete the run to remove it"
+            f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: {how}; "
+            "delete the run to remove it"
         )
 
     async def delete_vm(self, ctx: RunContext) -> None:
@@ -573,6 +717,36 @@ class AzureProvider:
         for kind, (operation_group, _) in _deletable(clients).items():
             if kind in run_resources:
                 await self._delete_if_ours(ctx, operation_group, group, run_resources[kind])
+        await self._delete_vault(
+            clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
+        )
+
+    @staticmethod
+    async def _delete_vault(
+        clients: AzureClients, group: str, name: str, location: str, tag: str, owner: str
+    ) -> None:
+        """Delete, then purge: a soft-deleted vault would keep its name and its secret."""
+        vaults = clients.keyvault.vaults
+        try:
+            vault = await vaults.get(group, name)
+        except ResourceNotFoundError:
+            vault = None
+        except AzureError as error:
+            raise classify(error) from error
+        if vault is not None:
+            if (vault.tags or {}).get(tag) != owner:
+                return  # never delete what Kiln did not make
+            await ops.call(vaults.delete(group, name))
+        try:
+            deleted = await vaults.get_deleted(name, location)
+        except ResourceNotFoundError:
+            return
+        except AzureError as error:
+            raise classify(error) from error
+        if (deleted.properties.tags or {}).get(tag) != owner:
+            return
+        poller = await ops.call(vaults.begin_purge_deleted(name, location))
+        await ops.call(poller.result())
 
     async def _delete_if_ours(
         self, ctx: RunContext, operation_group: Any, group: str, name: str
@@ -603,7 +777,7 @@ class AzureProvider:
                 "tags": tags,
                 "properties": {
                     "sourceVirtualMachine": {"id": ctx.checkpoint["vmId"]},
-                    "hyperVGeneration": self._generation(ctx.spec),
+                    "hyperVGeneration": _generation(ctx),
                 },
             }
             await ops.ensure_all(
@@ -619,11 +793,6 @@ class AzureProvider:
         if isinstance(target, SharedImageDistributor):
             return await self._distribute_shared(ctx, clients, target, index)
         return await self._distribute_vhd(ctx, clients, target, index)
-
-    @staticmethod
-    def _generation(spec: ImageTemplateSpec) -> str:
-        sku = spec.source.sku if isinstance(spec.source, PlatformImageSource) else "gen2"
-        return "V2" if "gen2" in sku.lower() else "V1"
 
     async def _distribute_shared(
         self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
@@ -766,6 +935,11 @@ def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
         "Microsoft.Network/virtualNetworks": (network.virtual_networks, True),
         "Microsoft.Storage/storageAccounts": (clients.storage.storage_accounts, False),
     }
+
+
+def _generation(ctx: RunContext) -> str:
+    """The source image's Hyper-V generation, as resolved (V1 when Azure names none)."""
+    return str(ctx.checkpoint.get("hyperVGeneration") or "V1")
 
 
 def _output(name: str, artifact_id: str) -> RunOutput:

@@ -1,0 +1,231 @@
+"""WinRM communicator (pypsrp): HTTPS pinned to the per-run certificate, NTLM, PowerShell.
+
+A Windows build VM gets its WinRM listener certificate from Key Vault at provisioning,
+and Kiln made that certificate for this run alone. The connection is therefore pinned to
+the certificate's SHA-256 fingerprint instead of trusting a CA and a host name: the
+address is an IP known only later, and only the build VM holds the private key. Azure's
+Windows images accept Negotiate (NTLM) and refuse Basic; NTLM carries a channel binding
+to the TLS certificate, which pypsrp sends.
+
+pypsrp is synchronous (requests); every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import secrets
+import string
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import BaseModel, SecretStr
+from pypsrp.exceptions import AuthenticationError, WinRMError
+from pypsrp.shell import Process, SignalCode, WinRS
+from pypsrp.wsman import WSMan
+from requests.exceptions import RequestException, SSLError
+
+from kiln.communicators.ssh import CommandResult, CommunicatorError, HostKeyMismatch
+
+WINRM_HTTPS_PORT = 5986
+CERTIFICATE_DAYS = 30
+# CreateProcess takes 32767 characters; the encoded script is ~2.7 times the script.
+MAX_ENCODED_COMMAND = 30000
+_SPECIALS = "!@#%^*-_=+"
+POWERSHELL_FLAGS = ("-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass")
+_PREAMBLE = "$ProgressPreference = 'SilentlyContinue'\n"
+
+
+class CertificateMismatch(HostKeyMismatch):
+    """The VM's WinRM listener presented a certificate other than the per-run one."""
+
+
+class WinRmCredentials(BaseModel):
+    """The per-run Windows login and WinRM listener certificate (kept in the run's Secret)."""
+
+    password: SecretStr
+    certificate_pem: str
+    pfx: SecretStr  # base64 PKCS#12 with the private key
+    pfx_password: SecretStr
+
+    @property
+    def fingerprint(self) -> str:
+        certificate = x509.load_pem_x509_certificate(self.certificate_pem.encode())
+        return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def generate_password(length: int = 24) -> str:
+    """Meets Windows' and Azure's complexity rules: every character class is present."""
+    classes = (string.ascii_lowercase, string.ascii_uppercase, string.digits, _SPECIALS)
+    chosen = [secrets.choice(group) for group in classes]
+    alphabet = "".join(classes)
+    chosen += [secrets.choice(alphabet) for _ in range(length - len(chosen))]
+    secrets.SystemRandom().shuffle(chosen)
+    return "".join(chosen)
+
+
+def generate_winrm_credentials(computer_name: str) -> WinRmCredentials:
+    """A fresh admin password and a self-signed server certificate for the listener."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, computer_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=CERTIFICATE_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(computer_name)]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pfx_password = secrets.token_urlsafe(24)
+    # 3DES/SHA1 PKCS#12 imports on every Windows Server version Azure offers.
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(50000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+        .hmac_hash(hashes.SHA1())
+        .build(pfx_password.encode())
+    )
+    pfx = pkcs12.serialize_key_and_certificates(
+        computer_name.encode(), key, certificate, None, encryption
+    )
+    return WinRmCredentials(
+        password=SecretStr(generate_password()),
+        certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        pfx=SecretStr(base64.b64encode(pfx).decode()),
+        pfx_password=SecretStr(pfx_password),
+    )
+
+
+def key_vault_certificate(credentials: WinRmCredentials) -> str:
+    """The secret value Azure's VM agent installs: base64 of the JSON it documents."""
+    document = json.dumps(
+        {
+            "data": credentials.pfx.get_secret_value(),
+            "dataType": "pfx",
+            "password": credentials.pfx_password.get_secret_value(),
+        }
+    )
+    return base64.b64encode(document.encode()).decode()
+
+
+def encoded_command(script: str) -> list[str]:
+    """powershell.exe arguments that run the script without quoting problems."""
+    encoded = base64.b64encode((_PREAMBLE + script).encode("utf-16-le")).decode()
+    if len(encoded) > MAX_ENCODED_COMMAND:
+        raise CommunicatorError(
+            f"the PowerShell script is too long for one command ({len(script)} characters)"
+        )
+    return [
+        "-NoProfile",
+        "-NonInteractive",
+        "-ExecutionPolicy",
+        "Bypass",
+        "-EncodedCommand",
+        encoded,
+    ]
+
+
+class WinRmCommunicator:
+    """One build VM's WinRM endpoint; each command runs in its own WinRS shell."""
+
+    def __init__(self) -> None:
+        self._wsman: WSMan | None = None
+        self._host = ""
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        credentials: WinRmCredentials,
+        timeout: float = 20.0,
+    ) -> None:
+        """Logs in and runs a trivial command, so a connected communicator is usable."""
+        self._host = f"{host}:{port}"
+        self._wsman = await asyncio.to_thread(self._open, host, port, user, credentials, timeout)
+        await self.run_powershell("$env:COMPUTERNAME")
+
+    @staticmethod
+    def _open(
+        host: str, port: int, user: str, credentials: WinRmCredentials, timeout: float
+    ) -> WSMan:
+        wsman = WSMan(
+            host,
+            port=port,
+            username=user,
+            password=credentials.password.get_secret_value(),
+            ssl=True,
+            auth="ntlm",
+            cert_validation=False,  # replaced by the fingerprint pin below
+            connection_timeout=int(timeout),
+            read_timeout=int(timeout) + 30,
+            operation_timeout=int(timeout),
+            reconnection_retries=0,
+        )
+        # pypsrp builds its requests session lazily; build it now to pin the certificate
+        # on its HTTPS adapter (urllib3 checks assert_fingerprint on every handshake).
+        session = wsman.transport._build_session()
+        adapter: Any = session.get_adapter(f"https://{host}")
+        adapter.poolmanager.connection_pool_kw["assert_fingerprint"] = credentials.fingerprint
+        wsman.transport.session = session
+        return wsman
+
+    async def run_powershell(self, script: str) -> CommandResult:
+        """Runs the script to its end; output is decoded as UTF-8 (the console's OEM page
+        on older Windows may differ; scripts that print non-ASCII should set it)."""
+        if self._wsman is None:
+            raise CommunicatorError("not connected")
+        return await asyncio.to_thread(self._run, self._wsman, encoded_command(script))
+
+    def _run(self, wsman: WSMan, arguments: list[str]) -> CommandResult:
+        try:
+            with WinRS(wsman) as shell:
+                process = Process(shell, "powershell.exe", arguments)
+                process.invoke()
+                process.signal(SignalCode.TERMINATE)
+        except SSLError as error:
+            if "fingerprint" in str(error).lower():
+                raise CertificateMismatch(
+                    f"{self._host} presented a WinRM certificate other than this run's; "
+                    "refusing to send the password"
+                ) from None
+            raise CommunicatorError(f"TLS to {self._host}: {error}") from None
+        except AuthenticationError as error:
+            raise CommunicatorError(f"WinRM login to {self._host} refused: {error}") from None
+        except (WinRMError, RequestException) as error:
+            raise CommunicatorError(f"WinRM to {self._host}: {error}") from None
+        return CommandResult(
+            exit_status=process.rc if process.rc is not None else -1,
+            stdout=(process.stdout or b"").decode("utf-8", "replace"),
+            stderr=(process.stderr or b"").decode("utf-8", "replace"),
+        )
+
+    async def close(self) -> None:
+        if self._wsman is not None:
+            wsman, self._wsman = self._wsman, None
+            await asyncio.to_thread(wsman.close)
