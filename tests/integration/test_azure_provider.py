@@ -435,6 +435,10 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     assert ">>> Sysprepping VM ..." in log
     assert "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE\n>>> Sysprep complete" in log
     assert "$" not in log
+    del ctx.checkpoint["poweroffRequested"]  # as if the operator died before saving it
+    scripts = len(guest.scripts)
+    assert (await DeprovisionStep().reconcile(ctx, env)).kind == "done"
+    assert not any("Sysprep.exe" in script for script in guest.scripts[scripts:])
     assert await provider.stop_vm(ctx)
     assert arm.resource(ctx.checkpoint["vmId"])["properties"].get("osProfile")
     await provider.delete_vm(ctx)

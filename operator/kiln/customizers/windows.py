@@ -6,6 +6,8 @@ OVERRIDE_PATH = r"C:\DeprovisioningScript.ps1"
 GENERALIZED_STATE = "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
 _SETUP_STATE = r"HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Setup\State"
 
+IMAGE_STATE = f"(Get-ItemProperty '{_SETUP_STATE}').ImageState"
+
 # A file at C:\DeprovisioningScript.ps1 (put there by a customizer) replaces the default,
 # as AIB documents.
 HAS_OVERRIDE = f"Test-Path '{OVERRIDE_PATH}'"
@@ -24,7 +26,7 @@ if (Test-Path $env:SystemRoot\System32\Sysprep\unattend.xml) {{
 }}
 & $env:SystemRoot\System32\Sysprep\Sysprep.exe /oobe /generalize /quiet /quit /mode:vm
 while ($true) {{
-  $imageState = (Get-ItemProperty '{_SETUP_STATE}').ImageState
+  $imageState = {IMAGE_STATE}
   Write-Output $imageState
   if ($imageState -eq '{GENERALIZED_STATE}') {{ break }}
   Start-Sleep -Seconds 5

@@ -59,11 +59,15 @@ class DeprovisionStep:
         return Outcome.done("deprovisioned; powering off")
 
     async def _sysprep(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        """Runs to its end in one call: sysprep is minutes, in a worker thread. Run again
-        after a restart, it finds the generalized state and ends at once."""
+        """Runs to its end in one call (sysprep takes minutes; pypsrp runs in a thread).
+        After a restart a VM already generalized is not sysprepped again."""
         communicator = await env.winrm(ctx)
         logs = RunLogs(ctx.run_dir)
         logs.start(DEPROVISION_JOB, "deprovision")
+        state = await communicator.run_powershell(windows.IMAGE_STATE)
+        if state.stdout.strip() == windows.GENERALIZED_STATE:
+            logs.append(DEPROVISION_JOB, b"the VM is generalized already\n")
+            return await self._deprovisioned(ctx, env)
         override = await communicator.run_powershell(windows.HAS_OVERRIDE)
         if override.stdout.strip() == "True":
             logs.append(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
@@ -78,6 +82,10 @@ class DeprovisionStep:
                 exit_code=result.exit_status,
                 log_tail=logs.tail(DEPROVISION_JOB),
             )
+        return await self._deprovisioned(ctx, env)
+
+    @staticmethod
+    async def _deprovisioned(ctx: RunContext, env: StepEnv) -> Outcome:
         ctx.checkpoint["poweroffRequested"] = True
         await env.disconnect(ctx)
         return Outcome.done("sysprep done; capture deallocates the VM")

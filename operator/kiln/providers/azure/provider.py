@@ -12,6 +12,7 @@ ever deleted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -591,8 +592,16 @@ class AzureProvider:
         clients = await self.clients(ctx.spec)
         group = self.staging_group(ctx.template, ctx.spec)
         names = self._names(ctx)
-        nic_id = await self._network(ctx, clients, group)
-        vault_id = await self._winrm_vault(ctx, clients, group) if ctx.windows else ""
+        # The network and a Windows VM's Key Vault do not depend on each other.
+        prepared = await asyncio.gather(
+            self._network(ctx, clients, group),
+            self._winrm_vault(ctx, clients, group) if ctx.windows else _nothing(),
+            return_exceptions=True,
+        )
+        errors = [outcome for outcome in prepared if isinstance(outcome, BaseException)]
+        if errors:  # a fatal error before one that only says "not yet"
+            raise min(errors, key=lambda e: isinstance(e, ProviderError) and not e.fatal)
+        nic_id, vault_id = (str(outcome) for outcome in prepared)
         profile = ctx.spec.vm_profile
         os_disk: dict[str, Any] = {
             "name": names["osdisk"],
@@ -935,6 +944,10 @@ def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
         "Microsoft.Network/virtualNetworks": (network.virtual_networks, True),
         "Microsoft.Storage/storageAccounts": (clients.storage.storage_accounts, False),
     }
+
+
+async def _nothing() -> str:
+    return ""
 
 
 def _generation(ctx: RunContext) -> str:

@@ -1,0 +1,137 @@
+"""The operator running with exactly the permissions the Helm chart grants it.
+
+The chart is installed with the real Helm engine; the operator then signs in with a token
+of the chart's ServiceAccount (TokenRequest) and builds a Windows image against the ARM
+emulator, the quickest whole build: templates, runs, status, events and the run's Secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+from kubernetes import client, config
+
+from azurehelpers import create_gallery
+from conftest import REPO_ROOT, ControlPlane, OperatorProcess
+from fakes.arm import ArmEmulator
+from kubehelpers import Kiln, run, template, wait_ended
+
+pytestmark = [pytest.mark.e2e, pytest.mark.azure]
+
+RELEASE = "kiln-rbac"
+WATCHED = "chart-builds"
+LOCATION = "westeurope"
+
+
+def service_account_kubeconfig(control_plane: ControlPlane, path: Path) -> Path:
+    """The admin kubeconfig's cluster, with a token of the chart's ServiceAccount."""
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        token = client.CoreV1Api(api).create_namespaced_service_account_token(
+            RELEASE, RELEASE, {"spec": {"expirationSeconds": 7200}}
+        )
+    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": RELEASE, "user": {"token": token.status.token}}],
+                "contexts": [
+                    {"name": RELEASE, "context": {"cluster": cluster["name"], "user": RELEASE}}
+                ],
+                "current-context": RELEASE,
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def chart_operator(
+    control_plane: ControlPlane, arm_qemu: ArmEmulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": WATCHED}})
+    cfg = helm_python.Config(kubeconfig_path=control_plane.kubeconfig, namespace=RELEASE)
+    cfg.install(
+        REPO_ROOT / "charts" / "kiln",
+        RELEASE,
+        {"settings": {"namespaces": WATCHED, "defaultProvider": "azure"}},
+        create_namespace=True,
+    )
+    data = tmp_path_factory.mktemp("chart-operator")
+    credentials = {k: v for k, v in arm_qemu.environment().items() if k.startswith("AZURE_")}
+    operator = OperatorProcess(
+        service_account_kubeconfig(control_plane, data / "kubeconfig"),
+        data,
+        data / "operator.log",
+        KILN_NAMESPACES=WATCHED,
+        KILN_DEFAULT_PROVIDER="azure",
+        KILN_AZURE_ARM_ENDPOINT=arm_qemu.url,
+        KILN_AZURE_AUTHORITY=arm_qemu.url,
+        KILN_AZURE_CA_BUNDLE=str(arm_qemu.ca_path),
+        KILN_SUBSCRIPTION_ID=arm_qemu.subscription_id,
+        KILN_LOCATION=LOCATION,
+        KILN_RESOURCE_GROUP="images",
+        KILN_AZURE_COMMUNICATOR_SOURCE="127.0.0.0/8",
+        **credentials,
+    )
+    operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+        cfg.uninstall(RELEASE)
+        cfg.close()
+
+
+def last_run_succeeded(body: dict[str, Any] | None) -> bool:
+    last_run = ((body or {}).get("status") or {}).get("lastRun") or {}
+    return last_run.get("runState") == "Succeeded"
+
+
+def test_the_charts_permissions_are_enough_for_a_whole_build(
+    control_plane: ControlPlane, arm_qemu: ArmEmulator, chart_operator: OperatorProcess
+) -> None:
+    ids = create_gallery(arm_qemu, "chartout", "kilnchart", "win", LOCATION, os_type="Windows")
+    manifest: dict[str, Any] = template(
+        "win",
+        source={
+            "type": "PlatformImage",
+            "publisher": "MicrosoftWindowsServer",
+            "offer": "WindowsServer",
+            "sku": "2022-datacenter-azure-edition",
+            "version": "latest",
+        },
+        customize=[],
+        distribute=[
+            {
+                "type": "ManagedImage",
+                "runOutputName": "image",
+                "imageId": ids["image"],
+                "location": LOCATION,
+            }
+        ],
+    )
+    manifest["spec"]["provider"] = "azure"
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        kiln = Kiln(api, WATCHED)
+        kiln.create("imagetemplates", manifest)
+        kiln.create("imagebuildruns", run("win-1", "win"))
+        body = wait_ended(kiln, "win-1", timeout=600)
+        assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+        kiln.wait_for(  # the template's status is written too
+            "imagetemplates", "win", last_run_succeeded, 60, "the template's lastRun"
+        )
+        events = client.CoreV1Api(api).list_namespaced_event(WATCHED).items
+        assert any(e.involved_object.name == "win-1" for e in events)
+    log = chart_operator.log()
+    assert "Forbidden" not in log and " 403" not in log
