@@ -7,6 +7,7 @@ handler blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import kubernetes
@@ -18,6 +19,20 @@ from kiln import GROUP, VERSION
 TEMPLATES = "imagetemplates"
 RUNS = "imagebuildruns"
 Body = dict[str, Any]
+
+
+def refusal(error: ApiException) -> str:
+    """What the API server said, with the fix when it is the operator's permissions."""
+    try:
+        message = json.loads(error.body or "{}").get("message") or error.reason
+    except (ValueError, AttributeError):
+        message = error.reason
+    if error.status == 403:
+        return (
+            f"{message}; grant it to the operator's ServiceAccount "
+            "(charts/kiln/templates/rbac.yaml lists what Kiln needs)"
+        )
+    return f"{message} ({error.status})"
 
 
 def load_client() -> ApiClient:

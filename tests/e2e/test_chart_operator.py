@@ -93,17 +93,11 @@ def chart_operator(
         cfg.close()
 
 
-def last_run_succeeded(body: dict[str, Any] | None) -> bool:
-    last_run = ((body or {}).get("status") or {}).get("lastRun") or {}
-    return last_run.get("runState") == "Succeeded"
-
-
-def test_the_charts_permissions_are_enough_for_a_whole_build(
-    control_plane: ControlPlane, arm_qemu: ArmEmulator, chart_operator: OperatorProcess
-) -> None:
-    ids = create_gallery(arm_qemu, "chartout", "kilnchart", "win", LOCATION, os_type="Windows")
-    manifest: dict[str, Any] = template(
-        "win",
+def windows_template(arm: ArmEmulator, name: str) -> dict[str, Any]:
+    """The quickest whole build: a Windows VM (a WinRM guest) to a managed image."""
+    ids = create_gallery(arm, "chartout", "kilnchart", name, LOCATION, os_type="Windows")
+    manifest = template(
+        name,
         source={
             "type": "PlatformImage",
             "publisher": "MicrosoftWindowsServer",
@@ -122,9 +116,20 @@ def test_the_charts_permissions_are_enough_for_a_whole_build(
         ],
     )
     manifest["spec"]["provider"] = "azure"
+    return manifest
+
+
+def last_run_succeeded(body: dict[str, Any] | None) -> bool:
+    last_run = ((body or {}).get("status") or {}).get("lastRun") or {}
+    return last_run.get("runState") == "Succeeded"
+
+
+def test_the_charts_permissions_are_enough_for_a_whole_build(
+    control_plane: ControlPlane, arm_qemu: ArmEmulator, chart_operator: OperatorProcess
+) -> None:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
         kiln = Kiln(api, WATCHED)
-        kiln.create("imagetemplates", manifest)
+        kiln.create("imagetemplates", windows_template(arm_qemu, "win"))
         kiln.create("imagebuildruns", run("win-1", "win"))
         body = wait_ended(kiln, "win-1", timeout=600)
         assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
@@ -135,3 +140,37 @@ def test_the_charts_permissions_are_enough_for_a_whole_build(
         assert any(e.involved_object.name == "win-1" for e in events)
     log = chart_operator.log()
     assert "Forbidden" not in log and " 403" not in log
+
+
+def test_a_permission_missing_from_the_chart_is_named_in_the_run(
+    control_plane: ControlPlane, arm_qemu: ArmEmulator, chart_operator: OperatorProcess
+) -> None:
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        rbac = client.RbacAuthorizationV1Api(api)
+        role = rbac.read_cluster_role(RELEASE)
+        original = [rule.to_dict() for rule in role.rules]
+        reduced = [
+            {**rule, "verbs": [v for v in rule["verbs"] if v != "create"]}
+            if "secrets" in rule["resources"]
+            else rule
+            for rule in original
+        ]
+        rbac.patch_cluster_role(RELEASE, {"rules": [_camel(rule) for rule in reduced]})
+        try:
+            kiln = Kiln(api, WATCHED)
+            kiln.create("imagetemplates", windows_template(arm_qemu, "norbac"))
+            kiln.create("imagebuildruns", run("norbac-1", "norbac"))
+            body = wait_ended(kiln, "norbac-1", timeout=600)
+        finally:
+            rbac.patch_cluster_role(RELEASE, {"rules": [_camel(rule) for rule in original]})
+    assert body["status"]["runState"] == "Failed"
+    message = body["status"]["message"]
+    assert 'cannot create resource "secrets"' in message, message
+    assert "grant it to the operator's ServiceAccount" in message
+
+
+def _camel(rule: dict[str, Any]) -> dict[str, Any]:
+    """A V1PolicyRule's to_dict() back to the API's field names."""
+    names = {"api_groups": "apiGroups", "resource_names": "resourceNames"}
+    names |= {"non_resource_ur_ls": "nonResourceURLs"}
+    return {names.get(k, k): v for k, v in rule.items() if v is not None}

@@ -14,12 +14,13 @@ from typing import Any
 
 import asyncssh
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kiln import reasons
 from kiln.api.run import TERMINAL_RUN_STATES, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
-from kiln.kube import RUNS, TEMPLATES, template_runs
+from kiln.kube import RUNS, TEMPLATES, refusal, template_runs
 from kiln.naming import run_secret_name
 from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all
 from kiln.pipeline.base import Outcome, StepEnv
@@ -241,6 +242,14 @@ class RunDriver:
                 MAX_CONNECTION_ERRORS,
                 f"lost the connection to the build VM: {error}",
                 delay=5,
+            )
+        except ApiException as error:  # e.g. RBAC: retried, as a fix may come
+            return _retry_or_fail(
+                ctx,
+                "stepErrors",
+                MAX_STEP_ERRORS,
+                f"step {name}: Kubernetes refused: {refusal(error)}",
+                delay=10,
             )
         except Exception as error:  # a bug or an unforeseen failure must not loop forever
             log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
