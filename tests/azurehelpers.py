@@ -8,6 +8,14 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 
+WINDOWS_SERVER_2022 = {
+    "type": "PlatformImage",
+    "publisher": "MicrosoftWindowsServer",
+    "offer": "WindowsServer",
+    "sku": "2022-datacenter-azure-edition",
+    "version": "latest",
+}
+
 SSH_RULE = {
     "name": "AllowSSH",
     "properties": {
@@ -64,4 +72,31 @@ def create_gallery(
     return {
         "image": f"{prefix}/Microsoft.Compute/images/{definition}",
         "gallery": f"{prefix}/Microsoft.Compute/galleries/{gallery}/images/{definition}",
+    }
+
+
+def operator_settings(arm: Any, namespace: str, location: str) -> dict[str, str]:
+    """An operator's environment for the emulator, as it would be set for Azure."""
+    credentials = {k: v for k, v in arm.environment().items() if k.startswith("AZURE_")}
+    return {
+        "KILN_NAMESPACES": namespace,
+        "KILN_DEFAULT_PROVIDER": "azure",
+        "KILN_AZURE_ARM_ENDPOINT": arm.url,
+        "KILN_AZURE_AUTHORITY": arm.url,
+        "KILN_AZURE_CA_BUNDLE": str(arm.ca_path),
+        "KILN_SUBSCRIPTION_ID": arm.subscription_id,
+        "KILN_LOCATION": location,
+        "KILN_RESOURCE_GROUP": "images",
+        "KILN_AZURE_COMMUNICATOR_SOURCE": "127.0.0.0/8",
+        **credentials,
+    }
+
+
+def managed_image_target(image_id: str, location: str) -> dict[str, str]:
+    """A ManagedImage distributor with runOutputName 'image'."""
+    return {
+        "type": "ManagedImage",
+        "runOutputName": "image",
+        "imageId": image_id,
+        "location": location,
     }

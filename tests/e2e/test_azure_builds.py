@@ -23,7 +23,12 @@ from azure.storage.blob import BlobServiceClient
 from kubernetes import client as kube_client
 from kubernetes import config
 
-from azurehelpers import create_gallery
+from azurehelpers import (
+    WINDOWS_SERVER_2022,
+    create_gallery,
+    managed_image_target,
+    operator_settings,
+)
 from conftest import OperatorProcess
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
@@ -60,21 +65,11 @@ def azure_operator(
         if NAMESPACE not in [n.metadata.name for n in core.list_namespace().items]:
             core.create_namespace({"metadata": {"name": NAMESPACE}})
     data = tmp_path_factory.mktemp("azure-operator")
-    credentials = {k: v for k, v in arm_qemu.environment().items() if k.startswith("AZURE_")}
     operator = OperatorProcess(
         control_plane.kubeconfig,
         data,
         data / "operator.log",
-        KILN_NAMESPACES=NAMESPACE,
-        KILN_DEFAULT_PROVIDER="azure",
-        KILN_AZURE_ARM_ENDPOINT=arm_qemu.url,
-        KILN_AZURE_AUTHORITY=arm_qemu.url,
-        KILN_AZURE_CA_BUNDLE=str(arm_qemu.ca_path),
-        KILN_SUBSCRIPTION_ID=arm_qemu.subscription_id,
-        KILN_LOCATION=LOCATION,
-        KILN_RESOURCE_GROUP="images",
-        KILN_AZURE_COMMUNICATOR_SOURCE="127.0.0.0/8",
-        **credentials,
+        **operator_settings(arm_qemu, NAMESPACE, LOCATION),
     )
     operator.start()
     yield operator
@@ -282,21 +277,10 @@ def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
         "imagetemplates",
         azure_template(
             "win",
-            source={
-                "type": "PlatformImage",
-                "publisher": "MicrosoftWindowsServer",
-                "offer": "WindowsServer",
-                "sku": "2022-datacenter-azure-edition",
-                "version": "latest",
-            },
+            source=WINDOWS_SERVER_2022,
             customize=[],
             distribute=[
-                {
-                    "type": "ManagedImage",
-                    "runOutputName": "image",
-                    "imageId": ids["image"],
-                    "location": LOCATION,
-                },
+                managed_image_target(ids["image"], LOCATION),
                 {
                     "type": "SharedImage",
                     "runOutputName": "gallery",

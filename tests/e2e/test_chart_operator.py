@@ -16,7 +16,12 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from azurehelpers import create_gallery
+from azurehelpers import (
+    WINDOWS_SERVER_2022,
+    create_gallery,
+    managed_image_target,
+    operator_settings,
+)
 from conftest import REPO_ROOT, ControlPlane, OperatorProcess
 from fakes.arm import ArmEmulator
 from kubehelpers import Kiln, run, template, wait_ended
@@ -68,21 +73,11 @@ def chart_operator(
         create_namespace=True,
     )
     data = tmp_path_factory.mktemp("chart-operator")
-    credentials = {k: v for k, v in arm_qemu.environment().items() if k.startswith("AZURE_")}
     operator = OperatorProcess(
         service_account_kubeconfig(control_plane, data / "kubeconfig"),
         data,
         data / "operator.log",
-        KILN_NAMESPACES=WATCHED,
-        KILN_DEFAULT_PROVIDER="azure",
-        KILN_AZURE_ARM_ENDPOINT=arm_qemu.url,
-        KILN_AZURE_AUTHORITY=arm_qemu.url,
-        KILN_AZURE_CA_BUNDLE=str(arm_qemu.ca_path),
-        KILN_SUBSCRIPTION_ID=arm_qemu.subscription_id,
-        KILN_LOCATION=LOCATION,
-        KILN_RESOURCE_GROUP="images",
-        KILN_AZURE_COMMUNICATOR_SOURCE="127.0.0.0/8",
-        **credentials,
+        **operator_settings(arm_qemu, WATCHED, LOCATION),
     )
     operator.start()
     try:
@@ -98,22 +93,9 @@ def windows_template(arm: ArmEmulator, name: str) -> dict[str, Any]:
     ids = create_gallery(arm, "chartout", "kilnchart", name, LOCATION, os_type="Windows")
     manifest = template(
         name,
-        source={
-            "type": "PlatformImage",
-            "publisher": "MicrosoftWindowsServer",
-            "offer": "WindowsServer",
-            "sku": "2022-datacenter-azure-edition",
-            "version": "latest",
-        },
+        source=WINDOWS_SERVER_2022,
         customize=[],
-        distribute=[
-            {
-                "type": "ManagedImage",
-                "runOutputName": "image",
-                "imageId": ids["image"],
-                "location": LOCATION,
-            }
-        ],
+        distribute=[managed_image_target(ids["image"], LOCATION)],
     )
     manifest["spec"]["provider"] = "azure"
     return manifest

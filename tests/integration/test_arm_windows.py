@@ -8,8 +8,6 @@ pinning the certificate that went into Key Vault.
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import time
 import uuid
@@ -25,10 +23,8 @@ from azure.mgmt.keyvault import KeyVaultManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 from pypsrp.client import Client
 from pypsrp.exceptions import AuthenticationError
 from pypsrp.shell import Process, SignalCode, WinRS
@@ -36,6 +32,7 @@ from pypsrp.wsman import WSMan
 
 from azurehelpers import vnet_and_nsg
 from fakes.arm import ArmEmulator, RecordingVmBackend
+from fakes.arm.tls import pfx, self_signed
 from fakes.arm.winrm_guest import (
     IMAGE_STATE_COMPLETE,
     IMAGE_STATE_GENERALIZED,
@@ -124,39 +121,14 @@ def unique(prefix: str) -> str:
 
 
 def make_certificate(ip: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    """A self-signed WinRM certificate for `ip` (SAN IP and DNS, as Kiln makes it)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kiln-build")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(ip)), x509.DNSName("kiln-build")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    """A self-signed WinRM certificate for `ip` (SAN IP and DNS)."""
+    return self_signed("kiln-build", ip)
 
 
 def certificate_secret(cert: x509.Certificate, key: rsa.RSAPrivateKey, password: str) -> str:
     """The Key Vault secret a VM certificate must be: base64 JSON with a base64 PFX."""
-    encryption = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password
-        else serialization.NoEncryption()
-    )
-    pfx = pkcs12.serialize_key_and_certificates(b"winrm", key, cert, None, encryption)
-    doc = {"data": base64.b64encode(pfx).decode(), "dataType": "pfx", "password": password}
+    data = base64.b64encode(pfx(cert, key, password)).decode()
+    doc = {"data": data, "dataType": "pfx", "password": password}
     return base64.b64encode(json.dumps(doc).encode()).decode()
 
 

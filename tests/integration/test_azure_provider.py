@@ -20,7 +20,7 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 
-from azurehelpers import create_gallery, vnet_and_nsg
+from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from kiln.api.template import ImageTemplateSpec
@@ -334,15 +334,6 @@ async def test_windows_steps_on_a_linux_source_are_refused_clearly(
     assert ctx.checkpoint["osType"] == "Linux"
 
 
-WINDOWS_SOURCE = {
-    "type": "PlatformImage",
-    "publisher": "MicrosoftWindowsServer",
-    "offer": "WindowsServer",
-    "sku": "2022-datacenter-azure-edition",
-    "version": "latest",
-}
-
-
 @pytest.fixture(scope="module")
 def arm_windows() -> Iterator[ArmEmulator]:
     """An emulator whose Windows VMs have a WinRM guest (Linux VMs exist in ARM only)."""
@@ -363,7 +354,7 @@ def windows_arm(monkeypatch: pytest.MonkeyPatch, arm_windows: ArmEmulator) -> Ar
 async def windows_vm(arm: ArmEmulator, tmp_path: Path) -> tuple[AzureProvider, RunContext]:
     """A provider and a run whose Windows build VM is created and answering WinRM."""
     provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
-    ctx = context(arm, tmp_path, source=WINDOWS_SOURCE, customize=[])
+    ctx = context(arm, tmp_path, source=WINDOWS_SERVER_2022, customize=[])
     await until_done(lambda: provider.ensure_staging(ctx))
     assert await provider.resolve_source(ctx) == (
         "MicrosoftWindowsServer:WindowsServer:2022-datacenter-azure-edition:20348.2762.241006"

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from fakes.arm import validation
 from fakes.arm.errors import ArmError
 from fakes.arm.models import VmInfo, WinRmListener
 from fakes.arm.providers.compute import load_vault_certificate
 from fakes.arm.providers.keyvault import parse_secret_url, version_of
+from fakes.arm.tls import pfx, self_signed
 from fakes.arm.winrm_guest import (
     IMAGE_STATE_COMPLETE,
     IMAGE_STATE_GENERALIZED,
@@ -79,25 +76,7 @@ def test_secret_urls() -> None:
 
 
 def _pfx(password: str) -> bytes:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    enc = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password
-        else serialization.NoEncryption()
-    )
-    return pkcs12.serialize_key_and_certificates(b"t", key, cert, None, enc)
+    return pfx(*self_signed("t"), password)
 
 
 def _secret(doc: object) -> str:

@@ -19,6 +19,15 @@ def builds_image(ctx: RunContext) -> bool:
     return not (validate and validate.source_validation_only)
 
 
+def _deprovisioning_failed(exit_code: int | None, logs: RunLogs) -> Outcome:
+    return Outcome.failed(
+        f"deprovisioning failed with exit code {exit_code}",
+        reasons.CUSTOMIZER_FAILED,
+        exit_code=exit_code,
+        log_tail=logs.tail(DEPROVISION_JOB),
+    )
+
+
 class DeprovisionStep:
     """AIB's deprovisioning (or /tmp/DeprovisioningScript.sh), then a clean power-off;
     on Windows sysprep (or C:\\DeprovisioningScript.ps1), and capture deallocates."""
@@ -46,12 +55,7 @@ class DeprovisionStep:
         if status.running:
             return Outcome.wait("deprovisioning", delay=3)
         if status.exit_code != 0:
-            return Outcome.failed(
-                f"deprovisioning failed with exit code {status.exit_code}",
-                reasons.CUSTOMIZER_FAILED,
-                exit_code=status.exit_code,
-                log_tail=logs.tail(DEPROVISION_JOB),
-            )
+            return _deprovisioning_failed(status.exit_code, logs)
         user = Endpoint.model_validate(ctx.checkpoint["endpoint"]).user
         await communicator.run(final_shutdown_command(user))
         ctx.checkpoint["poweroffRequested"] = True
@@ -76,12 +80,7 @@ class DeprovisionStep:
             result = await communicator.run_powershell(windows.DEPROVISION_SCRIPT)
         logs.append(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
         if result.exit_status != 0:
-            return Outcome.failed(
-                f"deprovisioning failed with exit code {result.exit_status}",
-                reasons.CUSTOMIZER_FAILED,
-                exit_code=result.exit_status,
-                log_tail=logs.tail(DEPROVISION_JOB),
-            )
+            return _deprovisioning_failed(result.exit_status, logs)
         return await self._deprovisioned(ctx, env)
 
     @staticmethod

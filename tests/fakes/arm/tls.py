@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -104,3 +105,38 @@ def generate(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
     )
     files.key_path.chmod(0o600)
     return files
+
+
+def self_signed(
+    common_name: str, ip: str | None = None
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A one-day RSA certificate as a VM's WinRM listener gets it (tests make their own)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(common_name)]
+    if ip:
+        sans.insert(0, x509.IPAddress(ipaddress.ip_address(ip)))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def pfx(cert: x509.Certificate, key: rsa.RSAPrivateKey, password: str) -> bytes:
+    """PKCS#12 of the pair, encrypted with `password` (none when empty)."""
+    encryption = (
+        serialization.BestAvailableEncryption(password.encode())
+        if password
+        else serialization.NoEncryption()
+    )
+    return pkcs12.serialize_key_and_certificates(b"winrm", key, cert, None, encryption)
