@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 from azure.storage.blob import BlobServiceClient
@@ -32,7 +33,7 @@ from azurehelpers import (
 from conftest import OperatorProcess
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
-from kubehelpers import Kiln, condition, run, template, wait_ended
+from kubehelpers import Kiln, condition, ended, run, template, wait_ended
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
@@ -88,6 +89,22 @@ def azure_template(name: str, **spec: Any) -> dict:
     return manifest
 
 
+def wait_for_blob_text(
+    blobs: BlobServiceClient, container: str, name: str, text: str, timeout: float = 600
+) -> bytes:
+    """The blob's content once it holds `text` (while the run that writes it goes on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            content = blobs.get_blob_client(container, name).download_blob().readall()
+        except ResourceNotFoundError:
+            content = b""
+        if text.encode() in content:
+            return content
+        time.sleep(2)
+    raise AssertionError(f"{container}/{name} never held {text!r}")
+
+
 def leftovers(arm: ArmEmulator) -> list[str]:
     return [item.id for item in arm.inventory() if item.type in BUILD_TYPES]
 
@@ -134,6 +151,7 @@ def test_a_template_builds_in_azure_with_every_distribution(
                     "type": "Shell",
                     "inline": ["cmp /tmp/payload.txt /tmp/payload.txt && echo copied"],
                 },
+                {"type": "Shell", "inline": ["echo streamed-marker", "sleep 60"]},
             ],
             distribute=[
                 {
@@ -158,6 +176,10 @@ def test_a_template_builds_in_azure_with_every_distribution(
         ),
     )
     kiln.create("imagebuildruns", run("app-1", "app"))
+    blobs = BlobServiceClient.from_connection_string(azurite.connection_string)
+    streamed = wait_for_blob_text(blobs, "packerlogs", "app-1/customization.log", "streamed-marker")
+    assert not ended(kiln.get("imagebuildruns", "app-1")), "the log came only at the end"
+    assert b"azure-build-marker" in streamed
     body = wait_ended(kiln, "app-1")
     status = body["status"]
     assert status["runState"] == "Succeeded", status["message"]
@@ -171,7 +193,6 @@ def test_a_template_builds_in_azure_with_every_distribution(
     staging = body["status"]["checkpoint"]["staging"].rsplit("/", 1)[-1]
     in_staging = sorted(i.type for i in arm_qemu.inventory(staging))
     assert in_staging == ["Microsoft.Resources/resourceGroups", "Microsoft.Storage/storageAccounts"]
-    blobs = BlobServiceClient.from_connection_string(azurite.connection_string)
     log = blobs.get_blob_client("packerlogs", "app-1/customization.log").download_blob().readall()
     assert b"azure-build-marker" in log and b"copied" in log
     vhd = blobs.get_blob_client("vhds", "app-1-vhd.vhd").get_blob_properties()
@@ -270,7 +291,7 @@ def test_an_operator_killed_during_gallery_replication_resumes_it(
 
 
 def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
-    kiln: Kiln, arm_qemu: ArmEmulator, azurite: Azurite
+    kiln: Kiln, arm_qemu: ArmEmulator, azurite: Azurite, azure_operator: OperatorProcess
 ) -> None:
     ids = create_gallery(arm_qemu, "winout", "kilnwin", "server", LOCATION, os_type="Windows")
     kiln.create(
@@ -303,7 +324,11 @@ def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
     vm_id = status["checkpoint"]["vmId"]
     guest = arm_qemu.backend.guest(vm_id)
     assert any("Sysprep.exe /oobe /generalize" in script for script in guest.scripts)
-    assert guest.vm.admin_password not in json.dumps(body)
+    password = guest.vm.admin_password
+    assert password and password not in json.dumps(body)
+    assert password not in azure_operator.log()
+    events = kube_client.CoreV1Api(kiln.api.api_client).list_namespaced_event(NAMESPACE)
+    assert all(password not in (event.message or "") for event in events.items)
     assert leftovers(arm_qemu) == []
     staging = status["checkpoint"]["staging"].rsplit("/", 1)[-1]
     in_staging = sorted(i.type for i in arm_qemu.inventory(staging))

@@ -9,6 +9,7 @@ status and the world say the run is.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from kiln.kube import RUNS, TEMPLATES, refusal, template_runs
 from kiln.naming import run_secret_name
 from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all
 from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import decode_keys
 from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
 from kiln.reconcile import runs as decide
@@ -38,6 +40,7 @@ QUEUE_POLL_SECONDS = 5.0
 DEFAULT_TIMEOUT_MINUTES = 240
 MAX_CONNECTION_ERRORS = 10
 MAX_STEP_ERRORS = 3
+LOG_PUBLISH_SECONDS = 30.0
 CLEANUP_RETRY_SECONDS = 15.0
 
 
@@ -52,6 +55,7 @@ class RunDriver:
         self.namespace = namespace
         self.name = name
         self.env: StepEnv | None = None
+        self._log_published = (0.0, -1)  # (monotonic time, size) of the last upload
 
     async def get(self) -> Body | None:
         run = await self.kube.get(RUNS, self.namespace, self.name)
@@ -203,6 +207,7 @@ class RunDriver:
         if record["state"] == StepState.Pending:
             record.update(state=StepState.Running, startTime=now_rfc3339())
         outcome = await self._reconcile_step(step.name, ctx)
+        await self._stream_logs(ctx)
         record["message"] = outcome.message
         if outcome.kind == "wait":
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
@@ -400,6 +405,17 @@ class RunDriver:
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
         await refresh_template(self.runtime, self.namespace, run["spec"]["templateRef"]["name"])
+
+    async def _stream_logs(self, ctx: RunContext) -> None:
+        """While a run builds, its log reaches the provider's store (AIB's packerlogs) at
+        most every LOG_PUBLISH_SECONDS when it grew, not only when the run ends."""
+        log_file = ctx.run_dir / COMBINED
+        size = log_file.stat().st_size if log_file.exists() else 0
+        published_at, published_size = self._log_published
+        if size == published_size or time.monotonic() - published_at < LOG_PUBLISH_SECONDS:
+            return
+        self._log_published = (time.monotonic(), size)
+        await self._publish_logs(ctx)
 
     async def _publish_logs(self, ctx: RunContext) -> None:
         """Best effort: a log that could not be uploaded must not change how the run ended."""
