@@ -351,10 +351,12 @@ def windows_arm(monkeypatch: pytest.MonkeyPatch, arm_windows: ArmEmulator) -> Ar
     return arm_windows
 
 
-async def windows_vm(arm: ArmEmulator, tmp_path: Path) -> tuple[AzureProvider, RunContext]:
+async def windows_vm(
+    arm: ArmEmulator, tmp_path: Path, **spec: Any
+) -> tuple[AzureProvider, RunContext]:
     """A provider and a run whose Windows build VM is created and answering WinRM."""
     provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
-    ctx = context(arm, tmp_path, source=WINDOWS_SERVER_2022, customize=[])
+    ctx = context(arm, tmp_path, source=WINDOWS_SERVER_2022, customize=[], **spec)
     await until_done(lambda: provider.ensure_staging(ctx))
     assert await provider.resolve_source(ctx) == (
         "MicrosoftWindowsServer:WindowsServer:2022-datacenter-azure-edition:20348.2762.241006"
@@ -414,7 +416,9 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     windows_arm: ArmEmulator, tmp_path: Path
 ) -> None:
     arm = windows_arm
-    provider, ctx = await windows_vm(arm, tmp_path)
+    ids = create_gallery(arm, "winout", "kilnwin", "server", LOCATION, os_type="Windows")
+    target = {"type": "ManagedImage", "runOutputName": "image", "imageId": ids["image"]}
+    provider, ctx = await windows_vm(arm, tmp_path, distribute=[target | {"location": LOCATION}])
     env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
     assert (await ConnectStep().reconcile(ctx, env)).kind == "done"
     outcome = await DeprovisionStep().reconcile(ctx, env)
@@ -431,9 +435,14 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     assert (await DeprovisionStep().reconcile(ctx, env)).kind == "done"
     assert not any("Sysprep.exe" in script for script in guest.scripts[scripts:])
     assert await provider.stop_vm(ctx)
-    assert arm.resource(ctx.checkpoint["vmId"])["properties"].get("osProfile")
+    assert (await until_done(lambda: provider.distribute(ctx, 0))).artifact_id == ids["image"]
     await provider.delete_vm(ctx)
     assert arm.deleted_vaults() == []
+    # The image built here runs Windows: a template built on it is a Windows build again.
+    source = {"type": "ManagedImage", "imageId": ids["image"]}
+    again = context(arm, tmp_path, source=source, customize=[])
+    await provider.resolve_source(again)
+    assert again.windows and again.checkpoint["hyperVGeneration"] == "V2"
     await provider.close()
 
 
