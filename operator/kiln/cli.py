@@ -71,6 +71,31 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from kiln.commands import importer
+
+    try:
+        document = json.loads(Path(args.file).read_text())
+        parameters = (
+            importer.parameter_values(json.loads(Path(args.parameters).read_text()))
+            if args.parameters
+            else {}
+        )
+        imported = importer.import_document(document, parameters, args.name, args.namespace)
+    except (OSError, ValueError, importer.ImportProblem) as error:
+        print(f"kiln import: {error}", file=sys.stderr)
+        return 1
+    for one in imported:
+        for note in one.notes:
+            print(f"kiln import: {one.manifest['metadata']['name']}: {note}", file=sys.stderr)
+    print(yaml.safe_dump_all([one.manifest for one in imported], sort_keys=False), end="")
+    return 0
+
+
 def _images(args: argparse.Namespace) -> int:
     from kiln.providers.local import baseimage
     from kiln.settings import load_settings
@@ -99,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--namespace", default="default")
     logs.add_argument("-f", "--follow", action="store_true", help="follow while the run is active")
     logs.set_defaults(func=_logs)
+
+    imports = commands.add_parser(
+        "import",
+        help="print an AIB image template (JSON: az image builder show, the resource, or an "
+        "ARM template holding it) as ImageTemplate YAML",
+    )
+    imports.add_argument("file", help="the AIB template JSON")
+    imports.add_argument("--parameters", help="ARM parameters file for an ARM template")
+    imports.add_argument("--name", help="the ImageTemplate's name (default: the AIB name)")
+    imports.add_argument("-n", "--namespace", help="put metadata.namespace in the manifest")
+    imports.set_defaults(func=_import)
 
     images = commands.add_parser("images", help="local provider platform images")
     images.add_argument(
