@@ -10,9 +10,20 @@ from typing import Any
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+from lupa import LuaRuntime
 
 GROUP, VERSION = "kiln.dev", "v1alpha1"
 Body = dict[str, Any]
+ARGOCD_HEALTH = Path(__file__).resolve().parents[1] / "integrations" / "argocd" / "health.lua"
+
+
+def argocd_health(obj: Body) -> dict[str, str]:
+    """What Argo CD shows for the object with Kiln's health script: the object is the
+    global `obj`, the script's return value the health."""
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute(ARGOCD_HEALTH.read_text())
+    return {"status": result["status"], "message": result["message"]}
 
 
 def condition(body: Body | None, type_: str) -> Body | None:

@@ -24,7 +24,7 @@ from azurehelpers import (
 )
 from conftest import REPO_ROOT, ControlPlane, OperatorProcess
 from fakes.arm import ArmEmulator
-from kubehelpers import Kiln, run, template, wait_ended
+from kubehelpers import Kiln, argocd_health, run, template, wait_ended
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
@@ -115,6 +115,7 @@ def test_the_charts_permissions_are_enough_for_a_whole_build(
         kiln.create("imagebuildruns", run("win-1", "win"))
         body = wait_ended(kiln, "win-1", timeout=600)
         assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+        assert argocd_health(body)["status"] == "Healthy"
         kiln.wait_for(  # the template's status is written too
             "imagetemplates", "win", last_run_succeeded, 60, "the template's lastRun"
         )
@@ -146,6 +147,7 @@ def test_a_permission_missing_from_the_chart_is_named_in_the_run(
         finally:
             rbac.patch_cluster_role(RELEASE, {"rules": [_camel(rule) for rule in original]})
     assert body["status"]["runState"] == "Failed"
+    assert argocd_health(body)["status"] == "Degraded"
     message = body["status"]["message"]
     assert 'cannot create resource "secrets"' in message, message
     assert "grant it to the operator's ServiceAccount" in message

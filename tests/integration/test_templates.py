@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubehelpers import Kiln, condition, condition_status, kubectl, run, template
+from kubehelpers import Kiln, argocd_health, condition, condition_status, kubectl, run, template
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,8 @@ def test_fixing_the_spec_clears_stalled(kiln: Kiln) -> None:
     bad = template("fix-me", customize=[{"type": "Shell"}])
     kiln.create("imagetemplates", bad)
     try:
-        kiln.wait_for("imagetemplates", "fix-me", is_stalled, timeout=30, what="Stalled")
+        stalled = kiln.wait_for("imagetemplates", "fix-me", is_stalled, timeout=30)
+        assert argocd_health(stalled or {})["status"] == "Degraded"
         kiln.patch(
             "imagetemplates",
             "fix-me",
@@ -129,6 +130,7 @@ def test_fixing_the_spec_clears_stalled(kiln: Kiln) -> None:
         assert condition_status(body, "Reconciling") == "False"
         assert condition(body, "Ready")["observedGeneration"] == 2
         assert body["status"]["observedGeneration"] == 2
+        assert argocd_health(body)["status"] == "Healthy"
     finally:
         kiln.delete("imagetemplates", "fix-me")
 
