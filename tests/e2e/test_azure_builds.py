@@ -189,6 +189,8 @@ def test_a_template_builds_in_azure_with_every_distribution(
     assert found["gallery"]["artifactId"] == f"{outputs['gallery']}/versions/1.0.0"
     assert found["vhd"]["artifactUri"].endswith("/vhds/app-1-vhd.vhd")
     assert "?" not in found["vhd"]["artifactUri"]  # never a SAS in status
+    log_uri = status["checkpoint"]["logUri"]  # where `kiln logs` sends people
+    assert log_uri.endswith("/packerlogs/app-1/customization.log") and "?" not in log_uri
     assert leftovers(arm_qemu) == []
     staging = body["status"]["checkpoint"]["staging"].rsplit("/", 1)[-1]
     in_staging = sorted(i.type for i in arm_qemu.inventory(staging))

@@ -25,16 +25,32 @@ def log_path(run: dict[str, Any]) -> Path:
     storage account's packerlogs container)."""
     status = run.get("status") or {}
     path = (status.get("checkpoint") or {}).get("logPath")
-    if not path:
+    if not path or not _started(run):
         raise LogsError(
             f"run {run['metadata']['name']} has no log yet (state: "
             f"{status.get('runState') or 'not started'}, {status.get('message') or ''})"
         )
-    return Path(path)
+    log = Path(path)
+    if not log.parent.exists():  # the staging step made it, on the operator's machine
+        raise LogsError(not_here(run, log))
+    return log
+
+
+def not_here(run: dict[str, Any], log: Path) -> str:
+    """Where to read a log that the operator wrote on another machine."""
+    uri = ((run.get("status") or {}).get("checkpoint") or {}).get("logUri")
+    where = (
+        f"a copy is at {uri} (the staging storage account)"
+        if uri
+        else "run kiln logs where the operator runs, e.g. kubectl exec -n <namespace> "
+        f"deploy/kiln -- kiln logs {run['metadata']['name']} -n {run['metadata']['namespace']}"
+    )
+    return f"the log is on the operator's machine ({log}), not this one; {where}"
 
 
 def _started(run: dict[str, Any]) -> bool:
-    return bool(((run.get("status") or {}).get("checkpoint") or {}).get("logPath"))
+    """Past the staging step, which makes the run's directory (and its log)."""
+    return "staging" in ((run.get("status") or {}).get("checkpoint") or {})
 
 
 def show(name: str, namespace: str, follow: bool) -> None:

@@ -33,6 +33,7 @@ class StagingStep:
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         ctx.checkpoint["staging"] = await env.provider.ensure_staging(ctx)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)  # the log's home, from here on
         return Outcome.done(ctx.checkpoint["staging"])
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:

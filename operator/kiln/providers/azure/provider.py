@@ -218,7 +218,6 @@ class AzureProvider:
             },
             "creating the staging storage account",
         )
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
         return self.staging_id(ctx.template, ctx.spec)
 
     async def delete_staging(
@@ -279,6 +278,7 @@ class AzureProvider:
                 await container.create_container()
             blob = container.get_blob_client(f"{ctx.run_name}/{COMBINED}")
             await blob.upload_blob(log.read_bytes(), overwrite=True)
+            ctx.checkpoint["logUri"] = blob.url.split("?", 1)[0]
 
     async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
         clients = await self.clients(ctx.spec)
