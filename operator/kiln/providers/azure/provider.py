@@ -726,9 +726,10 @@ class AzureProvider:
         for kind, (operation_group, _) in _deletable(clients).items():
             if kind in run_resources:
                 await self._delete_if_ours(ctx, operation_group, group, run_resources[kind])
-        await self._delete_vault(
-            clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
-        )
+        if ctx.windows:  # only Windows build VMs get a Key Vault
+            await self._delete_vault(
+                clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
+            )
 
     @staticmethod
     async def _delete_vault(
