@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from azurehelpers import SSH_RULE
-from fakes.arm import apiversions, ids, validation
+from fakes.arm import ArmEmulator, apiversions, ids, validation
 from fakes.arm.errors import ArmError
 from fakes.arm.faults import Faults, retry_headers
 from fakes.arm.identity import Identity, TokenError
-from fakes.arm.models import VmInfo
+from fakes.arm.models import StoredResource, VmInfo
 
 pytestmark = pytest.mark.azure
 
@@ -503,3 +503,13 @@ def test_vm_info_address_prefers_the_public_ip() -> None:
     )
     assert info.address == "127.0.3.4" and info.custom_data_bytes == b"hi"
     assert info.model_copy(update={"public_ip": "127.0.2.9"}).address == "127.0.2.9"
+
+
+def test_emulators_of_one_process_never_hand_out_the_same_address() -> None:
+    first, second = ArmEmulator(), ArmEmulator()
+    address = first.allocate_ip("public")
+    held = StoredResource.model_construct(
+        id="/x", type="Microsoft.Network/publicIPAddresses", body={}, meta={"ipAddress": address}
+    )
+    first.state.resources["/x"] = held
+    assert second.allocate_ip("public") != address

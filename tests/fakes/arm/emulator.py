@@ -21,6 +21,7 @@ import ssl
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,6 +125,11 @@ def _handlers() -> dict[str, ResourceType]:
     return {t.key: t for t in types}
 
 
+# Every emulator of this process: their VMs share the loopback ranges, so an address one
+# of them holds is not free for another (backends bind them).
+_LIVE: weakref.WeakSet[ArmEmulator] = weakref.WeakSet()
+
+
 class ArmEmulator:
     """A local Azure Resource Manager for tests; see the module docstring for the wiring."""
 
@@ -189,6 +195,7 @@ class ArmEmulator:
         self._dirty = False
         self.url = ""
         self.ca_path = Path()
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ identity settings
 
@@ -630,8 +637,10 @@ class ArmEmulator:
         return url if url.endswith("/") else url + "/"
 
     def _used_ips(self, prefix: str) -> set[str]:
+        """Held by a resource of this emulator or of any other one alive in this process."""
         used = set()
-        for r in self.state.resources.values():
+        resources = [r for emulator in list(_LIVE) for r in list(emulator.state.resources.values())]
+        for r in resources:
             if r.meta.get("ipAddress", "").startswith(prefix):
                 used.add(r.meta["ipAddress"])
             for cfg in r.body.get("properties", {}).get("ipConfigurations", []) or []:
