@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.core.polling import AsyncLROPoller
 
 from kiln.providers.azure.errors import classify
@@ -61,3 +61,13 @@ async def call(action: Awaitable[Any]) -> Any:
         return await action
     except AzureError as error:
         raise classify(error) from error
+
+
+async def find(lookup: Awaitable[Any]) -> Any | None:
+    """A GET whose 404 means 'not there' (None); other errors classified."""
+    try:
+        return await call(lookup)
+    except ProviderError as error:
+        if isinstance(error.__cause__, ResourceNotFoundError):
+            return None
+        raise

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.status import RunOutput
@@ -50,7 +49,6 @@ from kiln.providers.azure.clients import (
     tenant_of,
     transport_options,
 )
-from kiln.providers.azure.errors import classify
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
 from kiln.versions import VersioningError, next_version, version_key
@@ -488,8 +486,7 @@ class AzureProvider:
                 )
             )
             ctx.checkpoint["winrmCertificateUrl"] = secret.properties.secret_uri_with_version
-        subscription = self._subscription(ctx.spec)
-        return f"/subscriptions/{subscription}/resourceGroups/{group}/providers/{VAULT_TYPE}/{name}"
+        return f"{self.staging_id(ctx.template, ctx.spec)}/providers/{VAULT_TYPE}/{name}"
 
     async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
         """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
@@ -553,9 +550,7 @@ class AzureProvider:
                 },
                 "creating the build network",
             )
-            subscription = self._subscription(ctx.spec)
-            prefix = f"/subscriptions/{subscription}/resourceGroups/{group}/providers/"
-            prefix += "Microsoft.Network"
+            prefix = f"{self.staging_id(ctx.template, ctx.spec)}/providers/Microsoft.Network"
             ip_configuration = {
                 "subnet": {"id": f"{prefix}/virtualNetworks/{names['vnet']}/subnets/build"},
                 "publicIPAddress": {"id": f"{prefix}/publicIPAddresses/{names['pip']}"},
@@ -737,23 +732,13 @@ class AzureProvider:
     ) -> None:
         """Delete, then purge: a soft-deleted vault would keep its name and its secret."""
         vaults = clients.keyvault.vaults
-        try:
-            vault = await vaults.get(group, name)
-        except ResourceNotFoundError:
-            vault = None
-        except AzureError as error:
-            raise classify(error) from error
+        vault = await ops.find(vaults.get(group, name))
         if vault is not None:
             if (vault.tags or {}).get(tag) != owner:
                 return  # never delete what Kiln did not make
             await ops.call(vaults.delete(group, name))
-        try:
-            deleted = await vaults.get_deleted(name, location)
-        except ResourceNotFoundError:
-            return
-        except AzureError as error:
-            raise classify(error) from error
-        if (deleted.properties.tags or {}).get(tag) != owner:
+        deleted = await ops.find(vaults.get_deleted(name, location))
+        if deleted is None or (deleted.properties.tags or {}).get(tag) != owner:
             return
         poller = await ops.call(vaults.begin_purge_deleted(name, location))
         await ops.call(poller.result())
@@ -761,14 +746,9 @@ class AzureProvider:
     async def _delete_if_ours(
         self, ctx: RunContext, operation_group: Any, group: str, name: str
     ) -> None:
-        try:
-            resource = await operation_group.get(group, name)
-        except ResourceNotFoundError:
-            return
-        except AzureError as error:
-            raise classify(error) from error
-        if (resource.tags or {}).get(RUN_TAG) != ctx.run_uid:
-            return  # never delete what Kiln did not make for this run
+        resource = await ops.find(operation_group.get(group, name))
+        if resource is None or (resource.tags or {}).get(RUN_TAG) != ctx.run_uid:
+            return  # gone, or never made by Kiln for this run
         poller = await ops.call(operation_group.begin_delete(group, name))
         await ops.call(poller.result())
 
