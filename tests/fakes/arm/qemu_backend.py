@@ -33,7 +33,6 @@ import contextlib
 import email.mime.multipart
 import email.mime.text
 import hashlib
-import io
 import logging
 import math
 import os
@@ -45,12 +44,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pycdlib
 import yaml
 from pydantic import BaseModel
 
 from kiln.providers.local import baseimage, qemu
 from kiln.providers.local.disks import ToolError, atomic_output, run_tool, to_fixed_vhd, to_qcow2
+from kiln.providers.local.seed import write_cidata
 
 from .errors import ArmError
 from .models import DEFAULT_MARKETPLACE, MarketplaceImage, VmInfo
@@ -63,7 +62,6 @@ SSH_PORT = 22
 BOOT_TIMEOUT = 300.0
 SHUTDOWN_TIMEOUT = 120.0
 CUSTOM_DATA_PATH = "/var/lib/waagent/CustomData"
-_SEED_FILES = {"user-data": "/USERDATA.;1", "meta-data": "/METADATA.;1"}
 
 
 def debian12_marketplace(
@@ -224,16 +222,7 @@ def user_data(vm: VmInfo) -> str:
 def write_seed(vm: VmInfo, path: Path) -> None:
     """NoCloud `cidata` ISO; a new instance-id per VM makes cloud-init provision it."""
     meta = {"instance-id": f"{vm.name}-{uuid.uuid4().hex[:12]}", "local-hostname": vm.computer_name}
-    contents = {"user-data": user_data(vm), "meta-data": yaml.safe_dump(meta)}
-    iso = pycdlib.PyCdlib()
-    iso.new(joliet=3, rock_ridge="1.09", vol_ident="cidata")
-    for name, iso_path in _SEED_FILES.items():
-        data = contents[name].encode()
-        iso.add_fp(io.BytesIO(data), len(data), iso_path, rr_name=name, joliet_path=f"/{name}")
-    with atomic_output(path) as tmp:
-        tmp.touch(mode=0o600)
-        iso.write(str(tmp))
-        iso.close()
+    write_cidata(user_data(vm), yaml.safe_dump(meta), path)
 
 
 # --- the backend --------------------------------------------------------------------------

@@ -63,10 +63,14 @@ def meta_data(cfg: SeedConfig) -> str:
 
 
 def write_seed_iso(cfg: SeedConfig, path: Path) -> None:
+    write_cidata(user_data(cfg), meta_data(cfg), path)
+
+
+def write_cidata(user_data_text: str, meta_data_text: str, path: Path) -> None:
     """Write the `cidata` ISO (Joliet + Rock Ridge); mode 0600, it holds a private key."""
     iso = pycdlib.PyCdlib()
     iso.new(joliet=3, rock_ridge="1.09", vol_ident=VOLUME_ID)
-    contents = {"user-data": user_data(cfg), "meta-data": meta_data(cfg)}
+    contents = {"user-data": user_data_text, "meta-data": meta_data_text}
     for name, iso_path in _FILES.items():
         data = contents[name].encode()
         iso.add_fp(io.BytesIO(data), len(data), iso_path, rr_name=name, joliet_path=f"/{name}")
