@@ -19,6 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.keyvault import KeyVaultManagementClient
+from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.resource.resources import ResourceManagementClient
+from azure.mgmt.storage import StorageManagementClient
 
 from fakes.arm import DEFAULT_LOCATIONS, ArmEmulator
 from fakes.arm.qemu_backend import (
@@ -69,3 +74,31 @@ def arm_qemu(tmp_path_factory: pytest.TempPathFactory, azurite: Azurite) -> Iter
             yield emulator
     finally:
         backend.shutdown()
+
+
+# The SDK clients of the requesting module's own `arm` emulator fixture.
+
+
+@pytest.fixture(scope="module")
+def resources(arm: ArmEmulator) -> ResourceManagementClient:
+    return arm.client(ResourceManagementClient)
+
+
+@pytest.fixture(scope="module")
+def network(arm: ArmEmulator) -> NetworkManagementClient:
+    return arm.client(NetworkManagementClient)
+
+
+@pytest.fixture(scope="module")
+def compute(arm: ArmEmulator) -> ComputeManagementClient:
+    return arm.client(ComputeManagementClient)
+
+
+@pytest.fixture(scope="module")
+def storage(arm: ArmEmulator) -> StorageManagementClient:
+    return arm.client(StorageManagementClient)
+
+
+@pytest.fixture(scope="module")
+def keyvault(arm: ArmEmulator) -> KeyVaultManagementClient:
+    return arm.client(KeyVaultManagementClient)

@@ -88,26 +88,6 @@ def clean_faults(arm: ArmEmulator) -> Iterator[None]:
     arm.lro_durations.clear()
 
 
-@pytest.fixture(scope="module")
-def resources(arm: ArmEmulator) -> ResourceManagementClient:
-    return arm.client(ResourceManagementClient)
-
-
-@pytest.fixture(scope="module")
-def network(arm: ArmEmulator) -> NetworkManagementClient:
-    return arm.client(NetworkManagementClient)
-
-
-@pytest.fixture(scope="module")
-def compute(arm: ArmEmulator) -> ComputeManagementClient:
-    return arm.client(ComputeManagementClient)
-
-
-@pytest.fixture(scope="module")
-def storage(arm: ArmEmulator) -> StorageManagementClient:
-    return arm.client(StorageManagementClient)
-
-
 def group(resources: ResourceManagementClient, name: str, location: str = LOCATION) -> str:
     rg = resources.resource_groups.create_or_update(
         name, {"location": location, "tags": {"kiln-run": name}}

@@ -74,26 +74,6 @@ def arm(backend: WindowsGuestBackend) -> Iterator[ArmEmulator]:
         yield emulator
 
 
-@pytest.fixture(scope="module")
-def resources(arm: ArmEmulator) -> ResourceManagementClient:
-    return arm.client(ResourceManagementClient)
-
-
-@pytest.fixture(scope="module")
-def network(arm: ArmEmulator) -> NetworkManagementClient:
-    return arm.client(NetworkManagementClient)
-
-
-@pytest.fixture(scope="module")
-def compute(arm: ArmEmulator) -> ComputeManagementClient:
-    return arm.client(ComputeManagementClient)
-
-
-@pytest.fixture(scope="module")
-def keyvault(arm: ArmEmulator) -> KeyVaultManagementClient:
-    return arm.client(KeyVaultManagementClient)
-
-
 # --- helpers ------------------------------------------------------------------------------
 
 
