@@ -12,6 +12,8 @@ whose VMs are real QEMU machines. Pull them in from a conftest with
   holds the locally cached Debian:debian-12:{12,12-gen2} versions, then Windows Server 2022
   (MicrosoftWindowsServer:WindowsServer:2022-datacenter-azure-edition); sizes
   ARM_QEMU_VM_SIZES.
+- `resources`, `network`, `compute`, `storage`, `keyvault` -> the SDK clients of the
+  requesting module's own `arm` emulator fixture.
 """
 
 from __future__ import annotations
