@@ -248,23 +248,13 @@ class RunDriver:
                 f"lost the connection to the build VM: {error}",
                 delay=5,
             )
-        except ApiException as error:  # e.g. RBAC: retried, as a fix may come
-            return _retry_or_fail(
-                ctx,
-                "stepErrors",
-                MAX_STEP_ERRORS,
-                f"step {name}: Kubernetes refused: {refusal(error)}",
-                delay=10,
-            )
-        except Exception as error:  # a bug or an unforeseen failure must not loop forever
-            log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
-            return _retry_or_fail(
-                ctx,
-                "stepErrors",
-                MAX_STEP_ERRORS,
-                f"step {name} failed: {type(error).__name__}: {error}",
-                delay=10,
-            )
+        except Exception as error:  # retried a few times (an RBAC fix may come), never forever
+            if isinstance(error, ApiException):
+                message = f"step {name}: Kubernetes refused: {refusal(error)}"
+            else:  # a bug or an unforeseen failure
+                log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
+                message = f"step {name} failed: {type(error).__name__}: {error}"
+            return _retry_or_fail(ctx, "stepErrors", MAX_STEP_ERRORS, message, delay=10)
 
     def _progress(
         self, ctx: RunContext, records: list[Body], sub_state: RunSubState, message: str
