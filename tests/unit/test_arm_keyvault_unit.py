@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -103,15 +104,7 @@ def test_vault_certificate_format() -> None:
 
 
 def test_vm_info_hides_secrets() -> None:
-    info = VmInfo(
-        id="/x",
-        name="vm",
-        resource_group="rg",
-        location="westus2",
-        vm_size="Standard_D2s_v5",
-        os_type="Windows",
-        computer_name="kiln-build",
-        admin_username="packer",
+    info = _vm(
         admin_password="S3cret!pass",
         winrm_listeners=[WinRmListener(protocol="Https", private_key_pem="KEYDATA")],
     )
@@ -151,7 +144,7 @@ def test_split_statements() -> None:
     assert split_statements(text) == ["Write-Output 'a;b'", "exit 1", "Start-Sleep 0"]
 
 
-def _vm() -> VmInfo:
+def _vm(**fields: Any) -> VmInfo:
     return VmInfo(
         id="/vm",
         name="vm",
@@ -161,6 +154,7 @@ def _vm() -> VmInfo:
         os_type="Windows",
         computer_name="kiln-build",
         admin_username="packer",
+        **fields,
     )
 
 
