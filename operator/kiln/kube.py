@@ -44,6 +44,9 @@ def load_client() -> ApiClient:
     return ApiClient()
 
 
+REQUEST_TIMEOUT = (10, 60)  # (connect, read) seconds for every API server call
+
+
 class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.custom = CustomObjectsApi(client)
@@ -52,7 +55,13 @@ class Kube:
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
         try:
             return await asyncio.to_thread(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
+                self.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as error:
             if error.status == 404:
@@ -67,6 +76,18 @@ class Kube:
             namespace,
             plural,
             label_selector=label_selector,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        return list(result.get("items", []))
+
+    async def list_all(self, plural: str) -> list[Body]:
+        """Every object of the kind in every namespace (the orphan sweeper's view)."""
+        result = await asyncio.to_thread(
+            self.custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            plural,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         return list(result.get("items", []))
 
@@ -74,7 +95,13 @@ class Kube:
         """Create; None when an object of that name exists already (creation is idempotent)."""
         try:
             return await asyncio.to_thread(
-                self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural, body
+                self.custom.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as error:
             if error.status == 409:
@@ -90,6 +117,7 @@ class Kube:
             plural,
             name,
             {"status": status},
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
@@ -101,11 +129,14 @@ class Kube:
             plural,
             name,
             patch,
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+            secret = await asyncio.to_thread(
+                self.core.read_namespaced_secret, name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -114,14 +145,24 @@ class Kube:
 
     async def create_secret(self, namespace: str, body: Body) -> None:
         try:
-            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+            await asyncio.to_thread(
+                self.core.create_namespaced_secret,
+                namespace,
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as error:
             if error.status != 409:
                 raise
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
+            await asyncio.to_thread(
+                self.core.delete_namespaced_secret,
+                name,
+                namespace,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as error:
             if error.status != 404:
                 raise

@@ -27,3 +27,7 @@ CUSTOMIZER_FAILED = "CustomizerFailed"
 VALIDATION_FAILED = "ValidationFailed"
 DISTRIBUTION_FAILED = "DistributionFailed"
 PROVIDER_ERROR = "ProviderError"
+WAITING_FOR_SLOT = "WaitingForBuildSlot"
+RETRYING = "Retrying"  # + the cloud's error code, e.g. RetryingTooManyRequests
+CLEANUP_FAILED = "CleanupFailed"  # also a condition type: what cleanup could not remove
+STEP_DEADLINE = "StepDeadlineExceeded"

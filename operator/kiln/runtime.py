@@ -23,6 +23,10 @@ class Runtime:
         }
         self.template_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.build_slots = asyncio.Semaphore(settings.max_active_runs)
+        # The step pass in flight of each run (by uid), and runs being deleted: deleting a
+        # run stops its step first, and no new step starts after that.
+        self.steps_in_flight: dict[str, asyncio.Future[object]] = {}
+        self.deleting_runs: set[str] = set()
 
     def provider(self, name: str) -> BuildProvider:
         try:

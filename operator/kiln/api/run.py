@@ -25,6 +25,16 @@ TERMINAL_RUN_STATES = frozenset(
 )
 
 
+class RunPhase(StrEnum):
+    """Where the run driver's state machine is; derived from the persisted status."""
+
+    Queued = "Queued"  # no snapshot yet: waiting for its template (admission)
+    WaitingForSlot = "WaitingForSlot"  # admitted, snapshot taken, no build slot yet
+    Building = "Building"  # holds a slot; startTime set; steps run in order
+    CleaningUp = "CleaningUp"  # the ending is recorded; cleanup runs outside the slot
+    Done = "Done"  # a terminal runState
+
+
 class RunSubState(StrEnum):
     Queued = "Queued"
     Building = "Building"

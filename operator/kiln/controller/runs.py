@@ -18,7 +18,7 @@ async def drive_run(
 ) -> None:
     """Runs for as long as the build does; on an operator restart it starts again and resumes."""
     runtime: Runtime = memo.runtime
-    await RunDriver(runtime, body.metadata.namespace, body.metadata.name).drive(stopped)
+    await RunDriver(runtime, body.metadata.namespace, body.metadata.name, stopped).drive()
 
 
 @kopf.on.delete(GROUP, VERSION, RUNS)

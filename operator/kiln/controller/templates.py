@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -15,6 +15,8 @@ from kiln.reconcile import triggers
 from kiln.reconcile.runs import run_manifest
 from kiln.reconcile.sync import refresh_template, template_identity
 from kiln.runtime import Runtime
+
+DELETE_WAIT = timedelta(minutes=20)
 
 
 @kopf.on.resume(GROUP, VERSION, TEMPLATES)
@@ -30,16 +32,30 @@ async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 
 
 @kopf.on.delete(GROUP, VERSION, TEMPLATES)
-async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Waits for active runs (they build from a snapshot), then removes the staging."""
-    runtime: Runtime = memo.runtime
-    active = [r for r in await template_runs(runtime.kube, dict(body)) if decide.is_building(r)]
-    if active:
-        names = ", ".join(r["metadata"]["name"] for r in active)
-        raise kopf.TemporaryError(f"waiting for run(s) {names} to finish", delay=15)
+async def delete_template(body: kopf.Body, memo: kopf.Memo, runtime: timedelta, **_: Any) -> None:
+    """Cancels the template's unfinished runs and waits while they end (a cancel stops a
+    step within seconds and cleanup retries are bounded), then removes the staging. After
+    DELETE_WAIT the staging goes regardless: deletion is never blocked for good."""
+    kiln: Runtime = memo.runtime
+    namespace = body.metadata.namespace
+    unfinished = [r for r in await template_runs(kiln.kube, dict(body)) if not decide.has_ended(r)]
+    for run in unfinished:
+        if not (run.get("spec") or {}).get("cancel"):
+            await kiln.kube.patch(
+                RUNS, namespace, run["metadata"]["name"], {"spec": {"cancel": True}}
+            )
+    if unfinished:
+        names = ", ".join(r["metadata"]["name"] for r in unfinished)
+        if runtime < DELETE_WAIT:
+            raise kopf.TemporaryError(f"waiting for canceled run(s) {names} to end", delay=10)
+        kopf.warn(
+            dict(body),
+            reason="DeletedWithActiveRuns",
+            message=f"run(s) {names} did not end in {DELETE_WAIT}; the staging is removed anyway",
+        )
     status = body.status or {}
     staging = status.get("exactStagingResourceGroup")
-    provider = runtime.providers.get(status.get("provider") or "")
+    provider = kiln.providers.get(status.get("provider") or "")
     if staging and provider:
         keep = bool((body.spec or {}).get("stagingResourceGroup"))
         await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)

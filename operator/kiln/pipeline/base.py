@@ -32,8 +32,9 @@ class Outcome(BaseModel):
         return cls(kind="done", message=message)
 
     @classmethod
-    def wait(cls, message: str, delay: float = 2.0) -> Outcome:
-        return cls(kind="wait", message=message, delay=delay)
+    def wait(cls, message: str, delay: float = 2.0, reason: str | None = None) -> Outcome:
+        """Come back after delay; a reason marks a retry that the run's conditions show."""
+        return cls(kind="wait", message=message, delay=delay, reason=reason)
 
     @classmethod
     def failed(cls, message: str, reason: str, **details: object) -> Outcome:
@@ -89,7 +90,12 @@ class StepEnv:
                 await communicator.close()
 
 
+DEFAULT_PASS_SECONDS = 600.0
+
+
 class Step(Protocol):
+    """pass_seconds (optional, default DEFAULT_PASS_SECONDS) bounds one reconcile()."""
+
     name: str
     sub_state: RunSubState
 

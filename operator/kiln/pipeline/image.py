@@ -34,6 +34,7 @@ class DeprovisionStep:
 
     name = "deprovision"
     sub_state = RunSubState.Customizing
+    pass_seconds = windows.SYSPREP_TIMEOUT_SECONDS + 60  # sysprep runs in one pass
 
     def applies(self, ctx: RunContext) -> bool:
         return builds_image(ctx)
@@ -73,11 +74,11 @@ class DeprovisionStep:
             logs.append(DEPROVISION_JOB, b"the VM is generalized already\n")
             return await self._deprovisioned(ctx, env)
         override = await communicator.run_powershell(windows.HAS_OVERRIDE)
+        script = windows.DEPROVISION_SCRIPT
         if override.stdout.strip() == "True":
             logs.append(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
-            result = await communicator.run_powershell(windows.OVERRIDE_SCRIPT)
-        else:
-            result = await communicator.run_powershell(windows.DEPROVISION_SCRIPT)
+            script = windows.OVERRIDE_SCRIPT
+        result = await communicator.run_powershell(script, windows.SYSPREP_TIMEOUT_SECONDS)
         logs.append(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
         if result.exit_status != 0:
             return _deprovisioning_failed(result.exit_status, logs)
@@ -96,6 +97,7 @@ class DeprovisionStep:
 class CaptureStep:
     name = "capture"
     sub_state = RunSubState.Distributing
+    pass_seconds = 3600.0  # disk conversions of a large image (each tool call is bounded)
 
     def applies(self, ctx: RunContext) -> bool:
         return builds_image(ctx)
@@ -128,7 +130,7 @@ class DistributeStep:
                 output = await env.provider.distribute(ctx, index)
             except ProviderError as error:
                 if not error.fatal:
-                    return Outcome.wait(f"distribute[{index}]: {error}", error.retry_after)
+                    raise  # waiting and retries are the driver's (budget, conditions)
                 output = RunOutput(
                     run_output_name=target.run_output_name,
                     provisioning_state="Failed",

@@ -18,12 +18,24 @@ from kiln.communicators.winrm import WinRmCredentials
 
 
 class ProviderError(Exception):
-    """A failure in the provider's world; fatal ones stop the run, others are retried."""
+    """A failure in the provider's world; fatal ones stop the run, others are retried.
 
-    def __init__(self, message: str, *, fatal: bool = True, retry_after: float = 10.0) -> None:
+    code is the cloud's error code: a non-fatal error with a code is a retry (counted
+    against the run's retry budget and shown in its conditions); one without a code is
+    ordinary waiting (an operation still running)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        fatal: bool = True,
+        retry_after: float = 10.0,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.fatal = fatal
         self.retry_after = retry_after
+        self.code = code
 
 
 class TemplateIdentity(BaseModel):
@@ -107,6 +119,12 @@ class BuildProvider(Protocol):
 
     async def delete_vm(self, ctx: RunContext) -> None:
         """Remove the build VM and everything made for it, keeping logs and outputs."""
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Remove build resources of runs not in keep (run UIDs); what was removed."""
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        """What of the run's build resources still exists (IDs, paths), for a report."""
 
     def describe_vm(self, ctx: RunContext) -> str:
         """How a person reaches a kept build VM (errorHandling abort)."""

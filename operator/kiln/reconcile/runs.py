@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
 from kiln import GROUP, VERSION, reasons
-from kiln.api.run import TERMINAL_RUN_STATES, RunState, StepState
+from kiln.api.run import TERMINAL_RUN_STATES, RunPhase, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import kstatus
 from kiln.reconcile.templates import (
@@ -21,6 +23,11 @@ from kiln.reconcile.templates import (
 
 Body = dict[str, Any]
 ACTIVE_STATES = (RunState.Running, RunState.Canceling)
+DEFAULT_TIMEOUT_MINUTES = 240
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+CLEANUP_ATTEMPTS = 5
+CLEANUP_FIRST_BACKOFF_SECONDS = 10.0
+CLEANUP_MAX_BACKOFF_SECONDS = 300.0
 
 
 def run_manifest(template: Body, name: str, trigger: str) -> Body:
@@ -161,3 +168,69 @@ def run_conditions(
         generation=generation,
         now=now,
     )
+
+
+def phase(status: Body) -> RunPhase:
+    """The state machine's state, from what the status persisted (nothing in memory)."""
+    if status.get("runState") in TERMINAL_RUN_STATES:
+        return RunPhase.Done
+    if not status.get("templateSnapshot"):
+        return RunPhase.Queued
+    if (status.get("checkpoint") or {}).get("ending"):
+        return RunPhase.CleaningUp
+    if not status.get("startTime"):
+        return RunPhase.WaitingForSlot
+    return RunPhase.Building
+
+
+class Interruption(BaseModel):
+    """Why a step in flight must stop now. state None: stop without ending the run (it
+    is being deleted, or the operator is stopping and another one resumes it)."""
+
+    state: RunState | None
+    reason: str
+    message: str
+
+
+def timed_out(start_time: str | None, timeout_minutes: int | None, now: datetime) -> bool:
+    """The build timeout counts from startTime, written when the run got its slot."""
+    if not start_time:
+        return False
+    begun = datetime.strptime(start_time, TIME_FORMAT).replace(tzinfo=UTC)
+    return now > begun + timedelta(minutes=timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
+
+
+def interruption(
+    run: Body | None, timeout_minutes: int | None, now: datetime
+) -> Interruption | None:
+    """Deleted, canceled or past its build timeout: checked while a step is in flight."""
+    if run is None or run["metadata"].get("deletionTimestamp"):
+        return Interruption(state=None, reason="Deleted", message="the run is being deleted")
+    if (run.get("spec") or {}).get("cancel"):
+        return Interruption(
+            state=RunState.Canceled,
+            reason=reasons.CANCELED,
+            message="canceled; build resources removed.",
+        )
+    if timed_out((run.get("status") or {}).get("startTime"), timeout_minutes, now):
+        minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+        return Interruption(
+            state=RunState.Failed,
+            reason=reasons.TIMED_OUT,
+            message=f"the build took longer than buildTimeoutInMinutes ({minutes}); raise it "
+            "or make the build faster",
+        )
+    return None
+
+
+def cleanup_backoff(attempt: int) -> float | None:
+    """Seconds before cleanup attempt `attempt + 1`; None once the attempts are used up."""
+    if attempt >= CLEANUP_ATTEMPTS:
+        return None
+    return min(CLEANUP_FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1), CLEANUP_MAX_BACKOFF_SECONDS)
+
+
+def retry_reason(code: str) -> str:
+    """A CamelCase condition reason naming the cloud's code: RetryingTooManyRequests."""
+    words = re.findall(r"[A-Za-z0-9]+", code)
+    return reasons.RETRYING + "".join(w[:1].upper() + w[1:] for w in words)

@@ -726,6 +726,51 @@ class AzureProvider:
                 clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
             )
 
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Resources tagged with a run UID not in keep, in every subscription in use,
+        deleted in dependency order (VM first, network last, vaults purged)."""
+        subscriptions = set(self._clients) | (
+            {self.settings.subscription_id} if self.settings.subscription_id else set()
+        )
+        removed: list[str] = []
+        for subscription in sorted(subscriptions):
+            clients = await self.clients_for(subscription)
+            tagged = [
+                r
+                async for r in clients.resource.resources.list(filter=f"tagName eq '{RUN_TAG}'")
+                if (r.tags or {}).get(RUN_TAG) not in keep
+            ]
+            kinds = _deletable(clients)
+            order = [*kinds, VAULT_TYPE]
+            tagged.sort(key=lambda r: order.index(r.type) if r.type in order else len(order))
+            for resource in tagged:
+                _, group, _ = parse_id(resource.id)
+                owner = (resource.tags or {})[RUN_TAG]
+                if resource.type == VAULT_TYPE:
+                    await self._delete_vault(
+                        clients, group, resource.name, resource.location, RUN_TAG, owner
+                    )
+                elif resource.type in kinds:
+                    operation_group, _ = kinds[resource.type]
+                    poller = await ops.call(operation_group.begin_delete(group, resource.name))
+                    await ops.call(poller.result())
+                else:
+                    continue
+                removed.append(resource.id)
+        return removed
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        """Resource IDs in the staging group still tagged with this run."""
+        clients = await self.clients(ctx.spec)
+        group = self.staging_group(ctx.template, ctx.spec)
+        if not await ops.call(clients.resource.resource_groups.check_existence(group)):
+            return []
+        return [
+            resource.id
+            async for resource in clients.resource.resources.list_by_resource_group(group)
+            if (resource.tags or {}).get(RUN_TAG) == ctx.run_uid
+        ]
+
     @staticmethod
     async def _delete_vault(
         clients: AzureClients, group: str, name: str, location: str, tag: str, owner: str
@@ -762,6 +807,7 @@ class AzureProvider:
         tags = dict(target.artifact_tags or {})
         if isinstance(target, ManagedImageDistributor):
             _, group, parts = parse_id(target.image_id)
+            await self._replace_managed_image(ctx, clients, group, parts[-1], index)
             body = {
                 "location": target.location,
                 "tags": tags,
@@ -783,6 +829,27 @@ class AzureProvider:
         if isinstance(target, SharedImageDistributor):
             return await self._distribute_shared(ctx, clients, target, index)
         return await self._distribute_vhd(ctx, clients, target, index)
+
+    async def _replace_managed_image(
+        self, ctx: RunContext, clients: AzureClients, group: str, name: str, index: int
+    ) -> None:
+        """As AIB does, a managed image that exists already is overwritten: Azure refuses
+        to change an image's source (PropertyChangeNotAllowed), so an image made from
+        another VM is deleted first. One made from this run's VM is this run's own image
+        (a resumed run), and is kept."""
+        operations = ctx.checkpoint.setdefault("operations", {})
+        key = f"distribute-{index}-replace"
+        if operations.get(key) != ops.DONE:
+            existing = await ops.find(clients.compute.images.get(group, name))
+            source = getattr(existing, "source_virtual_machine", None) if existing else None
+            if existing is None or (source and _same_id(source.id, ctx.checkpoint["vmId"])):
+                operations[key] = ops.DONE
+                return
+        await ops.ensure_all(
+            operations,
+            {key: lambda **kw: clients.compute.images.begin_delete(group, name, **kw)},
+            f"deleting the previous managed image {name}, which this build replaces",
+        )
 
     async def _distribute_shared(
         self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
@@ -929,6 +996,11 @@ def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
 
 async def _nothing() -> str:
     return ""
+
+
+def _same_id(left: str | None, right: str | None) -> bool:
+    """ARM IDs compare case-insensitively."""
+    return (left or "").lower() == (right or "").lower()
 
 
 def _generation(ctx: RunContext) -> str:

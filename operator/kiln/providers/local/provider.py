@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from kiln.api.status import RunOutput
 from kiln.api.template import (
@@ -43,6 +45,7 @@ BUILD_USER = "packer"
 OWNER_MARKER = ".kiln-template"
 IMAGE_DIR = "image"
 STOP_GRACE_SECONDS = 180
+T = TypeVar("T")
 BOOT_FILES = {"/vmlinuz": "vmlinuz", "/initrd.img": "initrd.img"}
 
 
@@ -173,7 +176,7 @@ class LocalProvider:
                     "the build VM stopped unexpectedly; its serial log is "
                     f"{directory / qemu.SERIAL_LOG}"
                 )
-            handle = await asyncio.to_thread(self._start_vm, ctx, directory)
+            handle = await _uninterrupted(asyncio.to_thread(self._start_vm, ctx, directory))
             ctx.checkpoint["vmStarted"] = True
         ctx.checkpoint["vm"] = {"pid": handle.pid, "sshPort": handle.ssh_port}
         return Endpoint(host="127.0.0.1", port=handle.ssh_port, user=BUILD_USER)
@@ -246,12 +249,29 @@ class LocalProvider:
         """Nothing is held open between passes."""
 
     async def delete_vm(self, ctx: RunContext) -> None:
-        directory = self.vm_dir(ctx)
-        handle = qemu.find(directory)
-        if handle is not None:
-            await qemu.powerdown(handle, timeout=20)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        """The build is over (captured, failed or canceled): a VM still running is killed,
+        not shut down, so one that no longer answers goes as fast as one that does."""
+        await asyncio.to_thread(remove_vm_dir, self.vm_dir(ctx))
         await asyncio.to_thread(shutil.rmtree, ctx.run_dir / IMAGE_DIR, True)
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """VM state directories (named by run UID) that no run in keep owns."""
+        root = self.settings.data_root / "vm"
+        if not root.is_dir():
+            return []
+        orphans = [d for d in root.iterdir() if d.is_dir() and d.name not in keep]
+        for directory in orphans:
+            await asyncio.to_thread(remove_vm_dir, directory)
+        return [str(d) for d in orphans]
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        directory = self.vm_dir(ctx)
+        found = []
+        if (handle := qemu.find(directory)) is not None:
+            found.append(f"QEMU process {handle.pid}")
+        if directory.exists():
+            found.append(str(directory))
+        return found
 
     # --- capture and distribution --------------------------------------------------------------
 
@@ -368,6 +388,25 @@ class LocalProvider:
             artifact_uri=destination.as_uri(),
             provisioning_state="Succeeded",
         )
+
+
+def remove_vm_dir(directory: Path) -> None:
+    """Kill the VM running from directory (if any), then remove the directory."""
+    handle = qemu.find(directory)
+    if handle is not None:
+        qemu.kill(handle)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _uninterrupted(work: Awaitable[T]) -> T:
+    """Work in a thread that must not be abandoned half way (a VM being started): a
+    cancel waits for it, so cleanup after the cancel finds and removes what it made."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 def _output(name: str, artifact_id: str, directory: Path) -> RunOutput:
