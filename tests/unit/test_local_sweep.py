@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from kiln.api.run import Checkpoint
 from kiln.api.template import ImageTemplateSpec
 from kiln.providers.base import RunContext, TemplateIdentity
 from kiln.providers.local import qemu
@@ -28,13 +29,14 @@ def _idle_qemu(directory: Path) -> qemu.VmHandle:
 
 
 def _context(provider: LocalProvider, uid: str) -> RunContext:
+    template = TemplateIdentity(namespace="ns", name="t", uid="t-uid")
     return RunContext(
         namespace="ns",
         run_name="r",
         run_uid=uid,
-        template=TemplateIdentity(namespace="ns", name="t", uid="t-uid"),
+        template=template,
         spec=ImageTemplateSpec.model_validate(valid_spec()),
-        checkpoint={},
+        checkpoint=Checkpoint(template=template),
         run_dir=provider.settings.data_root / "runs" / uid,
     )
 

@@ -16,7 +16,7 @@ from kiln.api.run import RunSubState
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WinRmCommunicator
 from kiln.kube import Kube
-from kiln.providers.base import BuildProvider, Endpoint, RunContext
+from kiln.providers.base import BuildProvider, RunContext
 
 
 class Outcome(BaseModel):
@@ -55,7 +55,9 @@ class StepEnv:
         existing = self.connections.get(ctx.run_uid)
         if existing is not None:
             return existing
-        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        endpoint = ctx.checkpoint.endpoint
+        if endpoint is None:
+            raise RuntimeError("no build VM endpoint recorded")
         communicator = SshCommunicator()
         await communicator.connect(
             endpoint.host,
@@ -75,7 +77,9 @@ class StepEnv:
             return existing
         if ctx.winrm is None:
             raise RuntimeError("a Windows run without WinRM credentials")
-        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        endpoint = ctx.checkpoint.endpoint
+        if endpoint is None:
+            raise RuntimeError("no build VM endpoint recorded")
         communicator = WinRmCommunicator()
         await communicator.connect(
             endpoint.host, endpoint.port, endpoint.user, ctx.winrm, timeout=timeout

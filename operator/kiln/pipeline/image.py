@@ -9,7 +9,7 @@ from kiln.customizers import windows
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import RunLogs
-from kiln.providers.base import Endpoint, ProviderError, RunContext
+from kiln.providers.base import ProviderError, RunContext
 
 DEPROVISION_JOB = "deprovision"
 
@@ -40,14 +40,14 @@ class DeprovisionStep:
         return builds_image(ctx)
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        if ctx.checkpoint.get("poweroffRequested"):
+        if ctx.checkpoint.poweroff_requested:
             return Outcome.done("deprovisioned and powered off")
         if ctx.windows:
             return await self._sysprep(ctx, env)
         communicator = await env.communicator(ctx)
-        if not ctx.checkpoint.get("collected"):
+        if not ctx.checkpoint.collected:
             await env.provider.collect_from_vm(ctx, communicator)
-            ctx.checkpoint["collected"] = True
+            ctx.checkpoint.collected = True
         logs = RunLogs(ctx.run_dir)
         logs.start(DEPROVISION_JOB, "deprovision")
         await communicator.start_job(DEPROVISION_JOB, DEPROVISION_SCRIPT, elevated=True)
@@ -57,9 +57,10 @@ class DeprovisionStep:
             return Outcome.wait("deprovisioning", delay=3)
         if status.exit_code != 0:
             return _deprovisioning_failed(status.exit_code, logs)
-        user = Endpoint.model_validate(ctx.checkpoint["endpoint"]).user
+        assert ctx.checkpoint.endpoint is not None
+        user = ctx.checkpoint.endpoint.user
         await communicator.run(final_shutdown_command(user))
-        ctx.checkpoint["poweroffRequested"] = True
+        ctx.checkpoint.poweroff_requested = True
         await env.disconnect(ctx)
         return Outcome.done("deprovisioned; powering off")
 
@@ -86,7 +87,7 @@ class DeprovisionStep:
 
     @staticmethod
     async def _deprovisioned(ctx: RunContext, env: StepEnv) -> Outcome:
-        ctx.checkpoint["poweroffRequested"] = True
+        ctx.checkpoint.poweroff_requested = True
         await env.disconnect(ctx)
         return Outcome.done("sysprep done; capture deallocates the VM")
 
@@ -122,7 +123,7 @@ class DistributeStep:
         return builds_image(ctx)
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        outputs: dict[str, dict[str, object]] = ctx.checkpoint.setdefault("outputs", {})
+        outputs = ctx.checkpoint.outputs
         for index, target in enumerate(ctx.spec.distribute):
             if str(index) in outputs:
                 continue
@@ -136,10 +137,10 @@ class DistributeStep:
                     provisioning_state="Failed",
                     message=str(error),
                 )
-            outputs[str(index)] = output.wire()
-        failed = [o for o in outputs.values() if o.get("provisioningState") == "Failed"]
+            outputs[str(index)] = output
+        failed = [o for o in outputs.values() if o.provisioning_state == "Failed"]
         if len(failed) == len(outputs):
-            detail = "; ".join(f"{o['runOutputName']}: {o.get('message')}" for o in failed)
+            detail = "; ".join(f"{o.run_output_name}: {o.message}" for o in failed)
             return Outcome.failed(
                 f"no target was distributed: {detail}", reasons.DISTRIBUTION_FAILED
             )

@@ -40,8 +40,8 @@ class ScriptPhase:
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         steps = self.steps(ctx)
         logs = RunLogs(ctx.run_dir)
-        key = f"{self.name}Index"
-        while (index := ctx.checkpoint.get(key, 0)) < len(steps):
+        done = ctx.checkpoint.script_index
+        while (index := done.get(self.name, 0)) < len(steps):
             step = steps[index]
             title = _title(self.name, index, step)
             job_id = f"{self.name}-{index:02d}"
@@ -54,7 +54,7 @@ class ScriptPhase:
                 if outcome.kind == "failed":
                     outcome.message = f"{title}: {outcome.message}"
                 return outcome
-            ctx.checkpoint[key] = index + 1
+            done[self.name] = index + 1
         return Outcome.done(f"{len(steps)} step(s) succeeded")
 
     async def _run_step(

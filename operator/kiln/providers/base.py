@@ -7,10 +7,11 @@ its world (QEMU on this machine, or an Azure subscription) and reports where the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from kiln.api.run import Checkpoint, Endpoint, TemplateIdentity
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import SshCommunicator as Communicator
@@ -38,20 +39,6 @@ class ProviderError(Exception):
         self.code = code
 
 
-class TemplateIdentity(BaseModel):
-    namespace: str
-    name: str
-    uid: str
-
-
-class Endpoint(BaseModel):
-    """How to reach a build VM's communicator."""
-
-    host: str
-    port: int
-    user: str
-
-
 class RunContext(BaseModel):
     """Everything a step needs about one run; checkpoint is persisted after every step."""
 
@@ -62,7 +49,7 @@ class RunContext(BaseModel):
     run_uid: str
     template: TemplateIdentity
     spec: ImageTemplateSpec
-    checkpoint: dict[str, Any]
+    checkpoint: Checkpoint
     run_dir: Path
     client_private_key: str = ""
     client_public_key: str = ""
@@ -77,7 +64,7 @@ class RunContext(BaseModel):
     @property
     def windows(self) -> bool:
         """The source image runs Windows (the provider records it when resolving)."""
-        return self.checkpoint.get("osType") == "Windows"
+        return self.checkpoint.os_type == "Windows"
 
 
 class BuildProvider(Protocol):

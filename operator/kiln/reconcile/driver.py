@@ -27,7 +27,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kiln import reasons
-from kiln.api.run import RunPhase, RunState, RunSubState, StepState
+from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
 from kiln.kube import RUNS, TEMPLATES, refusal, template_runs
@@ -36,7 +36,7 @@ from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all, pass_de
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import decode_keys
-from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
+from kiln.providers.base import ProviderError, RunContext
 from kiln.reconcile import runs as decide
 from kiln.reconcile.conditions import now_rfc3339, set_condition
 from kiln.reconcile.sync import refresh_template, template_identity
@@ -169,7 +169,8 @@ class RunDriver:
         startTime waits for the build slot."""
         parsed = ImageTemplateSpec.model_validate(spec)
         identity = template_identity(template)
-        ctx = self._context(run, parsed, identity, {"template": identity.model_dump()})
+        ctx = self._context(run, parsed, Checkpoint(template=identity))
+        ctx.checkpoint.log_path = str(ctx.log_path)
         steps = [
             {"name": s.name, "state": StepState.Pending if s.applies(ctx) else StepState.Skipped}
             for s in STEPS
@@ -187,7 +188,7 @@ class RunDriver:
                 "templateHash": spec_hash(spec),
                 "templateSnapshot": spec,
                 "steps": steps,
-                "checkpoint": {"template": identity.model_dump(), "logPath": str(ctx.log_path)},
+                "checkpoint": ctx.checkpoint.wire(),
                 "conditions": decide.run_conditions(
                     _status(run).get("conditions"),
                     RunState.Running,
@@ -261,26 +262,23 @@ class RunDriver:
         )
         kopf.info(run, reason="Started", message=message)
 
-    def _context(
-        self, run: Body, spec: ImageTemplateSpec, template: TemplateIdentity, checkpoint: Body
-    ) -> RunContext:
+    def _context(self, run: Body, spec: ImageTemplateSpec, checkpoint: Checkpoint) -> RunContext:
         provider = self.runtime.provider(spec.provider or "")
         return RunContext(
             namespace=self.namespace,
             run_name=self.name,
             run_uid=run["metadata"]["uid"],
-            template=template,
+            template=checkpoint.template,
             spec=spec,
             checkpoint=checkpoint,
-            run_dir=provider.run_dir(template, spec, self.name),
+            run_dir=provider.run_dir(checkpoint.template, spec, self.name),
         )
 
     async def context(self, run: Body) -> RunContext:
         status = _status(run)
-        checkpoint = dict(status.get("checkpoint") or {})
+        checkpoint = Checkpoint.model_validate(status.get("checkpoint") or {})
         spec = ImageTemplateSpec.model_validate(status["templateSnapshot"])
-        template = TemplateIdentity.model_validate(checkpoint["template"])
-        ctx = self._context(run, spec, template, checkpoint)
+        ctx = self._context(run, spec, checkpoint)
         keys = await self.kube.read_secret(self.namespace, run_secret_name(self.name))
         if keys:
             decode_keys(keys, ctx)
@@ -347,7 +345,7 @@ class RunDriver:
         record.update(state=StepState.Failed, exitCode=outcome.exit_code, logTail=outcome.log_tail)
         validate = ctx.spec.validate_
         if step.name == "validate" and validate and validate.continue_distribute_on_failure:
-            ctx.checkpoint["validationFailure"] = outcome.message
+            ctx.checkpoint.validation_failure = outcome.message
             await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
             return 0
         return await self.fail(run, ctx, records, outcome, self._keep_vm(ctx, step.name))
@@ -385,7 +383,7 @@ class RunDriver:
                 if time.monotonic() >= ends:
                     await _stop(task)
                     message = f"a pass of the step ran past its deadline ({deadline:.0f}s)"
-                    return _retry_or_fail(ctx, "stepErrors", MAX_STEP_ERRORS, message, 5), None
+                    return _retry_or_fail(ctx, "step_errors", MAX_STEP_ERRORS, message, 5), None
                 fresh = await self.kube.get(RUNS, self.namespace, self.name)
                 interrupted = decide.interruption(fresh, ctx.spec.build_timeout_in_minutes, _now())
                 if interrupted is not None:
@@ -419,8 +417,9 @@ class RunDriver:
         assert self.env is not None
         try:
             outcome = await STEPS_BY_NAME[name].reconcile(ctx, self.env)
-            for counter in ("connectionErrors", "stepErrors", "cloudRetries"):
-                ctx.checkpoint.pop(counter, None)
+            ctx.checkpoint.connection_errors = 0
+            ctx.checkpoint.step_errors = 0
+            ctx.checkpoint.cloud_retries = 0
             return outcome
         except ProviderError as error:
             if error.fatal:
@@ -432,7 +431,7 @@ class RunDriver:
             await self.env.disconnect(ctx)
             return _retry_or_fail(
                 ctx,
-                "connectionErrors",
+                "connection_errors",
                 MAX_CONNECTION_ERRORS,
                 f"lost the connection to the build VM: {error}",
                 delay=5,
@@ -443,7 +442,7 @@ class RunDriver:
             else:  # a bug or an unforeseen failure
                 log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
                 message = f"step {name} failed: {type(error).__name__}: {error}"
-            return _retry_or_fail(ctx, "stepErrors", MAX_STEP_ERRORS, message, delay=10)
+            return _retry_or_fail(ctx, "step_errors", MAX_STEP_ERRORS, message, delay=10)
 
     def _step_started(self, ctx: RunContext, step: str) -> None:
         log.info("run %s/%s: step %s started", self.namespace, self.name, step)
@@ -458,8 +457,8 @@ class RunDriver:
             "runSubState": sub_state,
             "message": message,
             "steps": records,
-            "checkpoint": ctx.checkpoint,
-            "exactSource": ctx.checkpoint.get("exactSource"),
+            "checkpoint": ctx.checkpoint.wire(),
+            "exactSource": ctx.checkpoint.exact_source,
             "runOutputs": _outputs(ctx),
         }
 
@@ -505,17 +504,12 @@ class RunDriver:
         quiet: bool = False,
     ) -> None:
         """Record how the run ends (persist intent); cleanup follows outside the slot."""
-        ctx.checkpoint["ending"] = {
-            "state": state,
-            "reason": reason,
-            "message": message,
-            "keepVm": keep_vm,
-        }
+        ctx.checkpoint.ending = Ending(state=state, reason=reason, message=message, keep_vm=keep_vm)
         now = now_rfc3339()
         for record in records:
             if record["state"] == StepState.Running:
                 record.update(state=StepState.Failed, endTime=now, message="stopped")
-        patch: Body = {"steps": records, "checkpoint": ctx.checkpoint, "message": message}
+        patch: Body = {"steps": records, "checkpoint": ctx.checkpoint.wire(), "message": message}
         if state == RunState.Canceled:
             patch["runState"] = RunState.Canceling
         await self.write(run, patch)
@@ -530,41 +524,39 @@ class RunDriver:
         ctx = await self.context(run)
         assert self.env is not None
         records: list[Body] = [dict(r) for r in _status(run)["steps"]]
-        ending = ctx.checkpoint["ending"]
-        keep_vm = bool(ending.get("keepVm"))
+        ending = ctx.checkpoint.ending
+        assert ending is not None
+        keep_vm = ending.keep_vm
         try:
             await asyncio.wait_for(delete_all(ctx, self.env, keep_vm=keep_vm), CLEANUP_PASS_SECONDS)
         except Exception as error:  # the build's resources must not leak: try again later
             if isinstance(error, TimeoutError):
                 error = TimeoutError(f"cleanup took longer than {CLEANUP_PASS_SECONDS:.0f}s")
             log.warning("cleanup of run %s/%s failed: %s", self.namespace, self.name, error)
-            attempt = int(ending.get("cleanupAttempts", 0)) + 1
-            ending["cleanupAttempts"] = attempt
-            ending["cleanupError"] = str(error)[:500]
+            attempt = ending.cleanup_attempts = ending.cleanup_attempts + 1
+            ending.cleanup_error = str(error)[:500]
             backoff = decide.cleanup_backoff(attempt)
             if backoff is not None:
                 await self.write(
                     run,
                     {
-                        "checkpoint": ctx.checkpoint,
-                        "message": f"{ending['message']} Cleanup attempt {attempt} of "
+                        "checkpoint": ctx.checkpoint.wire(),
+                        "message": f"{ending.message} Cleanup attempt {attempt} of "
                         f"{decide.CLEANUP_ATTEMPTS} failed, retrying in {backoff:.0f}s: "
-                        f"{ending['cleanupError']}",
+                        f"{ending.cleanup_error}",
                     },
                 )
                 return backoff
             leftovers = await self._leftovers(ctx)
             self._record_cleanup(records, StepState.Failed, f"left behind: {', '.join(leftovers)}")
-            await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint})
-            await self.finish(
-                run, RunState(ending["state"]), ending["reason"], ending["message"], ctx, leftovers
-            )
+            await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint.wire()})
+            await self.finish(run, ending.state, ending.reason, ending.message, ctx, leftovers)
             return 0
         kept = "; the build VM is kept (errorHandling abort)" if keep_vm else ""
         self._record_cleanup(records, StepState.Succeeded, f"build resources removed{kept}")
-        ctx.checkpoint["vmKept"] = keep_vm
-        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint})
-        await self.finish(run, RunState(ending["state"]), ending["reason"], ending["message"], ctx)
+        ctx.checkpoint.vm_kept = keep_vm
+        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint.wire()})
+        await self.finish(run, ending.state, ending.reason, ending.message, ctx)
         return 0
 
     @staticmethod
@@ -624,7 +616,7 @@ class RunDriver:
             "conditions": conditions,
         }
         if ctx is not None:
-            patch |= {"checkpoint": ctx.checkpoint, "runOutputs": _outputs(ctx)}
+            patch |= {"checkpoint": ctx.checkpoint.wire(), "runOutputs": _outputs(ctx)}
             await self._publish_logs(ctx)
         await self.write(run, patch)
         if self.env is not None and ctx is not None:
@@ -693,8 +685,8 @@ def _retry_or_fail(
     ctx: RunContext, counter: str, limit: int, message: str, delay: float
 ) -> Outcome:
     """Retry a failing step a few times (counted in the checkpoint), then give up."""
-    errors = ctx.checkpoint.get(counter, 0) + 1
-    ctx.checkpoint[counter] = errors
+    errors = getattr(ctx.checkpoint, counter) + 1
+    setattr(ctx.checkpoint, counter, errors)
     if errors > limit:
         return Outcome.failed(f"{message} ({errors} attempts)", reasons.PROVIDER_ERROR)
     return Outcome.wait(f"retrying: {message}", delay=delay * errors)
@@ -704,8 +696,7 @@ def _cloud_retry(ctx: RunContext, step: str, error: ProviderError) -> Outcome:
     """A retryable cloud error: visible (reason and event name the code), within a budget
     of consecutive retries, after which the run fails with the last error."""
     assert error.code is not None
-    retries = ctx.checkpoint.get("cloudRetries", 0) + 1
-    ctx.checkpoint["cloudRetries"] = retries
+    retries = ctx.checkpoint.cloud_retries = ctx.checkpoint.cloud_retries + 1
     if retries > MAX_CLOUD_RETRIES:
         return Outcome.failed(
             f"step {step}: gave up after {MAX_CLOUD_RETRIES} retries: {error}",
@@ -720,5 +711,5 @@ def _cloud_retry(ctx: RunContext, step: str, error: ProviderError) -> Outcome:
 
 
 def _outputs(ctx: RunContext) -> list[Body] | None:
-    outputs = ctx.checkpoint.get("outputs") or {}
-    return [outputs[key] for key in sorted(outputs, key=int)] or None
+    outputs = ctx.checkpoint.outputs
+    return [outputs[key].wire() for key in sorted(outputs, key=int)] or None

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kiln import GROUP, VERSION, reasons
-from kiln.api.run import TERMINAL_RUN_STATES, RunPhase, RunState, StepState
+from kiln.api.run import TERMINAL_RUN_STATES, Checkpoint, RunPhase, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import kstatus
 from kiln.reconcile.templates import (
@@ -127,19 +127,19 @@ def next_step(records: list[Body]) -> int | None:
     return None
 
 
-def final_state(checkpoint: Body) -> tuple[RunState, str, str]:
+def final_state(checkpoint: Checkpoint) -> tuple[RunState, str, str]:
     """runState, reason and message once every step has run."""
-    outputs = list((checkpoint.get("outputs") or {}).values())
-    failed = [o for o in outputs if o.get("provisioningState") == "Failed"]
-    if checkpoint.get("validationFailure"):
+    outputs = list(checkpoint.outputs.values())
+    failed = [o for o in outputs if o.provisioning_state == "Failed"]
+    if checkpoint.validation_failure:
         return (
             RunState.Failed,
             reasons.VALIDATION_FAILED,
-            f"validation failed ({checkpoint['validationFailure']}); the image was distributed "
+            f"validation failed ({checkpoint.validation_failure}); the image was distributed "
             "because continueDistributeOnFailure is true.",
         )
     if failed:
-        detail = "; ".join(f"{o['runOutputName']}: {o.get('message', '')}" for o in failed)
+        detail = "; ".join(f"{o.run_output_name}: {o.message or ''}" for o in failed)
         return (
             RunState.PartiallySucceeded,
             reasons.PARTIALLY_SUCCEEDED,

@@ -206,7 +206,7 @@ class AzureProvider:
             "tags": self._tags(ctx, "staging-storage", run=False),
             "properties": {"minimumTlsVersion": "TLS1_2", "allowBlobPublicAccess": False},
         }
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         await ops.ensure_all(
             operations,
             {
@@ -276,7 +276,7 @@ class AzureProvider:
                 await container.create_container()
             blob = container.get_blob_client(f"{ctx.run_name}/{COMBINED}")
             await blob.upload_blob(log.read_bytes(), overwrite=True)
-            ctx.checkpoint["logUri"] = blob.url.split("?", 1)[0]
+            ctx.checkpoint.log_uri = blob.url.split("?", 1)[0]
 
     async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
         clients = await self.clients(ctx.spec)
@@ -314,7 +314,7 @@ class AzureProvider:
                 "version": version,
             }
             exact = ":".join((source.publisher, source.offer, source.sku, version))
-            ctx.checkpoint["sourceVersion"] = version
+            ctx.checkpoint.source_version = version
         elif isinstance(source, ManagedImageSource):
             _, group, parts = parse_id(source.image_id)
             managed = await ops.call(clients.compute.images.get(group, parts[-1]))
@@ -330,11 +330,11 @@ class AzureProvider:
             os_type = definition.os_type
             generation = definition.hyper_v_generation
             reference = {"id": exact}
-            ctx.checkpoint["sourceVersion"] = exact.rsplit("/", 1)[-1]
-        ctx.checkpoint["osType"] = _enum_value(os_type)
-        ctx.checkpoint["hyperVGeneration"] = _enum_value(generation) if generation else "V1"
-        check_steps_fit(ctx.spec, ctx.checkpoint["osType"])
-        ctx.checkpoint["imageReference"] = reference
+            ctx.checkpoint.source_version = exact.rsplit("/", 1)[-1]
+        ctx.checkpoint.os_type = _enum_value(os_type)
+        ctx.checkpoint.azure.hyper_v_generation = _enum_value(generation) if generation else "V1"
+        check_steps_fit(ctx.spec, ctx.checkpoint.os_type)
+        ctx.checkpoint.azure.image_reference = reference
         return exact
 
     async def _latest_platform_version(self, clients: AzureClients, spec: ImageTemplateSpec) -> str:
@@ -463,7 +463,7 @@ class AzureProvider:
             },
         }
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 "vault": lambda **kw: clients.keyvault.vaults.begin_create_or_update(
                     group, name, body, **kw
@@ -471,7 +471,7 @@ class AzureProvider:
             },
             "creating the Key Vault for the WinRM certificate",
         )
-        if "winrmCertificateUrl" not in ctx.checkpoint:
+        if ctx.checkpoint.azure.winrm_certificate_url is None:
             secret = await ops.call(
                 clients.keyvault.secrets.create_or_update(
                     group,
@@ -485,14 +485,14 @@ class AzureProvider:
                     },
                 )
             )
-            ctx.checkpoint["winrmCertificateUrl"] = secret.properties.secret_uri_with_version
+            ctx.checkpoint.azure.winrm_certificate_url = secret.properties.secret_uri_with_version
         return f"{self.staging_id(ctx.template, ctx.spec)}/providers/{VAULT_TYPE}/{name}"
 
     async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
         """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
         names = self._names(ctx)
         location = ctx.spec.location
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         network = clients.network
         vnet_config = ctx.spec.vm_profile.vnet_config if ctx.spec.vm_profile else None
         ip_configuration: dict[str, Any]
@@ -612,11 +612,11 @@ class AzureProvider:
             "properties": {
                 "hardwareProfile": {"vmSize": self._vm_size(ctx)},
                 "storageProfile": {
-                    "imageReference": ctx.checkpoint["imageReference"],
+                    "imageReference": ctx.checkpoint.azure.image_reference,
                     "osDisk": os_disk,
                 },
                 "osProfile": self._os_profile(
-                    ctx, vault_id, ctx.checkpoint.get("winrmCertificateUrl", "")
+                    ctx, vault_id, ctx.checkpoint.azure.winrm_certificate_url or ""
                 ),
                 "networkProfile": {
                     "networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]
@@ -638,7 +638,7 @@ class AzureProvider:
                     identity: {} for identity in profile.user_assigned_identities
                 },
             }
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         await ops.ensure_all(
             operations,
             {
@@ -648,7 +648,7 @@ class AzureProvider:
             },
             "creating the build VM",
         )
-        ctx.checkpoint["vmId"] = (
+        ctx.checkpoint.azure.vm_id = (
             await ops.call(clients.compute.virtual_machines.get(group, names["vm"]))
         ).id
         return Endpoint(
@@ -669,12 +669,12 @@ class AzureProvider:
 
     async def stop_vm(self, ctx: RunContext) -> bool:
         """Deallocate, then generalize: what capture needs."""
-        if ctx.checkpoint.get("generalized"):
+        if ctx.checkpoint.azure.generalized:
             return True
         clients = await self.clients(ctx.spec)
         group, name = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["vm"]
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 "deallocate": lambda **kw: clients.compute.virtual_machines.begin_deallocate(
                     group, name, **kw
@@ -683,16 +683,16 @@ class AzureProvider:
             "deallocating the build VM",
         )
         await ops.call(clients.compute.virtual_machines.generalize(group, name))
-        ctx.checkpoint["generalized"] = True
+        ctx.checkpoint.azure.generalized = True
         return True
 
     async def capture(self, ctx: RunContext) -> None:
         """Azure captures from the generalized VM in each distributor."""
 
     def describe_vm(self, ctx: RunContext) -> str:
-        endpoint = ctx.checkpoint.get("endpoint") or {}
+        endpoint = ctx.checkpoint.endpoint
         secret = f"{ctx.namespace}/{run_secret_name(ctx.run_name)}"
-        host = endpoint.get("host", "?")
+        host = endpoint.host if endpoint else "?"
         if ctx.windows:
             how = (
                 f"WinRM over HTTPS to {host}:{WINRM_HTTPS_PORT} as {BUILD_USER}, password and "
@@ -701,7 +701,7 @@ class AzureProvider:
         else:
             how = f"ssh {BUILD_USER}@{host} with the key in Secret {secret} (ssh-privatekey)"
         return (
-            f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: {how}; "
+            f"the build VM {ctx.checkpoint.azure.vm_id or ''} is kept: {how}; "
             "delete the run to remove it"
         )
 
@@ -802,7 +802,7 @@ class AzureProvider:
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         target = ctx.spec.distribute[index]
         clients = await self.clients(ctx.spec)
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         key = f"distribute-{index}"
         tags = dict(target.artifact_tags or {})
         if isinstance(target, ManagedImageDistributor):
@@ -812,7 +812,7 @@ class AzureProvider:
                 "location": target.location,
                 "tags": tags,
                 "properties": {
-                    "sourceVirtualMachine": {"id": ctx.checkpoint["vmId"]},
+                    "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
                     "hyperVGeneration": _generation(ctx),
                 },
             }
@@ -837,12 +837,12 @@ class AzureProvider:
         to change an image's source (PropertyChangeNotAllowed), so an image made from
         another VM is deleted first. One made from this run's VM is this run's own image
         (a resumed run), and is kept."""
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         key = f"distribute-{index}-replace"
         if operations.get(key) != ops.DONE:
             existing = await ops.find(clients.compute.images.get(group, name))
             source = getattr(existing, "source_virtual_machine", None) if existing else None
-            if existing is None or (source and _same_id(source.id, ctx.checkpoint["vmId"])):
+            if existing is None or (source and _same_id(source.id, ctx.checkpoint.azure.vm_id)):
                 operations[key] = ops.DONE
                 return
         await ops.ensure_all(
@@ -856,15 +856,15 @@ class AzureProvider:
     ) -> RunOutput:
         _, group, parts = parse_id(target.gallery_image_id)
         gallery, definition = parts[1], parts[3]
-        version_key_name = f"distribute-{index}-version"
-        version = ctx.checkpoint.get(version_key_name)
-        if version is None:  # decided once, so a resumed run publishes the same version
-            version = (
+        decided = ctx.checkpoint.azure.gallery_versions
+        version = decided.get(str(index))
+        if version is None:  # decided once, saved before the PUT: a resumed run publishes it
+            decided[str(index)] = (
                 parts[5]
                 if len(parts) > 5
                 else await self._next_version(ctx, clients, group, gallery, definition, target)
             )
-            ctx.checkpoint[version_key_name] = version
+            raise ops.Pending(f"recording gallery version {decided[str(index)]}", retry_after=0)
         regions = [
             {
                 "name": r.name,
@@ -894,12 +894,12 @@ class AzureProvider:
             "tags": dict(target.artifact_tags or {}),
             "properties": {
                 "publishingProfile": profile,
-                "storageProfile": {"source": {"id": ctx.checkpoint["vmId"]}},
+                "storageProfile": {"source": {"id": ctx.checkpoint.azure.vm_id}},
             },
         }
         versions = clients.compute.gallery_image_versions
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 f"distribute-{index}": lambda **kw: versions.begin_create_or_update(
                     group, gallery, definition, version, body, **kw
@@ -924,9 +924,7 @@ class AzureProvider:
             v.name async for v in versions.list_by_gallery_image(group, gallery, definition)
         ]
         try:
-            return next_version(
-                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
-            )
+            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
         except VersioningError as error:
             raise ProviderError(str(error)) from error
 
@@ -935,8 +933,8 @@ class AzureProvider:
     ) -> RunOutput:
         """Read access to the OS disk, a sparse page-blob copy, access revoked."""
         group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
-        done_key = f"distribute-{index}-copied"
-        if not ctx.checkpoint.get(done_key):
+        copied = ctx.checkpoint.azure.copied_vhds
+        if str(index) not in copied:
             poller = await ops.call(
                 clients.compute.disks.begin_grant_access(
                     group, disk, {"access": "Read", "durationInSeconds": 3600}
@@ -948,8 +946,8 @@ class AzureProvider:
             finally:
                 revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
                 await ops.call(revoke.result())
-            ctx.checkpoint[done_key] = destination
-        destination = ctx.checkpoint[done_key]
+            copied[str(index)] = destination
+        destination = copied[str(index)]
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=destination,
@@ -1005,7 +1003,7 @@ def _same_id(left: str | None, right: str | None) -> bool:
 
 def _generation(ctx: RunContext) -> str:
     """The source image's Hyper-V generation, as resolved (V1 when Azure names none)."""
-    return str(ctx.checkpoint.get("hyperVGeneration") or "V1")
+    return ctx.checkpoint.azure.hyper_v_generation or "V1"
 
 
 def _output(name: str, artifact_id: str) -> RunOutput:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
+from kiln.api.run import BootFiles, LocalVm
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     ImageTemplateSpec,
@@ -126,8 +127,10 @@ class LocalProvider:
                 boot = self._gallery_boot(directory)
         except (baseimage.ImageNotFound, GalleryError) as error:
             raise ProviderError(str(error)) from error
-        ctx.checkpoint["source"] = {key: str(path) for key, path in boot.items()}
-        ctx.checkpoint["sourceVersion"] = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        ctx.checkpoint.local.source = BootFiles.model_validate(
+            {key: str(path) for key, path in boot.items()}
+        )
+        ctx.checkpoint.source_version = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
         return exact
 
     def _platform_image(self, source: PlatformImageSource) -> baseimage.BaseImage:
@@ -171,19 +174,20 @@ class LocalProvider:
         directory = self.vm_dir(ctx)
         handle = qemu.find(directory)
         if handle is None:
-            if ctx.checkpoint.get("vmStarted"):
+            if ctx.checkpoint.local.vm_started:
                 raise ProviderError(
                     "the build VM stopped unexpectedly; its serial log is "
                     f"{directory / qemu.SERIAL_LOG}"
                 )
             handle = await _uninterrupted(asyncio.to_thread(self._start_vm, ctx, directory))
-            ctx.checkpoint["vmStarted"] = True
-        ctx.checkpoint["vm"] = {"pid": handle.pid, "sshPort": handle.ssh_port}
+            ctx.checkpoint.local.vm_started = True
+        ctx.checkpoint.local.vm = LocalVm(pid=handle.pid, ssh_port=handle.ssh_port)
         return Endpoint(host="127.0.0.1", port=handle.ssh_port, user=BUILD_USER)
 
     def _start_vm(self, ctx: RunContext, directory: Path) -> qemu.VmHandle:
         directory.mkdir(parents=True, exist_ok=True)
-        source = ctx.checkpoint["source"]
+        source = ctx.checkpoint.local.source
+        assert source is not None
         overlay, seed = directory / "os.qcow2", directory / "seed.iso"
         size = ctx.spec.vm_profile.os_disk_size_gb if ctx.spec.vm_profile else None
         try:
@@ -226,7 +230,9 @@ class LocalProvider:
         handle = qemu.find(self.vm_dir(ctx))
         if handle is None:
             return True
-        since = ctx.checkpoint.setdefault("stopRequestedAt", time.time())
+        if ctx.checkpoint.local.stop_requested_at is None:
+            ctx.checkpoint.local.stop_requested_at = time.time()
+        since = ctx.checkpoint.local.stop_requested_at
         if time.time() - since > STOP_GRACE_SECONDS:
             await qemu.powerdown(handle, timeout=60)
             return True
@@ -292,7 +298,7 @@ class LocalProvider:
             if not vhd.exists():
                 to_fixed_vhd(overlay, vhd)
             check_fixed_vhd(vhd)
-        ctx.checkpoint["diskSha256"] = sha256_file(qcow2)
+        ctx.checkpoint.local.disk_sha256 = sha256_file(qcow2)
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         try:
@@ -307,9 +313,9 @@ class LocalProvider:
             {
                 "id": artifact_id,
                 "location": location,
-                "source": ctx.checkpoint.get("exactSource", ""),
+                "source": ctx.checkpoint.exact_source or "",
                 "run": f"{ctx.namespace}/{ctx.run_name}",
-                "disk_sha256": ctx.checkpoint["diskSha256"],
+                "disk_sha256": ctx.checkpoint.local.disk_sha256,
                 **extra,
             }
         )
@@ -361,9 +367,7 @@ class LocalProvider:
             return explicit
         existing = self.gallery.version_names(definition_id)
         try:
-            return next_version(
-                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
-            )
+            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
         except VersioningError as error:
             raise GalleryError(str(error)) from error
 
