@@ -21,10 +21,12 @@ import yaml
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
+from azure.storage.blob import BlobServiceClient
 
 from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
+from fakes.azurite import Azurite
 from kiln.api.run import Checkpoint
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators import winrm
@@ -37,6 +39,7 @@ from kiln.communicators.winrm import (
 from kiln.naming import BUILD_COMPUTER_NAME
 from kiln.pipeline.base import StepEnv
 from kiln.pipeline.image import DeprovisionStep
+from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import ConnectStep
 from kiln.providers.azure import operations
 from kiln.providers.azure.provider import AzureProvider
@@ -231,10 +234,46 @@ async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_f
         await provider.delete_vm(ctx)
 
 
+async def test_the_log_goes_to_an_append_blob_that_gets_only_what_it_lacks(
+    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ArmEmulator(
+        lro_duration=0.2,
+        retry_after=0.05,
+        blob_endpoint=azurite.blob_endpoint,
+        storage_account_key=azurite.account_key,
+    ) as arm:
+        for name, value in arm.environment().items():
+            if name.startswith("AZURE_"):
+                monkeypatch.setenv(name, value)
+        azure = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+        try:
+            ctx = context(arm, tmp_path)
+            await until_done(lambda: azure.ensure_staging(ctx))
+            log = ctx.run_dir / COMBINED
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_bytes(b"==> customize[0]\nfirst\n")
+            await azure.publish_logs(ctx)
+            with log.open("ab") as handle:
+                handle.write(b"second\n" * 1000)
+            await azure.publish_logs(ctx)
+            await azure.publish_logs(ctx)  # nothing new: nothing sent
+            assert ctx.checkpoint.log_uri and "?" not in ctx.checkpoint.log_uri
+            service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+            blob = service.get_blob_client("packerlogs", f"{ctx.run_name}/{COMBINED}")
+            assert blob.get_blob_properties().blob_type == "AppendBlob"
+            assert blob.download_blob().readall() == log.read_bytes()
+            listings = [r for r in arm.requests if r.path.endswith("/listKeys")]
+            assert len(listings) == 1  # once per account, not per upload
+        finally:
+            await azure.close()
+
+
 async def test_transient_failures_are_retried_without_duplicates(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
     ctx = context(arm, tmp_path)
+    before = arm.creations()  # the module's emulator: other tests' resources are there
     arm.set_failure_rate(0.1, statuses=(429, 500, 503), retry_after=0.05, seed=7)
     staging = await until_done(lambda: provider.ensure_staging(ctx))
     await until_done(lambda: provider.resolve_source(ctx))
@@ -243,7 +282,8 @@ async def test_transient_failures_are_retried_without_duplicates(
     await until_done(lambda: provider.delete_vm(ctx))
     arm.clear_faults()
     assert any(r.status in (429, 500, 503) for r in arm.requests)
-    created = arm.creations()
+    created = {k: v - before.get(k, 0) for k, v in arm.creations().items()}
+    created = {k: v for k, v in created.items() if v}
     assert created and all(count == 1 for count in created.values()), created
     group = staging.rsplit("/", 1)[-1]
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]

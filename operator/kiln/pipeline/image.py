@@ -19,12 +19,12 @@ def builds_image(ctx: RunContext) -> bool:
     return not (validate and validate.source_validation_only)
 
 
-def _deprovisioning_failed(exit_code: int | None, logs: RunLogs) -> Outcome:
+async def _deprovisioning_failed(exit_code: int | None, logs: RunLogs) -> Outcome:
     return Outcome.failed(
         f"deprovisioning failed with exit code {exit_code}",
         reasons.CUSTOMIZER_FAILED,
         exit_code=exit_code,
-        log_tail=logs.tail(DEPROVISION_JOB),
+        log_tail=await logs.atail(DEPROVISION_JOB),
     )
 
 
@@ -49,14 +49,14 @@ class DeprovisionStep:
             await env.provider.collect_from_vm(ctx, communicator)
             ctx.checkpoint.collected = True
         logs = RunLogs(ctx.run_dir)
-        logs.start(DEPROVISION_JOB, "deprovision")
+        await logs.astart(DEPROVISION_JOB, "deprovision")
         await communicator.start_job(DEPROVISION_JOB, DEPROVISION_SCRIPT, elevated=True)
-        status = await communicator.poll_job(DEPROVISION_JOB, logs.offset(DEPROVISION_JOB))
-        logs.append(DEPROVISION_JOB, status.new_log)
+        status = await communicator.poll_job(DEPROVISION_JOB, await logs.aoffset(DEPROVISION_JOB))
+        await logs.aappend(DEPROVISION_JOB, status.new_log)
         if status.running:
             return Outcome.wait("deprovisioning", delay=3)
         if status.exit_code != 0:
-            return _deprovisioning_failed(status.exit_code, logs)
+            return await _deprovisioning_failed(status.exit_code, logs)
         assert ctx.checkpoint.endpoint is not None
         user = ctx.checkpoint.endpoint.user
         await communicator.run(final_shutdown_command(user))
@@ -69,20 +69,20 @@ class DeprovisionStep:
         After a restart a VM already generalized is not sysprepped again."""
         communicator = await env.winrm(ctx)
         logs = RunLogs(ctx.run_dir)
-        logs.start(DEPROVISION_JOB, "deprovision")
+        await logs.astart(DEPROVISION_JOB, "deprovision")
         state = await communicator.run_powershell(windows.IMAGE_STATE)
         if state.stdout.strip() == windows.GENERALIZED_STATE:
-            logs.append(DEPROVISION_JOB, b"the VM is generalized already\n")
+            await logs.aappend(DEPROVISION_JOB, b"the VM is generalized already\n")
             return await self._deprovisioned(ctx, env)
         override = await communicator.run_powershell(windows.HAS_OVERRIDE)
         script = windows.DEPROVISION_SCRIPT
         if override.stdout.strip() == "True":
-            logs.append(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
+            await logs.aappend(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
             script = windows.OVERRIDE_SCRIPT
         result = await communicator.run_powershell(script, windows.SYSPREP_TIMEOUT_SECONDS)
-        logs.append(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
+        await logs.aappend(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
         if result.exit_status != 0:
-            return _deprovisioning_failed(result.exit_status, logs)
+            return await _deprovisioning_failed(result.exit_status, logs)
         return await self._deprovisioned(ctx, env)
 
     @staticmethod

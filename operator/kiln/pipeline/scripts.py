@@ -45,7 +45,7 @@ class ScriptPhase:
             step = steps[index]
             title = _title(self.name, index, step)
             job_id = f"{self.name}-{index:02d}"
-            logs.start(job_id, title)
+            await logs.astart(job_id, title)
             try:
                 outcome = await self._run_step(ctx, env, logs, job_id, step)
             except FetchError as error:
@@ -70,13 +70,13 @@ class ScriptPhase:
         if isinstance(step, FileStep):
             data = await fetch(step.source_uri, step.sha256_checksum)
             await communicator.upload(data, step.destination)
-            logs.append(
+            await logs.aappend(
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
         await communicator.start_job(job_id, await shell_script(step))
-        status = await communicator.poll_job(job_id, logs.offset(job_id))
-        logs.append(job_id, status.new_log)
+        status = await communicator.poll_job(job_id, await logs.aoffset(job_id))
+        await logs.aappend(job_id, status.new_log)
         if status.running:
             return Outcome.wait(f"running {job_id}", delay=POLL_SECONDS)
         if status.exit_code == 0:
@@ -90,7 +90,7 @@ class ScriptPhase:
             f"failed with {code}",
             self.failure_reason,
             exit_code=status.exit_code,
-            log_tail=logs.tail(job_id),
+            log_tail=await logs.atail(job_id),
         )
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:

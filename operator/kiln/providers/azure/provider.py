@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.status import RunOutput
@@ -61,6 +62,7 @@ WINRM_SECRET = "winrm-certificate"
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
 PAGE = 4 * 1024 * 1024
+APPEND_BLOCK = 4 * 1024 * 1024  # the largest block an append blob takes
 ROLE_TAG, TEMPLATE_TAG, RUN_TAG = "kiln-role", "kiln-template-uid", "kiln-run-uid"
 _ARM_ID = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/(?P<ns>[^/]+)/"
@@ -122,6 +124,7 @@ class AzureProvider:
         self.settings = settings
         self.kube = kube
         self._clients: dict[str, AzureClients] = {}
+        self._account_keys: dict[str, tuple[str, str]] = {}  # account -> (endpoint, key)
 
     def _subscription(self, spec: ImageTemplateSpec) -> str:
         subscription = spec.subscription_id or self.settings.subscription_id
@@ -265,31 +268,40 @@ class AzureProvider:
                 await ops.call(operation_group.delete(group, resource.name))
 
     async def publish_logs(self, ctx: RunContext) -> None:
-        """The customization log to the staging account, as AIB's packerlogs/<run>/."""
+        """The customization log to the staging account, as AIB's packerlogs/<run>/: an
+        append blob that gets only the bytes it lacks (the log only grows)."""
         log = ctx.run_dir / COMBINED
         if not log.exists():
             return
         service = await self._staging_blobs(ctx)
         async with service:
             container = service.get_container_client(LOG_CONTAINER)
-            if not await container.exists():
-                await container.create_container()
             blob = container.get_blob_client(f"{ctx.run_name}/{COMBINED}")
-            await blob.upload_blob(log.read_bytes(), overwrite=True)
+            try:
+                uploaded = (await blob.get_blob_properties()).size
+            except ResourceNotFoundError:
+                if not await container.exists():
+                    await container.create_container()
+                await blob.create_append_blob()
+                uploaded = 0
+            while chunk := await asyncio.to_thread(_read_from, log, uploaded, APPEND_BLOCK):
+                await blob.append_block(chunk, appendpos_condition=uploaded)
+                uploaded += len(chunk)
             ctx.checkpoint.log_uri = blob.url.split("?", 1)[0]
 
     async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
-        clients = await self.clients(ctx.spec)
+        """A client for the template's staging account; its key is listed once per
+        account and operator process, not on every upload."""
         group = self.staging_group(ctx.template, ctx.spec)
         name = storage_account_name(ctx.template.uid)
-        account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
-        keys = await ops.call(clients.storage.storage_accounts.list_keys(group, name))
-        key_list = getattr(keys, "keys_property", None) or keys.keys
-        return BlobServiceClient(
-            account.primary_endpoints.blob,
-            credential=key_list[0].value,
-            **transport_options(self.settings),
-        )
+        if name not in self._account_keys:
+            clients = await self.clients(ctx.spec)
+            account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
+            keys = await ops.call(clients.storage.storage_accounts.list_keys(group, name))
+            key_list = getattr(keys, "keys_property", None) or keys.keys
+            self._account_keys[name] = (account.primary_endpoints.blob, key_list[0].value)
+        endpoint, key = self._account_keys[name]
+        return BlobServiceClient(endpoint, credential=key, **transport_options(self.settings))
 
     # --- source --------------------------------------------------------------------------
 
@@ -994,6 +1006,12 @@ def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
 
 async def _nothing() -> str:
     return ""
+
+
+def _read_from(path: Path, offset: int, limit: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(limit)
 
 
 def _same_id(left: str | None, right: str | None) -> bool:
