@@ -155,6 +155,22 @@ class Kube:
             if error.status != 409:
                 raise
 
+    async def delete(self, plural: str, namespace: str, name: str) -> None:
+        """Delete a Kiln object; one that is gone already is fine."""
+        try:
+            await asyncio.to_thread(
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
             await asyncio.to_thread(

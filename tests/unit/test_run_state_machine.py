@@ -10,8 +10,10 @@ import pytest
 
 from kiln import reasons
 from kiln.api.run import RunPhase, RunState
+from kiln.api.template import ConcurrencyPolicy
 from kiln.reconcile import runs as decide
 from kiln.reconcile.sweeper import owners
+from kiln.reconcile.triggers import schedule_action
 
 Body = dict[str, Any]
 STARTED = "2024-05-01T10:00:00Z"
@@ -116,3 +118,64 @@ def test_owners_are_unfinished_runs_and_kept_vms() -> None:
         },
     ]
     assert owners(runs) == {"queued", "building", "cleaning", "kept"}
+
+
+def _ended(name: str, state: str, end: str) -> Body:
+    return {
+        "metadata": {"name": name, "creationTimestamp": end},
+        "status": {"runState": state, "endTime": end},
+    }
+
+
+def test_history_limits_keep_the_newest_of_each_outcome() -> None:
+    runs = [
+        _ended("ok-1", "Succeeded", "2024-05-01T10:01:00Z"),
+        _ended("ok-2", "Succeeded", "2024-05-01T10:02:00Z"),
+        _ended("bad-1", "Failed", "2024-05-01T10:03:00Z"),
+        _ended("ok-3", "Succeeded", "2024-05-01T10:04:00Z"),
+        _ended("cancel-1", "Canceled", "2024-05-01T10:05:00Z"),
+        _ended("ok-4", "Succeeded", "2024-05-01T10:06:00Z"),
+        _ended("part-1", "PartiallySucceeded", "2024-05-01T10:07:00Z"),
+        {"metadata": {"name": "running"}, "status": {"runState": "Running"}},
+        {"metadata": {"name": "queued"}},
+    ]
+    assert decide.runs_to_prune(runs, None, None) == ["ok-1", "bad-1", "cancel-1"]
+    assert decide.runs_to_prune(runs, 1, 2) == ["ok-1", "ok-2", "bad-1", "ok-3"]
+    assert decide.runs_to_prune(runs, 10, 10) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "unfinished", "action"),
+    [
+        (None, 0, "create"),
+        (None, 2, "create"),
+        (ConcurrencyPolicy.Allow, 1, "create"),
+        (ConcurrencyPolicy.Forbid, 0, "create"),
+        (ConcurrencyPolicy.Forbid, 1, "skip"),
+        (ConcurrencyPolicy.Replace, 0, "create"),
+        (ConcurrencyPolicy.Replace, 1, "replace"),
+    ],
+)
+def test_schedule_concurrency_policy(
+    policy: ConcurrencyPolicy | None, unfinished: int, action: str
+) -> None:
+    assert schedule_action(policy, unfinished) == action
+
+
+def test_the_index_keeps_what_admission_needs() -> None:
+    full = {
+        "metadata": {"name": "r", "uid": "u", "creationTimestamp": STARTED, "labels": {"a": "b"}},
+        "spec": {"templateRef": {"name": "t"}, "cancel": True},
+        "status": {"runState": "Running", "templateSnapshot": {"big": "spec"}, "steps": []},
+    }
+    entry = decide.index_entry(full)
+    assert entry == {
+        "metadata": {"name": "r", "uid": "u", "creationTimestamp": STARTED},
+        "spec": {"cancel": True},
+        "status": {"runState": "Running", "endTime": None, "templateSnapshot": True},
+    }
+    other = {"metadata": {"name": "o", "uid": "o", "creationTimestamp": "2024-05-01T09:00:00Z"}}
+    other |= {"spec": {"templateRef": {"name": "t"}}}
+    # a run building (per the index) holds back a queued one, exactly as with full bodies
+    queued = decide.admit(other, {"metadata": {"name": "t"}}, [entry], [])
+    assert not queued.start and "is building" in queued.message

@@ -403,11 +403,23 @@ class Identity(KubeModel):
     )
 
 
+class ConcurrencyPolicy(StrEnum):
+    Allow = "Allow"
+    Forbid = "Forbid"
+    Replace = "Replace"
+
+
 class ScheduleTrigger(KubeModel):
     """Starts a run on a cron schedule (UTC)."""
 
     kind: Literal["Schedule"] = Field(description="Kind of trigger.")
     schedule: str = Field(description="Cron expression in UTC, e.g. '0 3 * * 1'.")
+    concurrency_policy: ConcurrencyPolicy | None = Field(
+        default=None,
+        description="When the schedule fires while a run of the template is unfinished: "
+        "Allow queues another run (the default), Forbid skips this time, Replace cancels "
+        "the unfinished runs and starts a new one (as CronJob's concurrencyPolicy).",
+    )
 
 
 class SourceImageTrigger(KubeModel):
@@ -451,6 +463,20 @@ class ImageTemplateSpec(KubeModel):
     )
     auto_run: AutoRun | None = Field(
         default=None, description="Build automatically when the template is created or changed."
+    )
+    successful_runs_history_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="How many succeeded runs of this template to keep; older ones are "
+        "deleted. Unset: 3.",
+    )
+    failed_runs_history_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="How many failed, partly succeeded or canceled runs of this template to "
+        "keep; older ones are deleted. Unset: 1.",
     )
     identity: Identity | None = Field(
         default=None, description="The template's user-assigned identity (Azure)."

@@ -8,7 +8,7 @@ from typing import Any
 import kopf
 
 from kiln import GROUP, VERSION
-from kiln.api.template import ImageTemplateSpec
+from kiln.api.template import ImageTemplateSpec, ScheduleTrigger
 from kiln.kube import RUNS, TEMPLATES, template_runs
 from kiln.reconcile import templates as decide
 from kiln.reconcile import triggers
@@ -61,6 +61,32 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, runtime: timedelta, 
         await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)
 
 
+async def _fire_schedule(
+    runtime: Runtime, body: kopf.Body, schedule: ScheduleTrigger, due: datetime
+) -> None:
+    """Create the scheduled run, as the trigger's concurrencyPolicy says."""
+    namespace, name = body.metadata.namespace, body.metadata.name
+    unfinished = [r for r in await runtime.runs_of(namespace, name) if not decide.has_ended(r)]
+    action = triggers.schedule_action(schedule.concurrency_policy, len(unfinished))
+    names = ", ".join(r["metadata"]["name"] for r in unfinished)
+    if action == "skip":
+        kopf.info(
+            dict(body),
+            reason="ScheduleSkipped",
+            message=f"the {due:%Y-%m-%d %H:%M} run was skipped (concurrencyPolicy Forbid): "
+            f"{names} not finished",
+        )
+        return
+    if action == "replace":
+        for run in unfinished:
+            await runtime.kube.patch(
+                RUNS, namespace, run["metadata"]["name"], {"spec": {"cancel": True}}
+            )
+        kopf.info(dict(body), reason="ScheduleReplaced", message=f"canceled {names}")
+    run = triggers.scheduled_run_name(name, due)
+    await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "Schedule"))
+
+
 def _has_triggers(spec: kopf.Spec, **_: Any) -> bool:
     return bool(spec.get("triggers"))
 
@@ -87,8 +113,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             now,
         )
         if due is not None:
-            run = triggers.scheduled_run_name(name, due)
-            await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "Schedule"))
+            await _fire_schedule(runtime, body, schedule, due)
             record["lastScheduledTime"] = due.strftime(triggers.TIME_FORMAT)
     if triggers.has_source_trigger(spec):
         provider = runtime.providers.get(spec.provider or "")

@@ -30,7 +30,7 @@ from kiln import reasons
 from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
-from kiln.kube import RUNS, TEMPLATES, refusal, template_runs
+from kiln.kube import RUNS, TEMPLATES, refusal
 from kiln.naming import run_secret_name
 from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all, pass_deadline
 from kiln.pipeline.base import Outcome, StepEnv
@@ -135,7 +135,7 @@ class RunDriver:
             template = await self.kube.get(TEMPLATES, self.namespace, template_name)
             spec = effective_spec((template or {}).get("spec") or {}, self.runtime.settings)
             problems = problems_of(spec) if template else []
-            siblings = await template_runs(self.kube, template) if template else []
+            siblings = await self.runtime.runs_of(self.namespace, template_name) if template else []
             admission = decide.admit(run, template, siblings, problems)
             status = _status(run)
             if not admission.start:
@@ -623,7 +623,22 @@ class RunDriver:
             await self.env.disconnect(ctx)
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
-        await refresh_template(self.runtime, self.namespace, run["spec"]["templateRef"]["name"])
+        template = run["spec"]["templateRef"]["name"]
+        await refresh_template(self.runtime, self.namespace, template)
+        await self._prune_history(template)
+
+    async def _prune_history(self, template_name: str) -> None:
+        """Finished runs beyond the template's history limits go (CronJob's limits)."""
+        template = await self.kube.get(TEMPLATES, self.namespace, template_name)
+        spec = (template or {}).get("spec") or {}
+        runs = await self.runtime.runs_of(self.namespace, template_name)
+        for name in decide.runs_to_prune(
+            runs,
+            spec.get("successfulRunsHistoryLimit"),
+            spec.get("failedRunsHistoryLimit"),
+        ):
+            log.info("run %s/%s: deleted by the history limit", self.namespace, name)
+            await self.kube.delete(RUNS, self.namespace, name)
 
     async def _stream_logs(self, ctx: RunContext) -> None:
         """While a run builds, its log reaches the provider's store (AIB's packerlogs) at

@@ -234,3 +234,45 @@ def retry_reason(code: str) -> str:
     """A CamelCase condition reason naming the cloud's code: RetryingTooManyRequests."""
     words = re.findall(r"[A-Za-z0-9]+", code)
     return reasons.RETRYING + "".join(w[:1].upper() + w[1:] for w in words)
+
+
+DEFAULT_SUCCESSFUL_HISTORY = 3
+DEFAULT_FAILED_HISTORY = 1
+
+
+def runs_to_prune(
+    runs: list[Body], successful_limit: int | None, failed_limit: int | None
+) -> list[str]:
+    """Names of finished runs beyond the template's history limits, oldest first: the
+    newest `limit` succeeded runs stay, and the newest failed (or canceled) ones."""
+
+    def newest_first(run: Body) -> tuple[str, str]:
+        status = run.get("status") or {}
+        return (status.get("endTime") or "", run["metadata"].get("creationTimestamp") or "")
+
+    ended = sorted((r for r in runs if _state(r) in TERMINAL_RUN_STATES), key=newest_first)
+    ended.reverse()
+    succeeded = [r for r in ended if _state(r) == RunState.Succeeded]
+    others = [r for r in ended if _state(r) != RunState.Succeeded]
+    keep_ok = successful_limit or DEFAULT_SUCCESSFUL_HISTORY
+    keep_failed = failed_limit or DEFAULT_FAILED_HISTORY
+    prune = succeeded[keep_ok:] + others[keep_failed:]
+    return [r["metadata"]["name"] for r in sorted(prune, key=newest_first)]
+
+
+def index_entry(run: Body) -> Body:
+    """What admission, pruning and triggers need of a run (the kopf index keeps this)."""
+    meta, status = run["metadata"], run.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"cancel": bool((run.get("spec") or {}).get("cancel"))},
+        "status": {
+            "runState": status.get("runState"),
+            "endTime": status.get("endTime"),
+            "templateSnapshot": bool(status.get("templateSnapshot")) or None,
+        },
+    }
