@@ -375,6 +375,8 @@ class RunDriver:
             while True:
                 remaining = ends - time.monotonic()
                 await asyncio.wait({task}, timeout=max(0.0, min(WATCH_SECONDS, remaining)))
+                if task.cancelled():  # stopped from outside: the run is being deleted
+                    raise Stopped
                 if task.done():
                     return task.result(), None
                 if self._halted(uid):
