@@ -212,9 +212,9 @@ class DeploymentScope(BaseModel):
 
 
 _SCOPE_FIXES = {
-    "subscription_id": "--subscription-id (or the operator default KILN_SUBSCRIPTION_ID)",
-    "resource_group": "--resource-group (or the operator default KILN_RESOURCE_GROUP)",
-    "location": "--location (or the operator default KILN_LOCATION)",
+    "subscription_id": "--subscription-id (or set the operator default KILN_SUBSCRIPTION_ID)",
+    "resource_group": "--resource-group (or set the operator default KILN_RESOURCE_GROUP)",
+    "location": "--location (or set the operator default KILN_LOCATION)",
 }
 # Values only Azure Resource Manager knows, during a deployment.
 _DEPLOYMENT_ONLY = {
@@ -286,7 +286,7 @@ class Template:
         if isinstance(value, dict):
             resolved = {}
             for key, item in value.items():
-                name = self.resolve(key, _join(path, key), problems)
+                name = self.resolve(key, path, problems)
                 if name is None:
                     continue
                 if not isinstance(name, str):
