@@ -135,9 +135,10 @@ def import_document(
     found = _templates(document)
     if name and len(found) > 1:
         raise refuse(f"--name names one template, but the file holds {len(found)}")
-    is_template = isinstance(document, dict) and "resources" in document
     template = Template(
-        document if is_template else {}, parameters or {}, scope.over(defaults or DeploymentScope())
+        document if _is_arm(document) else {},
+        parameters or {},
+        scope.over(defaults or DeploymentScope()),
     )
     _attach_triggers(document, found, template)
     imported = [_import_one(one, template, scope, name, namespace) for one in found]
@@ -152,7 +153,7 @@ def _templates(document: Any) -> list[_Found]:
     """The imageTemplates resources in a document of any of the accepted shapes."""
     if not isinstance(document, dict):
         raise refuse("the file is not a JSON object")
-    if "resources" in document:  # an ARM template
+    if _is_arm(document):
         found = [
             _Found(where=where, resource=resource)
             for where, resource in _arm_resources(document)
@@ -172,6 +173,10 @@ def _templates(document: Any) -> list[_Found]:
         "no AIB image template found: expected an ARM template, an imageTemplates resource "
         "(with properties) or its properties (with source and distribute)"
     )
+
+
+def _is_arm(document: Any) -> bool:
+    return isinstance(document, dict) and "resources" in document
 
 
 def _arm_resources(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -197,7 +202,7 @@ def _attach_triggers(document: Any, found: list[_Found], template: Template) -> 
         for index, child in enumerate(one.resource.get("resources") or []):
             if isinstance(child, dict) and _type(child) in ("triggers", TRIGGER_TYPE):
                 one.triggers.append((f"{one.where}.resources[{index}]", child))
-    if not (isinstance(document, dict) and "resources" in document):
+    if not _is_arm(document):
         return
     siblings = [(w, r) for w, r in _arm_resources(document) if _type(r) == TRIGGER_TYPE]
     for where, trigger in siblings:
@@ -387,7 +392,9 @@ def _identity(identity: Any, notes: list[str]) -> dict[str, Any] | None:
     if kind == "None" and not identities:
         return None
     if any(isinstance(value, dict) and value for value in identities.values()):
-        notes.append("identity.userAssignedIdentities: principalId and clientId are ARM's output")
+        notes.append(
+            "identity.userAssignedIdentities: principalId and clientId are ARM's output, dropped"
+        )
     return {"type": kind, "userAssignedIdentities": {key: {} for key in identities}}
 
 
