@@ -219,6 +219,7 @@ def test_resolve_evaluates_keys_drops_nulls_and_records_problems_where_they_are(
             "ids": {"[resourceId('Microsoft.Compute/images', 'x')]": {}},
             "gone": None,
             "maybe": "[if(true(), null(), 'x')]",
+            "made": "[createObject('a', null(), 'b', createArray(null(), 1))]",
             "list": [None, "[parameters('count')]", "[parameters('required')]"],
             "bad": {"deep": "[toLower(1)]"},
         },
@@ -226,7 +227,7 @@ def test_resolve_evaluates_keys_drops_nulls_and_records_problems_where_they_are(
         problems,
     )
     image = f"/subscriptions/{SUB}/resourceGroups/images/providers/Microsoft.Compute/images/x"
-    assert resolved == {"ids": {image: {}}, "list": [3], "bad": {}}
+    assert resolved == {"ids": {image: {}}, "made": {"b": [1]}, "list": [3], "bad": {}}
     assert [path for path, _ in problems] == ["properties.list[2]", "properties.bad.deep"]
     assert problems[1][1] == "[toLower(1)]: toLower() needs a string, not an int"
     with pytest.raises(ArmError):

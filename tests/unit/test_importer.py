@@ -323,6 +323,15 @@ def test_parameters_files_give_values_and_unknown_names_are_noted() -> None:
         parameter_values([])
 
 
+def test_the_spec_is_written_as_the_crd_schema_takes_it() -> None:
+    document = load("aib-2018-02-01-preview.json")
+    document["properties"]["buildTimeoutInMinutes"] = "90"  # as a parameter of type string
+    [one] = import_document(document)
+    assert one.manifest["spec"]["buildTimeoutInMinutes"] == 90
+    document["properties"] = "[concat('not', 'an object')]"
+    assert problems_of(document) == ["properties: is str, not an object"]
+
+
 def test_properties_alone_need_a_name() -> None:
     properties = load("aib-show.json")["properties"]
     assert problems_of(properties) == ["name: the template has no name; give one with --name"]

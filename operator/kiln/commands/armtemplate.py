@@ -274,7 +274,7 @@ class Template:
         problems, what fails is recorded there as (path, message) and left out; else raised."""
         try:
             if isinstance(value, str):
-                return self.evaluate(value)
+                return _without_nulls(self.evaluate(value))
         except ArmError as error:
             if problems is None:
                 raise
@@ -419,6 +419,14 @@ class Template:
         group = texts[at - 1] if at else self._require("resource_group", "resourceGroup().name")
         path = "/".join(f"{kind}/{name}" for kind, name in zip(kinds, names, strict=True))
         return f"/subscriptions/{subscription}/resourceGroups/{group}/providers/{namespace}/{path}"
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value if item is not None]
+    return value
 
 
 def _join(path: str, key: str) -> str:

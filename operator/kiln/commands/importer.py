@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kiln import GROUP, VERSION
-from kiln.api.validation import SpecProblem, validate_template
+from kiln.api.validation import SpecProblem, check_rules, parse_spec
 from kiln.commands.armtemplate import ArmError, DeploymentScope, Template, load_jsonc
 from kiln.settings import Provider
 
@@ -254,7 +254,11 @@ def _import_one(
         if key in raw
     }
     triggers = [_trigger(where, trigger, template, problems) for where, trigger in one.triggers]
-    properties = _current_properties(dict(resource.get("properties") or {}), notes, problems)
+    properties = resource.get("properties") or {}
+    if not isinstance(properties, dict):
+        problems.append(("properties", f"is {type(properties).__name__}, not an object"))
+        properties = {}
+    properties = _current_properties(properties, notes, problems)
     problems += _placeholders(resource)
     if not name and not resource.get("name") and not any(p == "name" for p, _ in problems):
         problems.append(("name", "the template has no name; give one with --name"))
@@ -267,12 +271,7 @@ def _import_one(
         spec["identity"] = identity
     if triggers:
         spec["triggers"] = triggers
-    for problem in (found := validate_template(spec, Provider.azure))[:]:
-        if problem.path in _OPERATOR_DEFAULTS:
-            notes.append(f"{problem.path} is not set: the operator's default applies")
-            found.remove(problem)
-    if found:
-        raise ImportProblem([_in_aib_terms(problem) for problem in found], one.where)
+    spec = _checked(spec, notes, one.where)
     metadata: dict[str, Any] = {"name": name or kubernetes_name(str(resource["name"]))}
     if namespace:
         metadata["namespace"] = namespace
@@ -284,6 +283,20 @@ def _import_one(
         "spec": spec,
     }
     return Imported(manifest=manifest, notes=notes)
+
+
+def _checked(spec: dict[str, Any], notes: list[str], where: str) -> dict[str, Any]:
+    """The spec as Kiln reads it (so as the CRD schema takes it: "60" is 60), or what
+    Kiln would refuse, in AIB's terms; an account setting left out is the operator's."""
+    parsed, problems = parse_spec(spec)
+    if parsed:
+        problems = check_rules(parsed, Provider.azure)
+    for problem in [p for p in problems if p.path in _OPERATOR_DEFAULTS]:
+        notes.append(f"{problem.path} is not set: the operator's default applies")
+        problems.remove(problem)
+    if problems or parsed is None:
+        raise ImportProblem([_in_aib_terms(problem) for problem in problems], where)
+    return parsed.wire()
 
 
 def _current_properties(
