@@ -329,7 +329,9 @@ def test_the_spec_is_written_as_the_crd_schema_takes_it() -> None:
     [one] = import_document(document)
     assert one.manifest["spec"]["buildTimeoutInMinutes"] == 90
     document["properties"] = "[concat('not', 'an object')]"
-    assert problems_of(document) == ["properties: is str, not an object"]
+    assert problems_of({"resources": [document]}) == [
+        "resources[0]: properties: is str, not an object"
+    ]
 
 
 def test_properties_alone_need_a_name() -> None:
