@@ -51,6 +51,7 @@ def test_imported_templates_apply_to_the_api_server(
         "arm": kiln_import(str(DATA / "aib-arm-template.json"), "--parameters", str(parameters)),
         "show": kiln_import(str(DATA / "aib-show.json"), "-n", "imported"),
         "bicep": kiln_import(str(DATA / "aib-bicep.json"), *SCOPE),
+        "module": kiln_import(str(DATA / "aib-bicep-module.json"), *SCOPE),
         "jsonc": kiln_import(str(DATA / "aib-commented.jsonc"), *SCOPE),
         "2019": kiln_import(
             str(DATA / "aib-2019-05-01-preview.json"),
@@ -83,8 +84,8 @@ def test_imported_templates_apply_to_the_api_server(
         for manifest in yaml.safe_load_all(run.stdout)
     }
     assert sorted(printed) == [
-        "avd-win11-multi", "centos", "legacy-ubuntu", "web", "web-defaults", "web-ubuntu",
-        "win2022-base",
+        "avd-win11-multi", "centos", "debian-12-gen2", "legacy-ubuntu", "web", "web-defaults",
+        "web-ubuntu", "win2022-base",
     ]  # fmt: skip
     kubectl(control_plane.kubeconfig, "create", "namespace", "imported")
     applied = kubectl(

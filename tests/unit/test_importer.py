@@ -139,6 +139,41 @@ def test_json_with_comments_a_nested_trigger_and_the_bracket_rule() -> None:
     )
 
 
+def test_a_bicep_module_is_a_nested_deployment_with_its_own_parameters() -> None:
+    [one] = import_document(load("aib-bicep-module.json"), scope=FLAGS)
+    spec = one.manifest["spec"]
+    assert one.manifest["metadata"]["name"] == "debian-12-gen2"  # format() in the outer scope
+    assert spec["location"] == "swedencentral"
+    assert spec["vmProfile"]["vnetConfig"]["subnetId"] == (
+        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/images/providers/Microsoft.Network/"
+        "virtualNetworks/build-vnet/subnets/build"
+    )
+    assert spec["distribute"] == [{"type": "VHD", "runOutputName": "debian-12-gen2-vhd"}]
+    assert list(spec["customize"][0]) == ["type", "name", "inline"]  # in the order written
+
+
+def test_a_nested_deployment_of_outer_scope_uses_the_outer_parameters() -> None:
+    document = load("aib-bicep-module.json")
+    deployment = document["resources"]["imageBuild"]["properties"]
+    del deployment["expressionEvaluationOptions"]
+    resource = deployment["template"]["resources"][0]
+    resource["name"] = "[concat(variables('prefix'), '-outer')]"
+    resource["location"] = "[parameters('location')]"
+    resource["properties"]["vmProfile"].pop("vnetConfig")
+    resource["properties"]["distribute"][0]["runOutputName"] = "vhd"
+    [one] = import_document(document, {"location": "norwayeast"})
+    assert one.manifest["metadata"]["name"] == "debian-outer"
+    assert one.manifest["spec"]["location"] == "norwayeast"
+    deployment["expressionEvaluationOptions"] = {"scope": "inner"}
+    [line] = problems_of(document)
+    assert line.startswith(
+        "resources.imageBuild: properties.parameters.subnetId.value: [format('{0}/subnets/build'"
+    )
+    assert line.endswith(
+        "give --subscription-id (or set the operator default KILN_SUBSCRIPTION_ID)"
+    )
+
+
 def test_operator_defaults_fill_expressions_but_do_not_pin_the_manifest() -> None:
     defaults = DeploymentScope(
         subscription_id=SUBSCRIPTION, resource_group="ops", location="uksouth"

@@ -256,7 +256,7 @@ class Template:
         self._given = {name.lower(): value for name, value in given.items()}
         self._variables = {k.lower(): v for k, v in (document.get("variables") or {}).items()}
         self.undeclared = [name for name in given if name.lower() not in self._declared]
-        self._scope = scope
+        self.scope = scope
         self._done: dict[tuple[str, str], Any] = {}
         self._busy: set[tuple[str, str]] = set()
         self._scoped: dict[str, Callable[..., Any]] = {
@@ -373,14 +373,14 @@ class Template:
         return value
 
     def _scope_value(self, field: str, what: str) -> Any:
-        return getattr(self._scope, field) or _Unknown(what, field)
+        return getattr(self.scope, field) or _Unknown(what, field)
 
     def _require(self, field: str, what: str) -> str:
         return _known(self._scope_value(field, what))
 
     def _resource_group(self) -> dict[str, Any]:
-        subscription = self._scope.subscription_id
-        group = self._scope.resource_group
+        subscription = self.scope.subscription_id
+        group = self.scope.resource_group
         return {
             "id": f"/subscriptions/{subscription}/resourceGroups/{group}"
             if subscription and group

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from kiln.settings import Provider
 
 AIB_TYPE = "microsoft.virtualmachineimages/imagetemplates"
 TRIGGER_TYPE = f"{AIB_TYPE}/triggers"
+DEPLOYMENT_TYPE = "microsoft.resources/deployments"
 # Written by AIB, never by its users.
 READ_ONLY = ("provisioningState", "provisioningError", "lastRunStatus", "exactStagingResourceGroup")
 TRIGGER_READ_ONLY = ("provisioningState", "status")
@@ -81,12 +83,15 @@ class Imported(BaseModel):
     notes: list[str]
 
 
-class _Found(BaseModel):
-    """An imageTemplates resource of the input, and where it is in it."""
+@dataclass
+class _Found:
+    """An imageTemplates resource of the input, where it is, and the template whose
+    parameters and variables its expressions use (a nested deployment has its own)."""
 
     where: str
     resource: dict[str, Any]
-    triggers: list[tuple[str, dict[str, Any]]] = []  # (where, trigger resource)
+    template: Template
+    triggers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def read_json(path: Path) -> Any:
@@ -132,16 +137,17 @@ def import_document(
     """Every imageTemplates resource of the document, as manifests. scope holds what the
     command line says of the deployment; defaults (the operator's) only fill expressions."""
     scope = scope or DeploymentScope()
-    found = _templates(document)
-    if name and len(found) > 1:
-        raise refuse(f"--name names one template, but the file holds {len(found)}")
+    if not isinstance(document, dict):
+        raise refuse("the file is not a JSON object")
     template = Template(
         document if _is_arm(document) else {},
         parameters or {},
         scope.over(defaults or DeploymentScope()),
     )
-    _attach_triggers(document, found, template)
-    imported = [_import_one(one, template, scope, name, namespace) for one in found]
+    found = _templates(document, template)
+    if name and len(found) > 1:
+        raise refuse(f"--name names one template, but the file holds {len(found)}")
+    imported = [_import_one(one, scope, name, namespace) for one in found]
     if template.undeclared:
         undeclared = ", ".join(template.undeclared)
         for one in imported:
@@ -149,16 +155,10 @@ def import_document(
     return imported
 
 
-def _templates(document: Any) -> list[_Found]:
+def _templates(document: dict[str, Any], template: Template) -> list[_Found]:
     """The imageTemplates resources in a document of any of the accepted shapes."""
-    if not isinstance(document, dict):
-        raise refuse("the file is not a JSON object")
     if _is_arm(document):
-        found = [
-            _Found(where=where, resource=resource)
-            for where, resource in _arm_resources(document)
-            if _type(resource) == AIB_TYPE
-        ]
+        found = _in_arm_template(document, template, "")
         if not found:
             raise refuse(
                 "the ARM template has no resource of type "
@@ -166,9 +166,9 @@ def _templates(document: Any) -> list[_Found]:
             )
         return found
     if isinstance(document.get("properties"), dict):
-        return [_Found(where="", resource=document)]
+        return [_Found("", document, template)]
     if "source" in document and "distribute" in document:  # the properties alone
-        return [_Found(where="", resource={"properties": document})]
+        return [_Found("", {"properties": document}, template)]
     raise refuse(
         "no AIB image template found: expected an ARM template, an imageTemplates resource "
         "(with properties) or its properties (with source and distribute)"
@@ -179,16 +179,49 @@ def _is_arm(document: Any) -> bool:
     return isinstance(document, dict) and "resources" in document
 
 
-def _arm_resources(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _in_arm_template(document: dict[str, Any], template: Template, at: str) -> list[_Found]:
+    """The template's imageTemplates with their triggers, and those of its nested
+    deployments (Bicep modules) too."""
+    resources = _arm_resources(document, at)
+    found = [_Found(w, r, template) for w, r in resources if _type(r) == AIB_TYPE]
+    _attach_triggers(resources, found, template)
+    for where, resource in resources:
+        properties = resource.get("properties")
+        inner = properties.get("template") if isinstance(properties, dict) else None
+        if _type(resource) == DEPLOYMENT_TYPE and _is_arm(inner):
+            nested = _nested_template(properties, template, where)
+            found += _in_arm_template(inner, nested, f"{where}.properties.template.")
+    return found
+
+
+def _nested_template(properties: dict[str, Any], outer: Template, where: str) -> Template:
+    """What a nested deployment's expressions use: the outer template's parameters and
+    variables (ARM's default scope), or with scope inner (as Bicep emits modules) its
+    own, given the deployment's parameter values as the outer template evaluates them."""
+    options = properties.get("expressionEvaluationOptions") or {}
+    if str(options.get("scope", "outer")).lower() != "inner":
+        return outer
+    given = {}
+    for key, entry in (properties.get("parameters") or {}).items():
+        if isinstance(entry, dict) and "value" in entry:
+            path = f"properties.parameters.{key}.value"
+            try:
+                given[key] = outer.resolve(entry["value"])
+            except ArmError as error:
+                raise refuse(f"{entry['value']}: {error}", path, where) from None
+    return Template(properties["template"], given, outer.scope)
+
+
+def _arm_resources(document: dict[str, Any], at: str) -> list[tuple[str, dict[str, Any]]]:
     """(where, resource) for each resource: a list, or (languageVersion 2.0) an object
     keyed by symbolic name; references to existing resources are not the template's."""
     resources = document["resources"]
     if isinstance(resources, dict):
-        listed = [(f"resources.{key}", value) for key, value in resources.items()]
+        listed = [(f"{at}resources.{key}", value) for key, value in resources.items()]
     elif isinstance(resources, list):
-        listed = [(f"resources[{index}]", value) for index, value in enumerate(resources)]
+        listed = [(f"{at}resources[{index}]", value) for index, value in enumerate(resources)]
     else:
-        raise refuse("'resources' is neither an array nor an object", "resources")
+        raise refuse("is neither an array nor an object", f"{at}resources")
     return [(w, r) for w, r in listed if isinstance(r, dict) and r.get("existing") is not True]
 
 
@@ -196,19 +229,18 @@ def _type(resource: dict[str, Any]) -> str:
     return str(resource.get("type", "")).lower()
 
 
-def _attach_triggers(document: Any, found: list[_Found], template: Template) -> None:
+def _attach_triggers(
+    resources: list[tuple[str, dict[str, Any]]], found: list[_Found], template: Template
+) -> None:
     """imageTemplates/triggers, nested in their template or beside it (named TEMPLATE/NAME)."""
     for one in found:
         for index, child in enumerate(one.resource.get("resources") or []):
             if isinstance(child, dict) and _type(child) in ("triggers", TRIGGER_TYPE):
                 one.triggers.append((f"{one.where}.resources[{index}]", child))
-    if not _is_arm(document):
-        return
-    siblings = [(w, r) for w, r in _arm_resources(document) if _type(r) == TRIGGER_TYPE]
-    for where, trigger in siblings:
+    for where, trigger in [(w, r) for w, r in resources if _type(r) == TRIGGER_TYPE]:
         try:
             parent = str(template.evaluate(str(trigger.get("name", "")))).split("/")[0]
-            owners = [one for one in found if _evaluated_name(one, template) == parent.lower()]
+            owners = [one for one in found if _evaluated_name(one) == parent.lower()]
         except ArmError as error:
             raise refuse(f"{trigger.get('name')}: {error}", "name", where) from None
         if not owners:
@@ -221,20 +253,17 @@ def _attach_triggers(document: Any, found: list[_Found], template: Template) -> 
         owners[0].triggers.append((where, trigger))
 
 
-def _evaluated_name(one: _Found, template: Template) -> str:
+def _evaluated_name(one: _Found) -> str:
     try:
-        return str(template.evaluate(str(one.resource.get("name", "")))).lower()
+        return str(one.template.evaluate(str(one.resource.get("name", "")))).lower()
     except ArmError:
         return ""
 
 
 def _import_one(
-    one: _Found,
-    template: Template,
-    scope: DeploymentScope,
-    name: str | None,
-    namespace: str | None,
+    one: _Found, scope: DeploymentScope, name: str | None, namespace: str | None
 ) -> Imported:
+    template = one.template
     notes: list[str] = []
     problems: list[tuple[str, str]] = []
     raw = one.resource
@@ -296,7 +325,17 @@ def _checked(spec: dict[str, Any], notes: list[str], where: str) -> dict[str, An
         problems.remove(problem)
     if problems or parsed is None:
         raise ImportProblem([_in_aib_terms(problem) for problem in problems], where)
-    return parsed.wire()
+    return _in_order(parsed.wire(), spec)
+
+
+def _in_order(value: Any, written: Any) -> Any:
+    """value with its keys in the order the author wrote them (type first, say)."""
+    if isinstance(value, dict) and isinstance(written, dict):
+        keys = [k for k in written if k in value] + [k for k in value if k not in written]
+        return {key: _in_order(value[key], written.get(key)) for key in keys}
+    if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
+        return [_in_order(item, original) for item, original in zip(value, written, strict=True)]
+    return value
 
 
 def _current_properties(
@@ -320,20 +359,18 @@ def _current_properties(
                     "start from a PlatformImage of the same OS instead",
                 )
             )
-    steps = [
-        *(("properties.customize", i, s) for i, s in enumerate(_list(properties, "customize"))),
-        *(("properties.distribute", i, s) for i, s in enumerate(_list(properties, "distribute"))),
-        *(
-            ("properties.validate.inVMValidations", i, s)
-            for i, s in enumerate(_list(properties.get("validate"), "inVMValidations"))
-        ),
-    ]
-    for field, index, step in steps:
-        path = f"{field}[{index}]"
-        _current_type(step, path, notes)
-        if field == "properties.customize" and "script" in step and "scriptUri" not in step:
-            step["scriptUri"] = step.pop("script")  # renamed in API 2019-05-01-preview
-            notes.append(f"{path}.script (API 2019-02-01-preview and before) is now scriptUri")
+    step_lists = (
+        ("customize", properties),
+        ("distribute", properties),
+        ("validate.inVMValidations", properties.get("validate")),
+    )
+    for steps, parent in step_lists:
+        for index, step in enumerate(_list(parent, steps.split(".")[-1])):
+            path = f"properties.{steps}[{index}]"
+            _current_type(step, path, notes)
+            if steps == "customize" and "script" in step and "scriptUri" not in step:
+                step["scriptUri"] = step.pop("script")  # renamed in API 2019-05-01-preview
+                notes.append(f"{path}.script (API 2019-02-01-preview and before) is now scriptUri")
     return properties
 
 
