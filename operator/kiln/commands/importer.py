@@ -30,7 +30,7 @@ DEPLOYMENT_TYPE = "microsoft.resources/deployments"
 # Written by AIB, never by its users.
 READ_ONLY = ("provisioningState", "provisioningError", "lastRunStatus", "exactStagingResourceGroup")
 TRIGGER_READ_ONLY = ("provisioningState", "status")
-# Resource keys that say how ARM deploys the template, not what it is.
+# Resource keys that are imported, or that only say how ARM deploys the resource.
 DEPLOYMENT_KEYS = {
     "type", "apiversion", "dependson", "comments", "metadata", "condition", "existing",
     "systemdata", "etag", "resourcegroup", "scope", "resources", "id", "name", "location",
