@@ -90,7 +90,7 @@ def _import(args: argparse.Namespace) -> int:
         location=settings.location,
     )
     try:
-        document = importer.read_json(Path(args.file))
+        document = importer.read_json(Path(args.file), sys.stdin)
         parameters = (
             importer.parameter_values(importer.read_json(Path(args.parameters)))
             if args.parameters
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print an AIB image template (JSON: az image builder show, the resource, or an "
         "ARM template holding it, as written or as Bicep emits it) as ImageTemplate YAML",
     )
-    imports.add_argument("file", help="the AIB template JSON (comments allowed)")
+    imports.add_argument("file", help="the AIB template JSON (comments allowed); - for stdin")
     imports.add_argument("--parameters", help="ARM parameters file for an ARM template")
     imports.add_argument(
         "--subscription-id", help="subscription().subscriptionId (default: KILN_SUBSCRIPTION_ID)"

@@ -28,10 +28,13 @@ SCOPE = [
 ]
 
 
-def kiln_import(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def kiln_import(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("KILN_")}
     return subprocess.run(
         [sys.executable, "-m", "kiln.cli", "import", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
@@ -49,7 +52,7 @@ def test_imported_templates_apply_to_the_api_server(
     )
     runs = {
         "arm": kiln_import(str(DATA / "aib-arm-template.json"), "--parameters", str(parameters)),
-        "show": kiln_import(str(DATA / "aib-show.json"), "-n", "imported"),
+        "show": kiln_import("-", "-n", "imported", stdin=(DATA / "aib-show.json").read_text()),
         "bicep": kiln_import(str(DATA / "aib-bicep.json"), *SCOPE),
         "module": kiln_import(str(DATA / "aib-bicep-module.json"), *SCOPE),
         "jsonc": kiln_import(str(DATA / "aib-commented.jsonc"), *SCOPE),
@@ -142,5 +145,7 @@ def test_what_cannot_be_imported_exits_1_with_the_field(tmp_path: Path) -> None:
     assert (
         result.stderr == f"kiln import: {not_json}: line 3, column 14: not JSON: Expecting value\n"
     )
+    piped = kiln_import("-", stdin="{\n  // az printed nothing\n")
+    assert piped.stderr.startswith("kiln import: stdin: line 3, column 1: not JSON: Expecting")
     missing = kiln_import(str(tmp_path / "absent.json"))
     assert missing.returncode == 1 and "absent.json" in missing.stderr

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import BaseModel
 
@@ -94,14 +94,13 @@ class _Found:
     triggers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-def read_json(path: Path) -> Any:
-    """A JSON (or JSON with comments) file; a bad one is named with line and column."""
+def read_json(path: Path, stdin: TextIO | None = None) -> Any:
+    """A JSON (or JSON with comments) file, or stdin for "-" (`az image builder show |`);
+    a bad one is named with line and column."""
     try:
-        return load_jsonc(path.read_text())
-    except ArmError as error:
-        raise refuse(f"{path}: {error}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise refuse(f"{path}: {error}") from None
+        return load_jsonc(stdin.read() if stdin and str(path) == "-" else path.read_text())
+    except (ArmError, OSError, UnicodeDecodeError) as error:
+        raise refuse(f"{'stdin' if str(path) == '-' else path}: {error}") from None
 
 
 def parameter_values(document: Any) -> dict[str, Any]:
