@@ -14,7 +14,9 @@ def _cluster(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if args.action == "up":
         kubeconfig = localcluster.up(state_dir, crds_dir=Path(args.crds))
-        print(f"control plane ready; KUBECONFIG={kubeconfig}")
+        version = localcluster.kubernetes_version()
+        print(f"control plane (Kubernetes {version}) ready; KUBECONFIG={kubeconfig}")
+        print(f"kubectl of that release: {localcluster.binary(localcluster.KUBECTL)}")
     elif args.action == "down":
         localcluster.down(state_dir)
         print("control plane stopped")
@@ -178,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crds.set_defaults(func=_crds)
 
-    cluster = commands.add_parser("cluster", help="a local etcd + kube-apiserver for trying Kiln")
+    cluster = commands.add_parser(
+        "cluster", help="a local control plane (etcd, kube-apiserver, controller manager)"
+    )
     cluster.add_argument("action", choices=["up", "down", "status"])
     cluster.add_argument(
         "--state-dir", default=".kiln", help="where pids, certs and kubeconfig live"
