@@ -262,3 +262,10 @@ def test_what_is_not_json_is_named_by_line_and_column(text: str, where: str) -> 
     with pytest.raises(ArmError) as error:
         load_jsonc(text)
     assert str(error.value).startswith(where)
+
+
+def test_what_nests_too_deep_for_python_is_an_error_not_a_crash() -> None:
+    with pytest.raises(ArmError, match="nests deeper than kiln import follows"):
+        evaluate("[" + "concat(" * 5000 + "'a'" + ")" * 5000 + "]")
+    with pytest.raises(ArmError, match="nests deeper than kiln import follows"):
+        load_jsonc("[" * 100_000 + "]" * 100_000)

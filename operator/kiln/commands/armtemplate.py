@@ -25,6 +25,9 @@ class ArmError(Exception):
     """What cannot be read or evaluated, said in the template's terms."""
 
 
+TOO_DEEP = "nests deeper than kiln import follows; flatten it"
+
+
 # --- JSON with comments -----------------------------------------------------------------
 
 _JSON_SCAN = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/|/\*', re.S)
@@ -46,6 +49,8 @@ def load_jsonc(text: str) -> Any:
         return json.loads(_JSON_SCAN.sub(blank, text), strict=False)
     except json.JSONDecodeError as error:
         raise ArmError(f"{_position(text, error.pos)}: not JSON: {error.msg}") from None
+    except RecursionError:
+        raise ArmError(TOO_DEEP) from None
 
 
 def _position(text: str, offset: int) -> str:
@@ -300,7 +305,10 @@ class Template:
     def evaluate(self, value: str) -> Any:
         if not is_expression(value):
             return literal(value)
-        return _known(self._eval(parse(value[1:-1])))
+        try:
+            return _known(self._eval(parse(value[1:-1])))
+        except RecursionError:
+            raise ArmError(TOO_DEEP) from None
 
     def _eval(self, node: Node) -> Any:
         if isinstance(node, Literal):
