@@ -389,6 +389,16 @@ def test_documents_without_an_image_template_are_refused() -> None:
         )
 
 
+def test_what_nests_too_deep_is_refused() -> None:
+    document = load("aib-2018-02-01-preview.json")
+    deep: list[Any] = []
+    for _ in range(900):  # within what the JSON reader takes
+        deep = [deep]
+    document["properties"]["customize"][0]["inline"] = deep
+    with pytest.raises(ImportProblem, match="nests deeper than kiln import follows"):
+        import_document(document)
+
+
 def test_a_file_that_is_not_json_is_named_with_line_and_column(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text('{\n  "properties": {\n    "source": {,\n  }\n}\n')

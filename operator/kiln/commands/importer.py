@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from kiln import GROUP, VERSION
 from kiln.api.validation import SpecProblem, check_rules, parse_spec
-from kiln.commands.armtemplate import ArmError, DeploymentScope, Template, load_jsonc
+from kiln.commands.armtemplate import TOO_DEEP, ArmError, DeploymentScope, Template, load_jsonc
 from kiln.settings import Provider
 
 AIB_TYPE = "microsoft.virtualmachineimages/imagetemplates"
@@ -146,7 +146,10 @@ def import_document(
     found = _templates(document, template)
     if name and len(found) > 1:
         raise refuse(f"--name names one template, but the file holds {len(found)}")
-    imported = [_import_one(one, scope, name, namespace) for one in found]
+    try:
+        imported = [_import_one(one, scope, name, namespace) for one in found]
+    except RecursionError:
+        raise refuse(TOO_DEEP) from None
     if template.undeclared:
         undeclared = ", ".join(template.undeclared)
         for one in imported:
