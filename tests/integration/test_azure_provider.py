@@ -269,6 +269,29 @@ async def test_the_log_goes_to_an_append_blob_that_gets_only_what_it_lacks(
             await azure.close()
 
 
+async def test_the_sweeper_removes_what_runs_that_are_gone_left_by_their_tag(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    live, gone = context(arm, tmp_path / "live"), context(arm, tmp_path / "gone")
+    gone.template = gone.checkpoint.template = live.template  # one staging group
+    for ctx in (live, gone):
+        staging = await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+        await provider.resolve_source(ctx)
+        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+    leftovers = await provider.leftovers(gone)
+    assert any("/virtualMachines/" in item for item in leftovers)
+    assert any("/networkInterfaces/" in item for item in leftovers)
+    removed = await provider.sweep({live.run_uid})
+    assert sorted(removed) == sorted(leftovers)
+    assert await provider.leftovers(gone) == []
+    kept = await provider.leftovers(live)
+    assert any("/virtualMachines/" in item for item in kept)  # an owner's resources stay
+    assert "Microsoft.Storage/storageAccounts" in kinds(
+        arm, staging.rsplit("/", 1)[-1]
+    )  # not a run's resource
+    await provider.delete_vm(live)
+
+
 async def test_transient_failures_are_retried_without_duplicates(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
