@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from kiln.api.base import CelRule, KubeModel
+from kiln.api.capabilities import CAPABILITIES, Provider, file_uri_provider, windows_provider
 from kiln.api.status import Condition, RunOutput, conditions_field
 
 RUN_OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9-_.]{1,64}$"
@@ -95,11 +96,6 @@ def _tags_rule() -> dict[str, object]:
 
 # The schema's bound only: the operator's own check words the message (validation.py).
 TagValue = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TAG_VALUE})]
-
-
-class Provider(StrEnum):
-    azure = "azure"
-    local = "local"
 
 
 class OnError(StrEnum):
@@ -751,6 +747,74 @@ def _vhd_uris(condition: str) -> str:
     return f"self.distribute.all(d, d.type != 'VHD' || !{_set('uri', on='d')} || ({condition}))"
 
 
+_VHD_URI_RULES = {
+    "file": (
+        "d.uri.startsWith('file:///') || d.uri.startsWith('/')",
+        "a VHD uri on the {provider} provider is an absolute file path or file:/// URL",
+    ),
+    "blob": (
+        "d.uri.startsWith('https://') && d.uri.lowerAscii().endsWith('.vhd')",
+        "a VHD uri must be an https:// blob URL ending in .vhd (or unset for the staging "
+        "storage account)",
+    ),
+}
+
+
+def _capability_rules() -> list[CelRule]:
+    """The CEL twins of what api/capabilities.py says each provider cannot do."""
+    rules = []
+    for provider, can in CAPABILITIES.items():
+        if not can.windows_build_vms:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(provider, _all_steps(f"!({_WINDOWS_STEP})")),
+                    message="PowerShell, WindowsRestart and WindowsUpdate (in customize or "
+                    f"validate.inVMValidations) need a Windows build VM, which the {provider} "
+                    f"provider cannot run; set spec.provider: {windows_provider()}",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        if can.windows_build_vms:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(
+                        provider, f"!({_any_step(_SHELL_STEP)} && {_any_step(_WINDOWS_STEP)})"
+                    ),
+                    message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
+                    "(Windows) steps; a build VM runs one OS, so keep the steps of one",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        if not can.file_uris:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(
+                        provider,
+                        _all_steps(
+                            "!(has(s.scriptUri) && s.scriptUri.startsWith('file://')) && "
+                            "!(has(s.sourceUri) && s.sourceUri.startsWith('file://'))"
+                        ),
+                    ),
+                    message="scriptUri and sourceUri must start with https:// or http:// for "
+                    f"the {provider} provider (file:// works only on the "
+                    f"{file_uri_provider()} provider)",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        condition, message = _VHD_URI_RULES[can.vhd_destination]
+        rules.append(
+            CelRule(
+                rule=_on_provider(provider, _vhd_uris(condition)),
+                message=message.format(provider=provider),
+                field_path=".distribute",
+            )
+        )
+    return rules
+
+
 _SHELL_STEP = "s.type == 'Shell'"
 _WINDOWS_STEP = f"s.type in {_WINDOWS_CEL}"
 _SOURCE_FOLLOWS_LATEST = (
@@ -810,50 +874,7 @@ class ImageTemplateSpec(KubeModel):
             "version latest, or a SharedImageVersion ID ending in /versions/latest)",
             field_path=".triggers",
         ),
-        CelRule(
-            rule=_on_provider("local", _all_steps(f"!({_WINDOWS_STEP})")),
-            message="PowerShell, WindowsRestart and WindowsUpdate (in customize or "
-            "validate.inVMValidations) need a Windows build VM, which the local provider "
-            "cannot run; set spec.provider: azure",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                f"!({_any_step(_SHELL_STEP)} && {_any_step(_WINDOWS_STEP)})",
-            ),
-            message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
-            "(Windows) steps; a build VM runs one OS, so keep the steps of one",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                _all_steps(
-                    "!(has(s.scriptUri) && s.scriptUri.startsWith('file://')) && "
-                    "!(has(s.sourceUri) && s.sourceUri.startsWith('file://'))"
-                ),
-            ),
-            message="scriptUri and sourceUri must start with https:// or http:// for the azure "
-            "provider (file:// works only on the local provider)",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "local", _vhd_uris("d.uri.startsWith('file:///') || d.uri.startsWith('/')")
-            ),
-            message="a VHD uri on the local provider is an absolute file path or file:/// URL",
-            field_path=".distribute",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                _vhd_uris("d.uri.startsWith('https://') && d.uri.lowerAscii().endsWith('.vhd')"),
-            ),
-            message="a VHD uri must be an https:// blob URL ending in .vhd (or unset for the "
-            "staging storage account)",
-            field_path=".distribute",
-        ),
+        *_capability_rules(),
     )
 
     source: Source = Field(description="The image to start from.")

@@ -23,6 +23,7 @@ import yaml
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
+from kiln.api.capabilities import Provider, capabilities
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     FileStep,
@@ -109,7 +110,11 @@ def check_steps_fit(spec: ImageTemplateSpec, os_type: str) -> None:
                 raise ProviderError(
                     f"{where} needs Linux, but the source image runs Windows; use PowerShell steps"
                 )
-            if os_type == "Windows" and isinstance(step, (*WINDOWS_STEPS, FileStep)):
+            if (
+                os_type == "Windows"
+                and not capabilities(Provider.azure).windows_customizers
+                and isinstance(step, (*WINDOWS_STEPS, FileStep))
+            ):
                 raise ProviderError(
                     f"{where}: Kiln does not run customizers on Windows build VMs yet (the "
                     "VM, its WinRM connection and sysprep work); remove the step, or keep "
