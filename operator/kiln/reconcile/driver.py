@@ -125,8 +125,6 @@ class RunDriver:
 
     async def queue_pass(self, run: Body) -> float:
         """Start the run if it may start; the seconds to wait before asking again if not."""
-        now = now_rfc3339()
-        generation = run["metadata"].get("generation")
         if (run.get("spec") or {}).get("cancel"):
             await self.finish(run, RunState.Canceled, reasons.CANCELED, "canceled before it began.")
             return 0
@@ -146,13 +144,8 @@ class RunDriver:
                             "runState": RunState.Running,
                             "runSubState": RunSubState.Queued,
                             "message": admission.message,
-                            "conditions": decide.run_conditions(
-                                status.get("conditions"),
-                                RunState.Running,
-                                admission.reason,
-                                admission.message,
-                                generation,
-                                now,
+                            "conditions": self._running_conditions(
+                                run, admission.message, admission.reason
                             ),
                         },
                     )
@@ -160,11 +153,11 @@ class RunDriver:
                         await refresh_template(self.runtime, self.namespace, template_name)
                 return QUEUE_POLL_SECONDS
             assert template is not None
-            await self.admit(run, template, spec, now)
+            await self.admit(run, template, spec)
         await refresh_template(self.runtime, self.namespace, template_name)
         return 0
 
-    async def admit(self, run: Body, template: Body, spec: Body, now: str) -> None:
+    async def admit(self, run: Body, template: Body, spec: Body) -> None:
         """Snapshot the template; from here on the run builds the snapshot, not the template.
         startTime waits for the build slot."""
         parsed = ImageTemplateSpec.model_validate(spec)
@@ -189,14 +182,7 @@ class RunDriver:
                 "templateSnapshot": spec,
                 "steps": steps,
                 "checkpoint": ctx.checkpoint.wire(),
-                "conditions": decide.run_conditions(
-                    _status(run).get("conditions"),
-                    RunState.Running,
-                    reasons.WAITING_FOR_SLOT,
-                    message,
-                    run["metadata"].get("generation"),
-                    now,
-                ),
+                "conditions": self._running_conditions(run, message, reasons.WAITING_FOR_SLOT),
             },
         )
 
@@ -250,14 +236,7 @@ class RunDriver:
                 "runSubState": RunSubState.Building,
                 "message": message,
                 "startTime": now,
-                "conditions": decide.run_conditions(
-                    _status(run).get("conditions"),
-                    RunState.Running,
-                    reasons.RUNNING,
-                    message,
-                    run["metadata"].get("generation"),
-                    now,
-                ),
+                "conditions": self._running_conditions(run, message),
             },
         )
         kopf.info(run, reason="Started", message=message)
@@ -319,13 +298,8 @@ class RunDriver:
         if outcome.kind == "wait":
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
             if outcome.reason:  # a retry: Reconciling says what is awaited and the code
-                progress["conditions"] = decide.run_conditions(
-                    status.get("conditions"),
-                    RunState.Running,
-                    outcome.reason,
-                    outcome.message,
-                    run["metadata"].get("generation"),
-                    now_rfc3339(),
+                progress["conditions"] = self._running_conditions(
+                    run, outcome.message, outcome.reason
                 )
                 kopf.warn(run, reason=outcome.reason, message=outcome.message)
             elif _reason(status, reasons.RECONCILING) != reasons.RUNNING:
@@ -350,11 +324,13 @@ class RunDriver:
             return 0
         return await self.fail(run, ctx, records, outcome, self._keep_vm(ctx, step.name))
 
-    def _running_conditions(self, run: Body, message: str) -> list[Body]:
+    @staticmethod
+    def _running_conditions(run: Body, message: str, reason: str = reasons.RUNNING) -> list[Body]:
+        """The conditions of a run still under way (Reconciling True) with this reason."""
         return decide.run_conditions(
             _status(run).get("conditions"),
             RunState.Running,
-            reasons.RUNNING,
+            reason,
             message,
             run["metadata"].get("generation"),
             now_rfc3339(),
