@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -621,8 +622,7 @@ class RunDriver:
     async def _stream_logs(self, ctx: RunContext) -> None:
         """While a run builds, its log reaches the provider's store (AIB's packerlogs) at
         most every LOG_PUBLISH_SECONDS when it grew, not only when the run ends."""
-        log_file = ctx.run_dir / COMBINED
-        size = log_file.stat().st_size if log_file.exists() else 0
+        size = await asyncio.to_thread(_size, ctx.run_dir / COMBINED)
         published_at, published_size = self._log_published
         if size == published_size or time.monotonic() - published_at < LOG_PUBLISH_SECONDS:
             return
@@ -663,6 +663,10 @@ async def _stop(task: asyncio.Future[Any]) -> None:
     await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
     if task.done() and not task.cancelled() and task.exception() is not None:
         log.debug("an interrupted step ended with %r", task.exception())
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def _now() -> datetime:
