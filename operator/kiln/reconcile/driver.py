@@ -604,7 +604,10 @@ class RunDriver:
         post(run, reason=str(state), message=message)
         template = run["spec"]["templateRef"]["name"]
         await refresh_template(self.runtime, self.namespace, template)
-        await self._prune_history(template)
+        try:
+            await self._prune_history(template)
+        except ApiException as error:  # best effort: the next run's end prunes again
+            log.warning("pruning the runs of %s/%s: %s", self.namespace, template, refusal(error))
 
     async def _prune_history(self, template_name: str) -> None:
         """Finished runs beyond the template's history limits go (CronJob's limits)."""
