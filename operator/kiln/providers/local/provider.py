@@ -29,10 +29,9 @@ from kiln.providers.local import baseimage, qemu
 from kiln.providers.local.disks import (
     ToolError,
     VhdError,
+    capture_disk,
     check_fixed_vhd,
-    sha256_file,
-    to_fixed_vhd,
-    to_qcow2,
+    copy_sparse,
 )
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
@@ -264,15 +263,9 @@ class LocalProvider:
     def _capture(self, ctx: RunContext) -> None:
         overlay = self.vm_dir(ctx) / "os.qcow2"
         image_dir = ctx.run_dir / IMAGE_DIR
-        qcow2 = image_dir / "disk.qcow2"
-        if not qcow2.exists():
-            to_qcow2(overlay, qcow2)
-        if any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute):
-            vhd = image_dir / "disk.vhd"
-            if not vhd.exists():
-                to_fixed_vhd(overlay, vhd)
-            check_fixed_vhd(vhd)
-        ctx.checkpoint["diskSha256"] = sha256_file(qcow2)
+        wants_vhd = any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute)
+        vhd = image_dir / "disk.vhd" if wants_vhd else None
+        ctx.checkpoint["diskSha256"] = capture_disk(overlay, image_dir / "disk.qcow2", vhd)
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         try:
@@ -358,10 +351,10 @@ class LocalProvider:
         if not checksum_file.is_file():
             destination.parent.mkdir(parents=True, exist_ok=True)
             tmp = destination.with_name(f".{destination.name}.tmp")
-            shutil.copyfile(image_dir / "disk.vhd", tmp)
+            digest = copy_sparse(image_dir / "disk.vhd", tmp)
             check_fixed_vhd(tmp)
             tmp.rename(destination)
-            checksum_file.write_text(f"{sha256_file(destination)}  {destination.name}\n")
+            checksum_file.write_text(f"{digest}  {destination.name}\n")
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=str(destination),
