@@ -23,7 +23,7 @@ from bench.capture import FIXED_VHD
 from kiln.api.template import FileStep, ImageTemplateSpec, ShellStep
 from kiln.communicators.ssh import generate_keypair
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
-from kiln.providers.local import baseimage, qemu
+from kiln.providers.local import baseimage, disks, qemu
 from kiln.providers.local.provider import BUILD_USER
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 
@@ -52,6 +52,10 @@ def vm_spec(
     )
 
 
+def baseimage_format(base: baseimage.BaseImage) -> str:
+    return disks.image_format(base.disk_path)
+
+
 def qemuargs(spec: qemu.VmSpec) -> list[list[str]]:
     """Kiln's QEMU command line as Packer qemuargs, pair by pair."""
     argv = qemu._qemu_argv(spec, PORT_PLACEHOLDER)[1:]
@@ -70,7 +74,7 @@ def qemuargs(spec: qemu.VmSpec) -> list[list[str]]:
         value = value.replace(f"file={spec.disk},", "file={{ .OutputDir }}/{{ .Name }},")
         value = value.replace(f":{PORT_PLACEHOLDER}-:22", ":{{ .SSHHostPort }}-:22")
         pairs.append([flag, value])
-    pairs.append(["-vnc", "none"])  # Packer would add a VNC server; Kiln has no display
+    pairs.append(["-vnc", "none"])  # Kiln has no display
     return pairs
 
 
@@ -150,6 +154,9 @@ def write_template(
         "iso_checksum": "none",
         "disk_image": True,
         "use_backing_file": True,
+        # Packer 1.6.6 names no backing format, which current qemu-img refuses.
+        "qemu_img_args": {"create": ["-F", baseimage_format(base)]},
+        "disk_size": f"{disks.round_up_mib(base.disk_virtual_size) // disks.MIB}M",  # as Kiln's
         "skip_resize_disk": True,
         "skip_compaction": True,
         "format": "qcow2",
@@ -163,7 +170,7 @@ def write_template(
         "ssh_username": BUILD_USER,
         "ssh_private_key_file": str(key),
         "ssh_timeout": "15m",
-        "boot_wait": "0s",
+        "disable_vnc": True,  # no boot command to type, and no boot_wait before SSH
         "shutdown_command": final_shutdown_command(BUILD_USER),
         "shutdown_timeout": "5m",
     }
