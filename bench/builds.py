@@ -48,7 +48,7 @@ class RunTimes:
             self.ended_at = now
 
 
-def kiln_build(cluster: Cluster, template: str, rep: int) -> dict[str, float]:
+def kiln_build(cluster: Cluster, template: str, rep: int) -> dict[str, Any]:
     """One ImageBuildRun of the template, from create to Succeeded."""
     name = f"bench-{template}-{rep}-{time.time_ns() % 10**6}"
     times = RunTimes(name)
@@ -65,8 +65,18 @@ def kiln_build(cluster: Cluster, template: str, rep: int) -> dict[str, float]:
     if times.state != "Succeeded":
         raise RuntimeError(f"run {name} ended {times.state}: {times.status.get('message')}")
     cluster.delete(RUNS, name)
-    boot = times.steps[("connect", "Succeeded")] - times.steps[("vm", "Running")]
-    return {"total": times.ended_at - started, "boot_to_ssh": boot}
+    vm = [
+        times.steps[("vm", state)]
+        for state in ("Running", "Succeeded")
+        if ("vm", state) in times.steps
+    ]
+    boot = times.steps[("connect", "Succeeded")] - min(vm)
+    steps = {
+        step: ended - times.steps.get((step, "Running"), ended)
+        for (step, state), ended in times.steps.items()
+        if state == "Succeeded"
+    }
+    return {"total": times.ended_at - started, "boot_to_ssh": boot, "steps": steps}
 
 
 def packer_build(spec: ImageTemplateSpec, base: baseimage.BaseImage, work: Path, **vm: Any):
@@ -95,7 +105,7 @@ def run(
     cluster.create(TEMPLATES, {**body, "metadata": {"name": name}})
     spec = ImageTemplateSpec.model_validate(body["spec"])
     base = baseimage.ensure_debian12(cache_root)
-    samples: dict[str, list[dict[str, float]]] = {"kiln": [], "packer": []}
+    samples: dict[str, list[dict[str, Any]]] = {"kiln": [], "packer": []}
     for rep in range(repeats):
         with vm_lock(lock):
             samples["kiln"].append(kiln_build(cluster, name, rep))

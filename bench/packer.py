@@ -34,6 +34,9 @@ PORT_PLACEHOLDER = 1  # replaced by {{ .SSHHostPort }}
 DROPPED = {"-daemonize": False, "-pidfile": True, "-qmp": True, "-name": True}
 STARTED = "Starting VM"
 CONNECTED = "Connected to SSH!"
+HALTING = "Gracefully halting"
+POST_PROCESSING = "Running post-processor"
+MARKS = (STARTED, CONNECTED, HALTING, POST_PROCESSING)
 
 
 def vm_spec(
@@ -211,7 +214,8 @@ def validate(template: Path) -> None:
 
 class PackerTimes(BaseModel):
     total: float
-    boot_to_ssh: float = 0.0  # from `Starting VM` to `Connected to SSH!`
+    boot_to_ssh: float  # from `Starting VM` to `Connected to SSH!`
+    steps: dict[str, float]  # provisioning (login to halt), shutdown, post-processing
 
 
 def build(template: Path, timeout: float = 3600) -> PackerTimes:
@@ -234,7 +238,7 @@ def build(template: Path, timeout: float = 3600) -> PackerTimes:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append(line)
-                for mark in (STARTED, CONNECTED):
+                for mark in MARKS:
                     if mark in line and mark not in marks:
                         marks[mark] = time.monotonic()
             code = proc.wait(timeout=60)
@@ -242,6 +246,11 @@ def build(template: Path, timeout: float = 3600) -> PackerTimes:
             watchdog.cancel()
     total = time.monotonic() - started
     (template.parent / "packer.out").write_text("".join(lines))
-    if code != 0 or len(marks) != 2:
+    if code != 0 or len(marks) != len(MARKS):
         raise RuntimeError(f"packer build failed ({code}): {''.join(lines[-30:])}")
-    return PackerTimes(total=total, boot_to_ssh=marks[CONNECTED] - marks[STARTED])
+    steps = {
+        "provision": marks[HALTING] - marks[CONNECTED],
+        "shutdown": marks[POST_PROCESSING] - marks[HALTING],
+        "post-process": started + total - marks[POST_PROCESSING],
+    }
+    return PackerTimes(total=total, boot_to_ssh=marks[CONNECTED] - marks[STARTED], steps=steps)
