@@ -113,13 +113,11 @@ class Cluster:
 
     def requests_total(self) -> float:
         """Sum of apiserver_request_total over every label set (all clients)."""
-        response = self.client.call_api(
-            "/metrics",
-            "GET",
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=30,
-        )[0]
+        method, url, headers, body, _ = self.client.param_serialize(
+            "GET", "/metrics", auth_settings=["BearerToken"]
+        )
+        response = self.client.call_api(method, url, headers, body, _request_timeout=30)
+        response.read()
         text = response.data.decode()
         return sum(float(value) for value in _REQUESTS.findall(text))
 

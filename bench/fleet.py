@@ -20,13 +20,13 @@ CLIENTS = 8  # concurrent API clients creating or deleting
 
 def templates(valid: int, invalid: int) -> list[Body]:
     """Copies of the demo template; the invalid ones have a schedule that is no cron
-    expression (the API server admits it, the operator stalls it as InvalidSpec)."""
+    expression the API server can tell (minute 61: admitted, then stalled as InvalidSpec)."""
     base = demo_template()
     out = []
     for i in range(valid + invalid):
         spec = dict(base["spec"])
         if i >= valid:
-            spec["triggers"] = [{"kind": "Schedule", "schedule": "every monday"}]
+            spec["triggers"] = [{"kind": "Schedule", "schedule": "61 * * * *"}]
         kind = "valid" if i < valid else "invalid"
         body = {**base, "metadata": {"name": f"bench-{kind}-{i:05d}"}, "spec": spec}
         out.append(body)
@@ -61,14 +61,14 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.operator = operator
         self.peak = operator.rss_mib()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._done.wait(0.25):
             self.peak = max(self.peak, self.operator.rss_mib())
 
     def stop(self) -> float:
-        self._stop.set()
+        self._done.set()
         self.join(5)
         return self.peak
 
