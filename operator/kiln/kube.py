@@ -119,6 +119,13 @@ class Kube:
             if error.status != 409:
                 raise
 
+    async def list_secrets(self, namespace: str, label_selector: str) -> list[Body]:
+        """Metadata of the matching Secrets (their data is never needed, so never kept)."""
+        result = await asyncio.to_thread(
+            self.core.list_namespaced_secret, namespace, label_selector=label_selector
+        )
+        return [{"metadata": item.metadata.to_dict()} for item in result.items]
+
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
             await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)

@@ -23,7 +23,7 @@ from kiln.runtime import Runtime
 async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     spec = decide.effective_spec(dict(body.spec), runtime.settings)
-    if decide.auto_run_enabled(spec) and not decide.problems_of(spec):
+    if decide.auto_run_enabled(spec) and not decide.problems_of(spec, runtime.settings):
         manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
         await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
     await refresh_template(runtime, body.metadata.namespace, body.metadata.name)
@@ -55,7 +55,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     what fired it, so firing twice (after a restart) creates one run."""
     runtime: Runtime = memo.runtime
     spec_body = decide.effective_spec(dict(body.spec), runtime.settings)
-    if not spec_body.get("triggers") or decide.problems_of(spec_body):
+    if not spec_body.get("triggers") or decide.problems_of(spec_body, runtime.settings):
         return
     spec = ImageTemplateSpec.model_validate(spec_body)
     status = dict(body.status or {})

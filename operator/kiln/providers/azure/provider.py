@@ -39,7 +39,7 @@ from kiln.api.template import (
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WINRM_HTTPS_PORT, key_vault_certificate
 from kiln.kube import Kube
-from kiln.naming import BUILD_COMPUTER_NAME, run_secret_name, staging_group_name
+from kiln.naming import BUILD_COMPUTER_NAME, staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
 from kiln.providers.azure.clients import (
@@ -691,15 +691,15 @@ class AzureProvider:
 
     def describe_vm(self, ctx: RunContext) -> str:
         endpoint = ctx.checkpoint.get("endpoint") or {}
-        secret = f"{ctx.namespace}/{run_secret_name(ctx.run_name)}"
+        secret = f"the operator's Secret {ctx.key_secret}"
         host = endpoint.get("host", "?")
         if ctx.windows:
             how = (
                 f"WinRM over HTTPS to {host}:{WINRM_HTTPS_PORT} as {BUILD_USER}, password and "
-                f"certificate in Secret {secret} (winrm-password, winrm-certificate)"
+                f"certificate in {secret} (winrm-password, winrm-certificate)"
             )
         else:
-            how = f"ssh {BUILD_USER}@{host} with the key in Secret {secret} (ssh-privatekey)"
+            how = f"ssh {BUILD_USER}@{host} with the key in {secret} (ssh-privatekey)"
         return (
             f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: {how}; "
             "delete the run to remove it"
