@@ -50,7 +50,8 @@ class OperatorSettings(BaseModel):
     )
     azure_credentials_secret: str | None = Field(
         default=None,
-        description="namespace/name of a Secret with clientId, clientSecret and tenantId; "
+        description="Secret (name in the operator's namespace, or namespace/name) with "
+        "clientId, clientSecret and tenantId for the operator's own identity; "
         "unset: DefaultAzureCredential (workload identity, managed identity, environment).",
     )
     azure_communicator_source: str | None = Field(

@@ -15,6 +15,8 @@ from kubernetes import config
 from kubernetes.client import CoreV1Api
 
 import vmboot
+from conftest import OPERATOR_NAMESPACE
+from kiln.naming import run_secret_name
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
 from kubehelpers import Kiln, condition, condition_status, run, template, wait_ended
@@ -48,13 +50,13 @@ def assert_cleaned(kiln: Kiln, operator: Any, body: dict) -> None:
         f"kiln-{body['metadata']['name']}"
         not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     )
-    secrets = CoreV1Api(kiln.api.api_client).list_namespaced_secret("default").items
-    assert f"{body['metadata']['name']}-ssh" not in [s.metadata.name for s in secrets]
+    secrets = CoreV1Api(kiln.api.api_client).list_namespaced_secret(OPERATOR_NAMESPACE).items
+    assert run_secret_name(body["metadata"]["uid"]) not in [s.metadata.name for s in secrets]
 
 
 @pytest.fixture(scope="module")
-def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("payload") / "payload.txt"
+def payload(kiln_operator: Any) -> Path:
+    path = kiln_operator.file_root / "payload.txt"  # where the operator lets templates read
     path.write_text(f"payload {time.time_ns()}\n")
     return path
 
@@ -346,7 +348,8 @@ def test_abort_keeps_the_vm_until_the_run_is_deleted(kiln: Kiln, kiln_operator: 
     vm = qemu.find(build_vm_dir(kiln_operator, body))
     assert vm is not None, "errorHandling abort keeps the build VM"
     assert f"ssh -p {vm.ssh_port} packer@127.0.0.1" in body["status"]["message"]
-    assert "Secret default/keep-1-ssh" in body["status"]["message"]
+    secret = f"{OPERATOR_NAMESPACE}/{run_secret_name(body['metadata']['uid'])}"
+    assert f"the operator's Secret {secret}" in body["status"]["message"]
     kiln.delete("imagebuildruns", "keep-1")
     kiln.wait_for("imagebuildruns", "keep-1", lambda b: b is None, 120, "deleted")
     assert not qemu.is_running(vm)

@@ -36,7 +36,8 @@ async def make_credential(settings: OperatorSettings, kube: Kube) -> AsyncTokenC
     options = _authority_options(settings) | transport_options(settings)
     if not settings.azure_credentials_secret:
         return DefaultAzureCredential(**options)
-    namespace, _, name = settings.azure_credentials_secret.partition("/")
+    namespace, _, name = settings.azure_credentials_secret.rpartition("/")
+    namespace = namespace or settings.secrets_namespace
     data = await kube.read_secret(namespace, name)
     if data is None:
         raise ProviderError(
