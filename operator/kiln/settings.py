@@ -125,6 +125,7 @@ class OperatorSettings(BaseModel):
             output_roots=[*self.output_roots, self.gallery],
             blocked_ranges=self.download_blocked_ranges,
             communicator_source=self.azure_communicator_source,
+            operator_identity=self.azure_operator_identity,
         )
 
     @property

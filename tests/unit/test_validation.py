@@ -1026,3 +1026,17 @@ def test_azure_public_build_needs_a_communicator_source() -> None:
     private = azure(vmProfile=vnet(subnetId=SUBNET))
     assert validate_template(private, AZURE, policy) == []
     assert validate_template(azure(), AZURE, POLICY) == []
+
+
+def test_without_the_operators_identity_a_service_account_is_required() -> None:
+    policy = POLICY.model_copy(update={"operator_identity": False})
+    [problem] = validate_template(azure(), AZURE, policy)
+    assert problem.path == "spec.serviceAccountName"
+    assert "KILN_AZURE_OPERATOR_IDENTITY" in problem.message
+    assert validate_template(azure(serviceAccountName="team-a-builder"), AZURE, policy) == []
+    assert validate_template(spec(), LOCAL, policy) == []  # local builds use no identity
+
+
+def test_a_service_account_name_must_be_a_kubernetes_name() -> None:
+    [problem] = validate_template(azure(serviceAccountName="../other"), AZURE)
+    assert problem.path == "spec.serviceAccountName"

@@ -89,6 +89,9 @@ class TenancyPolicy(BaseModel):
         default_factory=lambda: [ipaddress.ip_network(r) for r in DEFAULT_BLOCKED_RANGES]
     )
     communicator_source: str | None = None
+    operator_identity: bool = Field(
+        default=True, description="Templates without serviceAccountName may use the operator's."
+    )
 
     # --- file:// sources -----------------------------------------------------------------
 

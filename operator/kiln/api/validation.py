@@ -504,6 +504,17 @@ def tenancy_rules(
                 policy.check_output_path(path)
             except Refused as refusal:
                 yield SpecProblem(path=f"spec.distribute[{index}].uri", message=str(refusal))
+    if (
+        provider == Provider.azure
+        and not spec.service_account_name
+        and not policy.operator_identity
+    ):
+        yield SpecProblem(
+            path="spec.serviceAccountName",
+            message="is required: this operator lends its own Azure identity to no template "
+            "(KILN_AZURE_OPERATOR_IDENTITY is false); name a ServiceAccount of this namespace "
+            "with the azure.workload.identity/client-id annotation of your team's identity",
+        )
     vnet = spec.vm_profile.vnet_config if spec.vm_profile else None
     private = bool(vnet and vnet.subnet_id)
     if provider == Provider.azure and not private and not policy.communicator_source:

@@ -41,8 +41,13 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     staging = status.get("exactStagingResourceGroup")
     provider = runtime.providers.get(status.get("provider") or "")
     if staging and provider:
-        keep = bool((body.spec or {}).get("stagingResourceGroup"))
-        await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)
+        spec = body.spec or {}
+        await provider.delete_staging(
+            template_identity(dict(body)),
+            staging,
+            keep_group=bool(spec.get("stagingResourceGroup")),
+            service_account=spec.get("serviceAccountName"),
+        )
 
 
 def _has_triggers(spec: kopf.Spec, **_: Any) -> bool:
@@ -76,7 +81,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             record["lastScheduledTime"] = due.strftime(triggers.TIME_FORMAT)
     if triggers.has_source_trigger(spec):
         provider = runtime.providers.get(spec.provider or "")
-        current = await provider.latest_source_version(spec) if provider else None
+        current = await provider.latest_source_version(spec, namespace) if provider else None
         if triggers.source_changed(status.get("sourceImageVersion"), current):
             assert current is not None
             run = triggers.source_run_name(name, current)

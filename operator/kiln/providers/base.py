@@ -87,14 +87,20 @@ class BuildProvider(Protocol):
     async def ensure_staging(self, ctx: RunContext) -> str: ...
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
-        """Remove what Kiln made for the template; keep_group empties a custom group only."""
+        """Remove what Kiln made for the template; keep_group empties a custom group only.
+        service_account: the template's spec.serviceAccountName (whose identity it used)."""
 
     async def resolve_source(self, ctx: RunContext) -> str:
         """The exact source image version; 'latest' resolves here."""
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
         """What 'latest' resolves to now, for the SourceImage trigger; None if unknown."""
 
     async def create_vm(self, ctx: RunContext) -> Endpoint:

@@ -85,7 +85,12 @@ class LocalProvider:
         return str(staging)
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
         directory = Path(staging)
         marker = directory / OWNER_MARKER
@@ -146,7 +151,7 @@ class LocalProvider:
             "initrd": directory / "initrd.img",
         }
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
         source = spec.source
         try:
             if isinstance(source, PlatformImageSource):
