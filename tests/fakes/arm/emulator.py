@@ -990,7 +990,7 @@ class ArmEmulator:
             "https://management.core.windows.net",
         }
         try:
-            self.identity.verify(request.headers.get("Authorization"), audiences)
+            claims = self.identity.verify(request.headers.get("Authorization"), audiences)
         except TokenError as err:
             raise ArmError(
                 401,
@@ -1003,6 +1003,10 @@ class ArmEmulator:
                     )
                 },
             ) from None
+        try:
+            self.identity.authorize(claims, request.path)
+        except TokenError as err:
+            raise ArmError(403, err.code, err.message) from None
 
     async def _route(self, ctx: Ctx) -> Reply:
         path = ctx.request.path
