@@ -96,14 +96,12 @@ KEY_SECRET_RUN_NAMESPACE = f"{GROUP}/run-namespace"
 KEY_SECRET_RUN_NAME = f"{GROUP}/run-name"
 
 
-def key_secret_metadata(ctx: RunContext) -> dict[str, object]:
+def key_secret_metadata(namespace: str, run_name: str, run_uid: str) -> dict[str, object]:
+    """Metadata of the key Secret of the run namespace/run_name with uid run_uid."""
     return {
-        "name": run_secret_name(ctx.run_uid),
-        "labels": {
-            KEY_SECRET_RUN_UID: ctx.run_uid,
-            f"{GROUP}/run": label_value(ctx.run_name),
-        },
-        "annotations": {KEY_SECRET_RUN_NAMESPACE: ctx.namespace, KEY_SECRET_RUN_NAME: ctx.run_name},
+        "name": run_secret_name(run_uid),
+        "labels": {KEY_SECRET_RUN_UID: run_uid, f"{GROUP}/run": label_value(run_name)},
+        "annotations": {KEY_SECRET_RUN_NAMESPACE: namespace, KEY_SECRET_RUN_NAME: run_name},
     }
 
 
@@ -125,7 +123,7 @@ class VmStep:
             await env.kube.create_secret(
                 ctx.key_namespace,
                 {
-                    "metadata": key_secret_metadata(ctx),
+                    "metadata": key_secret_metadata(ctx.namespace, ctx.run_name, ctx.run_uid),
                     "type": "kubernetes.io/ssh-auth",
                     "data": _secret_data(ctx),
                 },
