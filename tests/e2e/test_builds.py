@@ -20,6 +20,7 @@ from kiln.naming import run_secret_name
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
 from kubehelpers import Kiln, condition, condition_status, run, template, wait_ended
+from secretscan import RunRecorder
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +34,13 @@ MANAGED_IMAGE = f"{SUB}/providers/Microsoft.Compute/images/base"
 def kiln(control_plane: Any, kiln_operator: Any) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as client:
         yield Kiln(client)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recorder(kiln: Kiln) -> Iterator[RunRecorder]:
+    """Every key and status of this module's runs, for the leak hunt at its end."""
+    with RunRecorder(kiln.api.api_client, "default", OPERATOR_NAMESPACE) as recording:
+        yield recording
 
 
 def step(body: dict, name: str) -> dict:
@@ -389,3 +397,10 @@ def test_deleting_an_active_run_removes_its_vm(kiln: Kiln, kiln_operator: Any) -
     kiln.wait_for("imagebuildruns", "gone-1", lambda b: b is None, 120, "deleted")
     assert not qemu.is_running(vm)
     assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_no_secret_in_status_events_or_the_operator_log(
+    recorder: RunRecorder, kiln_operator: Any
+) -> None:
+    """The keys of every run above never show in a status, an event or the log."""
+    recorder.assert_nothing_leaked(kiln_operator.log())

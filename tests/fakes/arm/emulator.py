@@ -186,6 +186,7 @@ class ArmEmulator:
         self.handlers = _handlers()
         self.state = ArmState()
         self._requests: list[RequestRecord] = []
+        self.granted_sas: list[str] = []  # disk accessSAS URLs handed out (tests hunt leaks)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None

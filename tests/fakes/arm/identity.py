@@ -100,6 +100,7 @@ class Identity:
     accept_client_assertions: bool = True
     signing_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     issued: int = 0
+    issued_tokens: list[str] = field(default_factory=list)  # for tests that hunt for leaks
     federated_apps: dict[str, FederatedApp] = field(default_factory=dict)
     issuers: dict[str, IssuerEndpoint] = field(default_factory=dict)
 
@@ -237,7 +238,9 @@ class Identity:
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         sig = hmac.new(self.signing_key, signing_input.encode(), hashlib.sha256).digest()
         self.issued += 1
-        return f"{signing_input}.{_b64(sig)}"
+        token = f"{signing_input}.{_b64(sig)}"
+        self.issued_tokens.append(token)
+        return token
 
     def verify(self, authorization: str | None, audiences: set[str]) -> dict[str, Any]:
         """Claims of a valid `Bearer` token, else TokenError with ARM's code."""
