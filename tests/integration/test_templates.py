@@ -40,6 +40,7 @@ SUBNET = "/subscriptions/s/resourceGroups/r/providers/Microsoft.Network/virtualN
 VHD_A = {"type": "VHD", "runOutputName": "a"}
 PLAN = {"planName": "p"}
 SOURCE = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12"}
+SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 FILE_TO_ETC = {"type": "File", "sourceUri": "file:///etc/hostname", "destination": "/etc/x"}
 
 
@@ -91,6 +92,21 @@ INVALID = [
         "not a cron expression",
     ),
     ({"customize": [FILE_TO_ETC]}, "spec.customize[0].destination", "/tmp"),
+    (
+        {"customize": [{"type": "Shell", "scriptUri": f"file://{SA_TOKEN}"}]},
+        "spec.customize[0].scriptUri",
+        "not under a directory templates may read (/kiln/examples,",
+    ),
+    (
+        {"customize": [{"type": "Shell", "scriptUri": "http://169.254.169.254/metadata"}]},
+        "spec.customize[0].scriptUri",
+        "169.254.169.254 is in 169.254.0.0/16",
+    ),
+    (
+        {"distribute": [{"type": "VHD", "runOutputName": "v", "uri": "/etc/cron.d/x.vhd"}]},
+        "spec.distribute[0].uri",
+        "outside the directories Kiln may write",
+    ),
 ]
 
 
