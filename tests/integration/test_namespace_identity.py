@@ -8,7 +8,6 @@ limits each team's app to its own resource group, as a role assignment would.
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +16,6 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
-import yaml
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes import client, config
@@ -37,6 +35,7 @@ from kiln.providers.azure.clients import (
 )
 from kiln.providers.base import ProviderError
 from kiln.settings import OperatorSettings
+from kubehelpers import cluster_ca_file, publish_issuer
 
 pytestmark = [pytest.mark.integration, pytest.mark.azure]
 
@@ -67,42 +66,12 @@ def admin(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
 
 @pytest.fixture(scope="module")
 def cluster_ca(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The CA of the API server's serving certificate, from the admin kubeconfig."""
-    kubeconfig = yaml.safe_load(control_plane.kubeconfig.read_text())
-    cluster = kubeconfig["clusters"][0]["cluster"]
-    if "certificate-authority" in cluster:
-        return Path(cluster["certificate-authority"])
-    path = tmp_path_factory.mktemp("cluster-ca") / "ca.crt"
-    path.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
-    return path
+    return cluster_ca_file(control_plane.kubeconfig, tmp_path_factory.mktemp("cluster-ca"))
 
 
 @pytest.fixture(scope="module")
 def issuer(control_plane: ControlPlane, admin: client.ApiClient, cluster_ca: Path) -> str:
-    """The API server's service-account issuer, readable without credentials (as an AKS
-    cluster's OIDC issuer is by Entra)."""
-    client.RbacAuthorizationV1Api(admin).create_cluster_role_binding(
-        {
-            "metadata": {"name": "kiln-test-issuer-discovery"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:service-account-issuer-discovery",
-            },
-            "subjects": [
-                {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "Group",
-                    "name": "system:unauthenticated",
-                }
-            ],
-        }
-    )
-    discovery = requests.get(
-        f"{control_plane.server}/.well-known/openid-configuration", verify=cluster_ca, timeout=10
-    )
-    discovery.raise_for_status()
-    return str(discovery.json()["issuer"])
+    return publish_issuer(admin, control_plane.server, cluster_ca)
 
 
 @pytest.fixture(scope="module")
