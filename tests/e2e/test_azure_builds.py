@@ -381,7 +381,8 @@ def test_no_secret_in_status_events_or_the_operator_log(
     recorder: RunRecorder, arm_qemu: ArmEmulator, azure_operator: OperatorProcess
 ) -> None:
     """Linux and Windows runs above: their keys and WinRM logins, every access token the
-    emulator's Entra issued, the client secret and the disks' SAS query strings never show
+    emulator's Entra issued, the client secret, the storage key and the disks' SAS query
+    strings never show
     in a status (continuation tokens included), an event or the log."""
     sas = [url.split("?", 1)[1] for url in arm_qemu.granted_sas if "?" in url]
     assert sas, "the VHD distributions used no disk SAS"
@@ -389,5 +390,6 @@ def test_no_secret_in_status_events_or_the_operator_log(
         azure_operator.log(),
         *arm_qemu.identity.issued_tokens,
         arm_qemu.client_secret,
+        arm_qemu.storage_account_key or "",  # the staging account's key (listKeys)
         *sas,
     )
