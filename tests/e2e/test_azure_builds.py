@@ -382,8 +382,7 @@ def test_no_secret_in_status_events_or_the_operator_log(
 ) -> None:
     """Linux and Windows runs above: their keys and WinRM logins, every access token the
     emulator's Entra issued, the client secret, the storage key and the disks' SAS query
-    strings never show
-    in a status (continuation tokens included), an event or the log."""
+    strings never show in a status (continuation tokens included), an event or the log."""
     sas = [url.split("?", 1)[1] for url in arm_qemu.granted_sas if "?" in url]
     assert sas, "the VHD distributions used no disk SAS"
     recorder.assert_nothing_leaked(
