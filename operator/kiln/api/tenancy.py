@@ -118,19 +118,26 @@ class TenancyPolicy(BaseModel):
     def open_file_uri(self, uri: str) -> Path:
         """The real file behind a file:// URI, with symlinks resolved and still inside its
         root (read time): a link out of the root is refused like a path out of it."""
-        self.check_file_uri(uri)
-        path = normalized(file_uri_path(uri))
-        assert path is not None
-        root = self._root_of(path)
-        assert root is not None
-        real_root = Path(os.path.realpath(root.directory))
+        path, root = self._rooted(uri)
         real = Path(os.path.realpath(root.directory / path.relative_to(root.path)))
-        if not _inside(real, real_root):
+        self.confirm_opened(uri, real)
+        return real
+
+    def confirm_opened(self, uri: str, real: Path) -> None:
+        """Refuse a real (symlink-free) path that is not inside the URI's root."""
+        path, root = self._rooted(uri)
+        if not _inside(real, Path(os.path.realpath(root.directory))):
             raise Refused(
                 f"{path} leads out of {root.path} through a symbolic link; copy the file "
                 "into the directory instead of linking it"
             )
-        return real
+
+    def _rooted(self, uri: str) -> tuple[PurePosixPath, FileRoot]:
+        self.check_file_uri(uri)
+        path = normalized(file_uri_path(uri))
+        root = self._root_of(path) if path else None
+        assert path is not None and root is not None
+        return path, root
 
     # --- local outputs -------------------------------------------------------------------
 

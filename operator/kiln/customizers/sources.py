@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import aiohttp
@@ -39,16 +41,7 @@ async def fetch(
     except ValueError as error:
         raise FetchError(f"{redact(uri)} is not a valid URI: {error}") from error
     if parsed.scheme == "file":
-        try:
-            path = policy.open_file_uri(uri)
-        except Refused as refusal:
-            raise FetchError(f"{redact(uri)} {refusal}") from None
-        try:
-            if path.stat().st_size > limit:
-                raise FetchError(f"{path} is larger than {_megabytes(limit)}")
-            data = path.read_bytes()
-        except OSError as error:
-            raise FetchError(f"cannot read {path}: {error.strerror}") from error
+        data = _read_file(uri, policy, limit)
     elif parsed.scheme in ("http", "https"):
         data = await _download(uri, limit, policy)
     else:
@@ -58,6 +51,22 @@ async def fetch(
             f"{redact(uri)} does not match sha256Checksum {sha256}; update the checksum or the file"
         )
     return data
+
+
+def _read_file(uri: str, policy: TenancyPolicy, limit: int) -> bytes:
+    """The file, if the file actually opened (links swapped meanwhile or not) is inside
+    its root: the check is repeated on the open descriptor."""
+    try:
+        path = policy.open_file_uri(uri)
+        with path.open("rb") as handle:
+            policy.confirm_opened(uri, Path(os.readlink(f"/proc/self/fd/{handle.fileno()}")))
+            if os.fstat(handle.fileno()).st_size > limit:
+                raise FetchError(f"{path} is larger than {_megabytes(limit)}")
+            return handle.read(limit + 1)
+    except Refused as refusal:
+        raise FetchError(f"{redact(uri)} {refusal}") from None
+    except OSError as error:
+        raise FetchError(f"cannot read {redact(uri)}: {error.strerror}") from error
 
 
 class _GuardedSockets:
