@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,6 +16,8 @@ import yaml
 from kubernetes.client import ApiClient, CustomObjectsApi, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 from lupa import LuaRuntime
+
+from kiln import localcluster
 
 GROUP, VERSION = "kiln.dev", "v1alpha1"
 Body = dict[str, Any]
@@ -27,6 +31,33 @@ def argocd_health(obj: Body) -> dict[str, str]:
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute(ARGOCD_HEALTH.read_text())
     return {"status": result["status"], "message": result["message"]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _kstatus_binary() -> str:
+    """tests/kstatus built (once, cached by its sources) by scripts/build-kstatus.sh."""
+    script = REPO / "scripts" / "build-kstatus.sh"
+    result = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=1800, check=True
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def kstatus(*objects: Body) -> list[dict[str, str]]:
+    """What the kstatus library (kubectl wait, Flux, cli-utils) computes for each object:
+    {"status": Current | InProgress | Failed | ..., "message": ...}."""
+    result = subprocess.run(
+        [_kstatus_binary()],
+        input=json.dumps(list(objects)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
 
 
 def condition(body: Body | None, type_: str) -> Body | None:
@@ -94,6 +125,15 @@ class Kiln:
         return body
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll predicate every half second, failing after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f}s for {what}")
+        time.sleep(0.5)
+
+
 DEBIAN_12: Body = {
     "type": "PlatformImage",
     "publisher": "Debian",
@@ -136,12 +176,27 @@ def run(name: str, template_name: str, **spec: Any) -> Body:
 def kubectl(
     kubeconfig: Path, *args: str, input_text: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """kubectl of the control plane's own release."""
     return subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        [str(localcluster.binary(localcluster.KUBECTL)), f"--kubeconfig={kubeconfig}", *args],
         input=input_text,
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def server_dry_run(kubeconfig: Path, body: Body) -> subprocess.CompletedProcess[str]:
+    """kubectl apply --dry-run=server without client-side checks: the API server's own
+    verdict, as GitOps tools meet it."""
+    return kubectl(
+        kubeconfig,
+        "apply",
+        "--dry-run=server",
+        "--validate=false",
+        "-f",
+        "-",
+        input_text=json.dumps(body),
     )
 
 

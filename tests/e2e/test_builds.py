@@ -19,7 +19,7 @@ from conftest import OPERATOR_NAMESPACE
 from kiln.naming import run_secret_name
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
-from kubehelpers import Kiln, condition, condition_status, run, template, wait_ended
+from kubehelpers import Kiln, condition, condition_status, kstatus, run, template, wait_ended
 from secretscan import RunRecorder
 
 pytestmark = pytest.mark.e2e
@@ -126,11 +126,12 @@ def test_autorun_build_succeeds_with_outputs(
     assert status["templateHash"] and status["templateSnapshot"]["provider"] == "local"
     assert condition_status(base_build, "Ready") == "True"
     assert condition_status(base_build, "Stalled") == "False"
+    template_body = kiln.get("imagetemplates", "base")
+    assert [s["status"] for s in kstatus(base_build, template_body)] == ["Current", "Current"]
     outputs = {o["runOutputName"]: o for o in status["runOutputs"]}
     assert outputs["gallery"]["artifactId"] == f"{GALLERY_IMAGE}/versions/2.0.0"
     assert outputs["managed"]["artifactId"] == MANAGED_IMAGE
     assert all(o["provisioningState"] == "Succeeded" for o in outputs.values())
-    template_body = kiln.get("imagetemplates", "base")
     assert condition(template_body, "Ready")["reason"] == "ImageBuilt"
     assert template_body["status"]["lastRun"] == {
         "name": base_build["metadata"]["name"],
@@ -247,6 +248,7 @@ def test_a_failing_step_fails_the_run_with_its_exit_code_and_log(
     status = first["status"]
     assert status["runState"] == "Failed"
     assert condition(first, "Stalled")["reason"] == "CustomizerFailed"
+    assert kstatus(first)[0]["status"] == "Failed"
     customize = step(first, "customize")
     assert customize["state"] == "Failed" and customize["exitCode"] == 7
     assert customize["logTail"][-2:] == ["about to fail", "boom"]
@@ -284,6 +286,7 @@ def test_cancel_stops_the_build_and_cleans_up(kiln: Kiln, kiln_operator: Any) ->
     body = wait_ended(kiln, "slow-1")
     assert body["status"]["runState"] == "Canceled"
     assert condition(body, "Stalled")["reason"] == "Canceled"
+    assert kstatus(body)[0]["status"] == "Failed"
     assert_cleaned(kiln, kiln_operator, body)
 
 

@@ -1,5 +1,9 @@
-"""Rules the CRD schema cannot state, and what the operator's settings allow, as pure functions.
+"""Every rule on a template spec, as pure functions: the operator's own check.
 
+Most of these rules also exist as CEL in the CRD (the models' `cel_rules` in
+api/template.py), so the API server refuses them at `kubectl apply`; here they are the
+second line (a CRD installed without its rules, an object stored before a rule existed)
+and the only line for what CEL cannot state, each marked `No CEL twin:` with the reason.
 Each problem names the field path and the fix, so a person reading `kubectl describe`
 knows what to change without reading Kiln's source.
 """
@@ -15,6 +19,15 @@ from pydantic import ValidationError
 
 from kiln.api.base import KubeModel
 from kiln.api.template import (
+    GALLERY_IMAGE_ID_PATTERN,
+    GALLERY_IMAGE_VERSION_ID_PATTERN,
+    IDENTITY_ID_PATTERN,
+    MANAGED_IMAGE_ID_PATTERN,
+    MAX_TAG_NAME,
+    MAX_TAG_VALUE,
+    RESOURCE_GROUP_ID_PATTERN,
+    SUBNET_ID_PATTERN,
+    TAG_NAME_FORBIDDEN,
     FileStep,
     ImageTemplateSpec,
     ManagedImageDistributor,
@@ -34,21 +47,12 @@ from kiln.api.template import (
 )
 from kiln.api.tenancy import Refused, TenancyPolicy
 
-_ARM = r"^/subscriptions/[^/]+/resourceGroups/[^/]+"
-MANAGED_IMAGE_ID = re.compile(_ARM + r"/providers/Microsoft\.Compute/images/[^/]+$", re.I)
-GALLERY_IMAGE_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+(/versions/[^/]+)?$", re.I
-)
-GALLERY_IMAGE_VERSION_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+/versions/[^/]+$", re.I
-)
-RESOURCE_GROUP_ID = re.compile(_ARM + r"$", re.I)
-SUBNET_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$", re.I
-)
-IDENTITY_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+$", re.I
-)
+MANAGED_IMAGE_ID = re.compile(MANAGED_IMAGE_ID_PATTERN, re.I)
+GALLERY_IMAGE_ID = re.compile(GALLERY_IMAGE_ID_PATTERN, re.I)
+GALLERY_IMAGE_VERSION_ID = re.compile(GALLERY_IMAGE_VERSION_ID_PATTERN, re.I)
+RESOURCE_GROUP_ID = re.compile(RESOURCE_GROUP_ID_PATTERN, re.I)
+SUBNET_ID = re.compile(SUBNET_ID_PATTERN, re.I)
+IDENTITY_ID = re.compile(IDENTITY_ID_PATTERN, re.I)
 VERSION_TRIPLE = re.compile(r"^\d+\.\d+\.\d+$")
 
 # Union tags pydantic puts into error locations; a person never writes them in a path.
@@ -69,7 +73,6 @@ _UNION_TAGS = {
     "SourceImage",
 }
 _WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
-MAX_TAG_NAME, MAX_TAG_VALUE = 512, 256
 
 
 class SpecProblem(KubeModel):
@@ -164,6 +167,8 @@ def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]
             path="spec.stagingResourceGroup",
             message="must be a resource group ID: /subscriptions/SUB/resourceGroups/NAME",
         )
+    # No CEL twin: the operator's default location, resource group and subscription fill
+    # these in, and the API server does not know them.
     if provider == Provider.azure:
         required = (
             ("location", spec.location),
@@ -202,6 +207,8 @@ def _source_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecP
 
 
 def _uri_rule(uri: str, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twins: the scheme on each step; file:// on azure when spec.provider names it
+    # (unset, the operator's default provider decides, which only the operator knows).
     schemes = (
         ("https://", "http://", "file://")
         if provider == Provider.local
@@ -252,6 +259,7 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
             yield SpecProblem(
                 path=f"{path}.destination", message="must name a file, not a directory"
             )
+    # CEL twin when spec.provider is local; the operator's default provider otherwise.
     if provider == Provider.local and isinstance(step, _WINDOWS_STEPS):
         yield SpecProblem(
             path=f"{path}.type",
@@ -261,6 +269,7 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
 
 
 def _os_rules(steps: list[KubeModel], provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twin when spec.provider is azure; the operator's default provider otherwise.
     linux = any(isinstance(s, ShellStep) for s in steps)
     windows = any(isinstance(s, _WINDOWS_STEPS) for s in steps)
     if linux and windows and provider != Provider.local:
@@ -348,6 +357,7 @@ def _shared_image_rules(
 
 
 def _vhd_rules(target: VhdDistributor, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twin when spec.provider names the provider; the operator's default otherwise.
     uri = target.uri or ""
     if provider == Provider.local:
         if not (uri.startswith("file:///") or uri.startswith("/")):
@@ -403,7 +413,7 @@ def _vm_profile_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
 
 def _tag_rules(tags: dict[str, str] | None, path: str) -> Iterator[SpecProblem]:
     for name, value in (tags or {}).items():
-        if len(name) > MAX_TAG_NAME or re.search(r"[<>%&\\?/]", name):
+        if len(name) > MAX_TAG_NAME or re.search(TAG_NAME_FORBIDDEN, name):
             yield SpecProblem(
                 path=f"{path}.{name}",
                 message=f"tag names have at most {MAX_TAG_NAME} characters and none of <>%&\\?/",
@@ -453,6 +463,8 @@ def _trigger_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
         if trigger.kind in kinds:
             yield SpecProblem(path=f"{path}.kind", message=f"{trigger.kind} is listed twice")
         kinds.add(trigger.kind)
+        # The CEL twin checks the shape only: cron's syntax (ranges, steps, names) is
+        # more than a regular expression can check without refusing valid schedules.
         if isinstance(trigger, ScheduleTrigger) and not croniter.is_valid(trigger.schedule):
             yield SpecProblem(
                 path=f"{path}.schedule",
@@ -487,7 +499,10 @@ def _downloaded_uris(spec: ImageTemplateSpec) -> Iterator[tuple[str, str]]:
 def tenancy_rules(
     spec: ImageTemplateSpec, provider: Provider, policy: TenancyPolicy
 ) -> Iterator[SpecProblem]:
-    """What the operator's settings let a template reach: files, outputs, addresses."""
+    """What the operator's settings let a template reach: files, outputs, addresses.
+
+    No CEL twin: the roots, ranges and identity switch are operator settings, which the
+    CRD does not know."""
     for path, uri in _downloaded_uris(spec):
         try:
             if uri.startswith("file://"):
