@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,9 @@ def test_the_azure_profile_passes_the_restricted_pod_security_standard(
                 namespace, pod_from_chart(LOCAL_PROFILE, namespace), dry_run="All"
             )
         assert refused.value.status == 403
-        assert 'violates PodSecurity "restricted' in refused.value.body
-        assert "hostPath" in refused.value.body
+        message = json.loads(refused.value.body)["message"]
+        assert 'violates PodSecurity "restricted:' in message
+        assert 'volumes "data", "kvm" use restricted volume type "hostPath"' in message
     finally:
         core.delete_namespace(namespace)
 
