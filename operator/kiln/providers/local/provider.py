@@ -22,6 +22,7 @@ from kiln.api.template import (
     SharedImageVersionSource,
     VhdDistributor,
 )
+from kiln.api.tenancy import Refused
 from kiln.communicators.ssh import SshCommunicator
 from kiln.naming import staging_group_name
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
@@ -83,7 +84,12 @@ class LocalProvider:
         return str(staging)
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
         directory = Path(staging)
         marker = directory / OWNER_MARKER
@@ -144,7 +150,7 @@ class LocalProvider:
             "initrd": directory / "initrd.img",
         }
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
         source = spec.source
         try:
             if isinstance(source, PlatformImageSource):
@@ -234,7 +240,7 @@ class LocalProvider:
             return "the build VM is not running"
         return (
             f"the build VM is kept running: ssh -p {handle.ssh_port} {BUILD_USER}@127.0.0.1 "
-            f"with the key in Secret {ctx.namespace}/{ctx.run_name}-ssh (ssh-privatekey); "
+            f"with the key in the operator's Secret {ctx.key_secret} (ssh-privatekey); "
             f"serial log {handle.serial_log}; delete the run to remove it"
         )
 
@@ -344,7 +350,12 @@ class LocalProvider:
         self, ctx: RunContext, target: VhdDistributor, image_dir: Path
     ) -> RunOutput:
         if target.uri:
-            destination = Path(target.uri.removeprefix("file://"))
+            try:  # validated with the template; checked again as symlinks may have moved
+                destination = self.settings.tenancy_policy.check_output_path(
+                    target.uri.removeprefix("file://")
+                )
+            except Refused as refusal:
+                raise ProviderError(f"VHD uri {target.uri}: {refusal}") from None
         else:
             destination = ctx.run_dir / f"{target.run_output_name}.vhd"
         checksum_file = destination.with_name(destination.name + ".sha256")
