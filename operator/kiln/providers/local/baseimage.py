@@ -294,14 +294,17 @@ def _build(cache_root: Path, release: str) -> BaseImage:
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=offer_dir))
     try:
-        rootfs = work / "rootfs"
+        scratch = work / "scratch"  # everything but the disk and its manifest
+        rootfs = scratch / "rootfs"
+        scratch.mkdir()
         layout = gptdisk.hybrid_layout(DISK_SIZE)
         root_uuid, esp_id = str(uuid.uuid4()), secrets.token_hex(4).upper()
-        _bootstrap(RELEASES[release], rootfs, work)
+        _bootstrap(RELEASES[release], rootfs, scratch)
         _customize(rootfs, root_uuid, f"{esp_id[:4]}-{esp_id[4:]}")
-        grub = _grub_images(rootfs, work, root_uuid)
-        _make_disk(rootfs, work, layout, root_uuid, esp_id, grub)
-        shutil.rmtree(rootfs)
+        grub = _grub_images(rootfs, scratch, root_uuid)
+        _make_disk(rootfs, scratch, layout, root_uuid, esp_id, grub)
+        os.rename(scratch / "disk.qcow2", work / "disk.qcow2")
+        shutil.rmtree(scratch)
         return _publish(work, offer_dir, release, root_uuid)
     finally:
         shutil.rmtree(work, ignore_errors=True)
