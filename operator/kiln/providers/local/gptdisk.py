@@ -91,30 +91,16 @@ def hybrid_layout(disk_size: int) -> DiskLayout:
     root_size = disk_size - (ROOT_START_MIB + GPT_BACKUP_MIB) * MIB
     if root_size < 64 * MIB:
         raise GptError(f"a {disk_size / MIB:g} MiB disk leaves no room for a root partition")
+    entries = {  # number: name, type, start, size
+        ROOT_PARTITION: ("root", LINUX_ROOT_X86_64_TYPE, ROOT_START_MIB * MIB, root_size),
+        BIOS_PARTITION: ("bios", BIOS_BOOT_TYPE, BIOS_BOOT_MIB[0] * MIB, BIOS_BOOT_MIB[1] * MIB),
+        ESP_PARTITION: ("esp", ESP_TYPE, ESP_MIB[0] * MIB, ESP_MIB[1] * MIB),
+    }
     return DiskLayout(
         size=disk_size,
         partitions=[
-            Partition(
-                number=ROOT_PARTITION,
-                name="root",
-                type_guid=LINUX_ROOT_X86_64_TYPE,
-                start=ROOT_START_MIB * MIB,
-                size=root_size,
-            ),
-            Partition(
-                number=BIOS_PARTITION,
-                name="bios",
-                type_guid=BIOS_BOOT_TYPE,
-                start=BIOS_BOOT_MIB[0] * MIB,
-                size=BIOS_BOOT_MIB[1] * MIB,
-            ),
-            Partition(
-                number=ESP_PARTITION,
-                name="esp",
-                type_guid=ESP_TYPE,
-                start=ESP_MIB[0] * MIB,
-                size=ESP_MIB[1] * MIB,
-            ),
+            Partition(number=number, name=name, type_guid=type_guid, start=start, size=size)
+            for number, (name, type_guid, start, size) in entries.items()
         ],
     )
 
