@@ -38,8 +38,12 @@ echo "deprovisioned"
 
 
 def final_shutdown_command(user: str) -> str:
-    """Removes the build user and Kiln's job files, then powers off, once we have gone."""
-    inner = f"sleep 2; rm -rf /var/lib/kiln; userdel -f -r {user}; sync; systemctl poweroff"
+    """Removes the build user (and the sudo rule cloud-init wrote for it) and Kiln's job
+    files, then powers off, once we have gone."""
+    inner = (
+        f"sleep 2; rm -rf /var/lib/kiln; userdel -f -r {user}; "
+        "rm -f /etc/sudoers.d/90-cloud-init-users; sync; systemctl poweroff"
+    )
     return f"sudo -n systemd-run --no-block --unit=kiln-final /bin/sh -c '{inner}'"
 
 

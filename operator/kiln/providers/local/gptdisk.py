@@ -47,13 +47,13 @@ class GptError(ValueError):
 
 
 class Partition(BaseModel):
-    """One GPT entry, in bytes (every boundary is a whole MiB)."""
+    """One GPT entry, in bytes (Kiln's boundaries are whole MiB; growpart's need not be)."""
 
     number: int = Field(ge=1, le=128)
     name: str
     type_guid: str
-    start: int = Field(ge=MIB, multiple_of=MIB)
-    size: int = Field(gt=0, multiple_of=MIB)
+    start: int = Field(ge=0)
+    size: int = Field(gt=0)
     uuid: str = Field(default_factory=lambda: str(uuid.uuid4()).upper())
 
     @property
@@ -64,7 +64,7 @@ class Partition(BaseModel):
 class DiskLayout(BaseModel):
     """A whole disk: its size and its partitions, root first (it is partition 1)."""
 
-    size: int = Field(multiple_of=MIB)
+    size: int
     disk_guid: str = Field(default_factory=lambda: str(uuid.uuid4()).upper())
     partitions: list[Partition]
 
