@@ -159,14 +159,19 @@ def test_outputs_are_complete_images(base_build: dict) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("artifact", "generation"), [("gallery", "V2"), ("vhd", "V1")], ids=["qcow2-uefi", "vhd-bios"]
+)
 async def test_the_built_image_boots_with_the_customization(
-    base_build: dict, payload: Path, tmp_path: Path
+    base_build: dict, payload: Path, tmp_path: Path, artifact: str, generation: str
 ) -> None:
+    """Each distributed disk boots by firmware alone (OVMF, and SeaBIOS for the VHD)."""
     outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
-    image = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
-    with vmboot.booted(
-        image / "disk.qcow2", image / "vmlinuz", image / "initrd.img", tmp_path, "kiln-check"
-    ) as vm:
+    path = Path(outputs[artifact]["artifactUri"].removeprefix("file://"))
+    disk = path / "disk.qcow2" if path.is_dir() else path
+    if path.is_dir():
+        assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["disk.qcow2", "image.json"]
+    with vmboot.booted(disk, tmp_path, "kiln-check", generation=generation) as vm:
         comm = await vm.connect(timeout=vmboot.BOOT_TIMEOUT)
         try:
             result = await comm.run(
