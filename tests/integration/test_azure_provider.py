@@ -29,6 +29,7 @@ from fakes.arm.winrm_guest import WindowsGuestBackend
 from fakes.azurite import Azurite
 from kiln.api.run import Checkpoint
 from kiln.api.template import ImageTemplateSpec
+from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators import winrm
 from kiln.communicators.ssh import CommunicatorError, generate_keypair
 from kiln.communicators.winrm import (
@@ -99,6 +100,7 @@ def context(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> RunContext:
         spec=ImageTemplateSpec.model_validate(body),
         checkpoint=Checkpoint(template=template),
         run_dir=tmp_path / "run-1",
+        key_namespace="kiln-system",
         client_private_key=client.private_key.get_secret_value(),
         client_public_key=client.public_key,
         host_private_key=host.private_key.get_secret_value(),
@@ -542,7 +544,7 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     ids = create_gallery(arm, "winout", "kilnwin", "server", LOCATION, os_type="Windows")
     target = {"type": "ManagedImage", "runOutputName": "image", "imageId": ids["image"]}
     provider, ctx = await windows_vm(arm, tmp_path, distribute=[target | {"location": LOCATION}])
-    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
     assert (await ConnectStep().reconcile(ctx, env)).kind == "done"
     outcome = await DeprovisionStep().reconcile(ctx, env)
     assert outcome.kind == "done", outcome.message
@@ -575,7 +577,7 @@ async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
     provider, ctx = await windows_vm(windows_arm, tmp_path)
     guest = windows_arm.backend.guest(ctx.checkpoint.azure.vm_id)
     guest.files["C:\\DeprovisioningScript.ps1"] = "Write-Output custom"
-    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
     outcome = await DeprovisionStep().reconcile(ctx, env)
     assert outcome.kind == "done", outcome.message
     assert guest.scripts[-1].endswith("& 'C:\\DeprovisioningScript.ps1'\nexit $LASTEXITCODE\n")

@@ -40,6 +40,7 @@ def _context(provider: LocalProvider, uid: str) -> RunContext:
         spec=ImageTemplateSpec.model_validate(valid_spec()),
         checkpoint=Checkpoint(template=template),
         run_dir=provider.settings.data_root / "runs" / uid,
+        key_namespace="kiln-system",
     )
 
 

@@ -115,11 +115,10 @@ class Ending(KubeModel):
 
 
 class BootFiles(KubeModel):
-    """The local source image: its disk, and the kernel and initrd it boots with."""
+    """The local source image: its disk, and the firmware generation it boots with."""
 
     disk: str = Field(description="The source disk image.")
-    kernel: str | None = _f("The kernel it boots with.")
-    initrd: str | None = _f("The initrd it boots with.")
+    hyper_v_generation: str = Field(description="V1 (BIOS) or V2 (UEFI), as Azure says.")
 
 
 class LocalVm(KubeModel):

@@ -3,7 +3,8 @@
 A crash, a bug or a cleanup that gave up can leave a build VM behind; nothing else would
 ever remove it. At start and every SWEEP_SECONDS the sweeper lists every run and asks
 each provider to remove build resources that no unfinished run (or kept VM) owns: by
-state directories and pid files locally, by Kiln's run tag on Azure.
+state directories and pid files locally, by Kiln's run tag on Azure; and per-run key
+Secrets in the operator's namespace whose run is gone (kiln.reconcile.keysweeper).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from kiln.api.run import TERMINAL_RUN_STATES
 from kiln.kube import RUNS
+from kiln.reconcile.keysweeper import sweep_key_secrets
 from kiln.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ async def sweep_once(runtime: Runtime) -> list[str]:
             removed += await asyncio.wait_for(provider.sweep(keep), SWEEP_TIMEOUT)
         except Exception:
             log.warning("the orphan sweep of the %s provider failed", name, exc_info=True)
+    try:
+        removed += await sweep_key_secrets(runtime.kube, runtime.settings.secrets_namespace)
+    except Exception:
+        log.warning("sweeping key Secrets failed", exc_info=True)
     for item in removed:
         log.warning("removed an orphaned build resource: %s", item)
     return removed
