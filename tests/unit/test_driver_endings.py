@@ -125,15 +125,22 @@ async def until(predicate: Any, seconds: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
+async def hanging_run(
+    runtime: Runtime, kube: MemoryKube, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Future[None], asyncio.Event]:
+    """Run r1 driven until its source step hangs in flight."""
+    cancelled = hang_in(monkeypatch, "source")
+    add_run(kube, "r1")
+    drive = asyncio.ensure_future(RunDriver(runtime, "ns", "r1").drive())
+    await until(lambda: "uid-r1" in runtime.steps_in_flight)
+    return drive, cancelled
+
+
 async def test_a_cancel_interrupts_the_step_in_flight_and_frees_the_slot(
     world: tuple[Runtime, MemoryKube], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime, kube = world
-    cancelled = hang_in(monkeypatch, "source")
-    add_run(kube, "r1")
-    drive = asyncio.ensure_future(RunDriver(runtime, "ns", "r1").drive())
-    await until(lambda: (kube.objects[(RUNS, "r1")].get("status") or {}).get("startTime"))
-    await asyncio.sleep(0.5)
+    drive, cancelled = await hanging_run(runtime, kube, monkeypatch)
     kube.objects[(RUNS, "r1")]["spec"]["cancel"] = True
     began = time.monotonic()
     await asyncio.wait_for(drive, 10)
@@ -172,10 +179,7 @@ async def test_deleting_a_run_stops_its_step_before_cleaning_up(
     world: tuple[Runtime, MemoryKube], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime, kube = world
-    cancelled = hang_in(monkeypatch, "source")
-    add_run(kube, "r1")
-    drive = asyncio.ensure_future(RunDriver(runtime, "ns", "r1").drive())
-    await until(lambda: "uid-r1" in runtime.steps_in_flight)
+    drive, cancelled = await hanging_run(runtime, kube, monkeypatch)
     run = copy.deepcopy(kube.objects[(RUNS, "r1")])
     await RunDriver(runtime, "ns", "r1").delete(run)
     assert cancelled.is_set()  # stopped before delete() returned
@@ -201,10 +205,7 @@ async def test_cleanup_retries_are_bounded_then_reported(
 
     monkeypatch.setattr(provider, "delete_vm", broken_delete)
     monkeypatch.setattr(provider, "leftovers", leftovers)
-    hang_in(monkeypatch, "source")
-    add_run(kube, "r1")
-    drive = asyncio.ensure_future(RunDriver(runtime, "ns", "r1").drive())
-    await until(lambda: (kube.objects[(RUNS, "r1")].get("status") or {}).get("startTime"))
+    drive, _ = await hanging_run(runtime, kube, monkeypatch)
     kube.objects[(RUNS, "r1")]["spec"]["cancel"] = True
     await asyncio.wait_for(drive, 20)
     assert attempts == decide.CLEANUP_ATTEMPTS
