@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -29,22 +30,25 @@ _REQUESTS = re.compile(r"^apiserver_request_total\{[^}]*\} (\S+)$", re.MULTILINE
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _lock_timed_out(_signum: int, _frame: object) -> None:
+    raise TimeoutError("the VM lock stayed taken for an hour")
+
+
 @contextlib.contextmanager
-def vm_lock(path: Path | None) -> Iterator[None]:
-    """Hold the machine's VM lock (flock) while VMs boot, if one is configured."""
+def vm_lock(path: Path | None, timeout: int = 3600) -> Iterator[None]:
+    """Hold the machine's VM lock (flock, queued like `flock -w`) while VMs boot, if one
+    is configured; an alarm bounds the wait."""
     if path is None:
         yield
         return
     with open(path, "a") as fh:
-        deadline = time.monotonic() + 3600
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path} stayed locked for an hour") from None
-                time.sleep(1)
+        previous = signal.signal(signal.SIGALRM, _lock_timed_out)
+        signal.alarm(timeout)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         try:
             yield
         finally:
