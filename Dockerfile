@@ -4,7 +4,8 @@ FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client ca-certificates \
+        qemu-system-x86 qemu-utils ovmf mmdebstrap e2fsprogs fdisk dosfstools mtools \
+        openssh-client ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/kiln

@@ -9,7 +9,9 @@ export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -o DPkg::Lock::Timeout=900 -o Acquire::Retries=3)
 PACKAGES=(
     qemu-system-x86 qemu-utils          # build VMs (TCG) and disk conversion
-    mmdebstrap e2fsprogs                # offline Debian base images
+    ovmf                                # UEFI firmware: Gen2 VMs boot by it (Gen1: SeaBIOS)
+    mmdebstrap e2fsprogs                # offline Debian base images ...
+    fdisk dosfstools mtools             # ... as GPT disks with an EFI system partition
     openssh-client                      # ssh into a kept build VM
     ca-certificates curl
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import subprocess
@@ -10,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client import ApiClient, CustomObjectsApi
+import requests
+import yaml
+from kubernetes.client import ApiClient, CustomObjectsApi, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 from lupa import LuaRuntime
 
@@ -209,3 +212,44 @@ def wait_ended(kiln: Kiln, name: str, timeout: float = 1500) -> Body:
     body = kiln.wait_for("imagebuildruns", name, ended, timeout, "ended")
     assert body is not None
     return body
+
+
+def cluster_ca_file(kubeconfig: Path, directory: Path) -> Path:
+    """The CA of the API server's serving certificate, as a file (from the kubeconfig)."""
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        return Path(cluster["certificate-authority"])
+    path = directory / "cluster-ca.crt"
+    path.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    return path
+
+
+RBAC = "rbac.authorization.k8s.io"
+
+
+def publish_issuer(api: ApiClient, server: str, ca: Path) -> str:
+    """Let anyone read the service-account issuer's discovery documents (as an AKS
+    cluster's OIDC issuer is public for Entra ID); the issuer they name."""
+    binding = {
+        "metadata": {"name": "kiln-test-issuer-discovery"},
+        "roleRef": {
+            "apiGroup": RBAC,
+            "kind": "ClusterRole",
+            "name": "system:service-account-issuer-discovery",
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": "system:unauthenticated",
+            }
+        ],
+    }
+    try:
+        RbacAuthorizationV1Api(api).create_cluster_role_binding(binding)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    discovery = requests.get(f"{server}/.well-known/openid-configuration", verify=ca, timeout=10)
+    discovery.raise_for_status()
+    return str(discovery.json()["issuer"])

@@ -117,8 +117,8 @@ def _images(args: argparse.Namespace) -> int:
     from kiln.settings import load_settings
 
     cache = load_settings().cache_root
-    build = baseimage.build_debian12 if args.action == "build" else baseimage.ensure_debian12
-    image = build(cache)
+    build = baseimage.build_image if args.action == "build" else baseimage.ensure_image
+    image = build(args.release, cache)
     print(
         f"{image.publisher}:{image.offer}:{','.join(image.skus)}:{image.version} {image.directory}"
     )
@@ -163,8 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument(
         "action",
         choices=["ensure", "build"],
-        help="ensure: build the Debian 12 image if none is cached; build: a new version "
+        help="ensure: build the Debian image if none is cached; build: a new version "
         "(templates following 'latest' with a SourceImage trigger rebuild on it)",
+    )
+    images.add_argument(
+        "--release",
+        choices=["11", "12", "13"],
+        default="12",
+        help="Debian release: offer debian-N, SKUs N (Gen1, BIOS) and N-gen2 (Gen2, UEFI)",
     )
     images.set_defaults(func=_images)
 

@@ -30,10 +30,11 @@ from azurehelpers import (
     managed_image_target,
     operator_settings,
 )
-from conftest import OperatorProcess
+from conftest import OPERATOR_NAMESPACE, OperatorProcess
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
 from kubehelpers import Kiln, condition, ended, run, template, wait_ended
+from secretscan import RunRecorder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
@@ -81,6 +82,13 @@ def azure_operator(
 def kiln(control_plane: Any, azure_operator: OperatorProcess) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
         yield Kiln(api, NAMESPACE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recorder(kiln: Kiln) -> Iterator[RunRecorder]:
+    """Every key and status of this module's runs, for the leak hunt at its end."""
+    with RunRecorder(kiln.api.api_client, NAMESPACE, OPERATOR_NAMESPACE) as recording:
+        yield recording
 
 
 def azure_template(name: str, **spec: Any) -> dict:
@@ -367,3 +375,20 @@ def test_deleting_a_template_removes_its_staging_group(kiln: Kiln, arm_qemu: Arm
     kiln.wait_for("imagetemplates", "app", lambda b: b is None, 120, "deleted")
     assert not resource.resource_groups.check_existence(staging)
     assert arm_qemu.client(ComputeManagementClient).images.get("outputs", "app")  # outputs stay
+
+
+def test_no_secret_in_status_events_or_the_operator_log(
+    recorder: RunRecorder, arm_qemu: ArmEmulator, azure_operator: OperatorProcess
+) -> None:
+    """Linux and Windows runs above: their keys and WinRM logins, every access token the
+    emulator's Entra issued, the client secret, the storage key and the disks' SAS query
+    strings never show in a status (continuation tokens included), an event or the log."""
+    sas = [url.split("?", 1)[1] for url in arm_qemu.granted_sas if "?" in url]
+    assert sas, "the VHD distributions used no disk SAS"
+    recorder.assert_nothing_leaked(
+        azure_operator.log(),
+        *arm_qemu.identity.issued_tokens,
+        arm_qemu.client_secret,
+        arm_qemu.storage_account_key or "",  # the staging account's key (listKeys)
+        *sas,
+    )

@@ -46,6 +46,7 @@ def test_every_example_applies(control_plane: Any) -> None:
 
 PLAN = {"planName": "p"}
 SOURCE = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12"}
+SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_schema_rejects_with_the_field_named(control_plane: Any, patch: dict, fi
 
 # Rules only the operator can check (the API server refuses the rest at apply time,
 # tests/integration/test_cel_rules.py): cron syntax, the operator's default provider,
-# and settings it fills in.
+# settings it fills in, and what its settings let a template reach.
 WINDOWS_STEP = {"type": "PowerShell", "inline": ["Write-Output hi"]}
 INVALID = [
     (
@@ -80,8 +81,21 @@ INVALID = [
         "spec.triggers[0].schedule",
         "not a cron expression",
     ),
-    ({"provider": "azure"}, "spec.location", "required for the azure provider"),
-    ({"provider": None, "customize": [WINDOWS_STEP]}, "spec.customize[0].type", "Windows"),
+    (
+        {"customize": [{"type": "Shell", "scriptUri": f"file://{SA_TOKEN}"}]},
+        "spec.customize[0].scriptUri",
+        "not under a directory templates may read (/kiln/examples,",
+    ),
+    (
+        {"customize": [{"type": "Shell", "scriptUri": "http://169.254.169.254/metadata"}]},
+        "spec.customize[0].scriptUri",
+        "169.254.169.254 is in 169.254.0.0/16",
+    ),
+    (
+        {"distribute": [{"type": "VHD", "runOutputName": "v", "uri": "/etc/cron.d/x.vhd"}]},
+        "spec.distribute[0].uri",
+        "outside the directories Kiln may write",
+    ),
 ]
 
 

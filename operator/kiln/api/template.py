@@ -906,6 +906,15 @@ class ImageTemplateSpec(KubeModel):
     subscription_id: str | None = Field(
         default=None, description="Azure subscription. Unset: the operator's default."
     )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Azure: a ServiceAccount in this template's namespace whose federated "
+        "identity builds (annotation azure.workload.identity/client-id, and tenant-id unless "
+        "the operator sets one); the operator exchanges a token of it with Entra ID. Unset: "
+        "the operator's own identity, if its admin allows that.",
+    )
     triggers: list[Trigger] | None = Field(
         default=None, max_length=10, description="What starts runs besides you and autoRun."
     )

@@ -45,6 +45,7 @@ from kiln.api.template import (
     WindowsRestartStep,
     WindowsUpdateStep,
 )
+from kiln.api.tenancy import Refused, TenancyPolicy
 
 MANAGED_IMAGE_ID = re.compile(MANAGED_IMAGE_ID_PATTERN, re.I)
 GALLERY_IMAGE_ID = re.compile(GALLERY_IMAGE_ID_PATTERN, re.I)
@@ -478,6 +479,77 @@ def _trigger_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
             )
 
 
-def validate_template(raw_spec: dict[str, Any], provider: Provider) -> list[SpecProblem]:
+def _downloaded_uris(spec: ImageTemplateSpec) -> Iterator[tuple[str, str]]:
+    """(field path, URI) of everything the operator fetches for a run."""
+    phases = (
+        ("spec.customize", spec.customize or []),
+        (
+            "spec.validate.inVMValidations",
+            (spec.validate_ and spec.validate_.in_vm_validations) or [],
+        ),
+    )
+    for prefix, steps in phases:
+        for index, step in enumerate(steps):
+            if isinstance(step, ScriptFields) and step.script_uri:
+                yield f"{prefix}[{index}].scriptUri", step.script_uri
+            if isinstance(step, FileStep):
+                yield f"{prefix}[{index}].sourceUri", step.source_uri
+
+
+def tenancy_rules(
+    spec: ImageTemplateSpec, provider: Provider, policy: TenancyPolicy
+) -> Iterator[SpecProblem]:
+    """What the operator's settings let a template reach: files, outputs, addresses.
+
+    No CEL twin: the roots, ranges and identity switch are operator settings, which the
+    CRD does not know."""
+    for path, uri in _downloaded_uris(spec):
+        try:
+            if uri.startswith("file://"):
+                policy.check_file_uri(uri)
+            else:
+                policy.check_literal_host(uri)
+        except Refused as refusal:
+            yield SpecProblem(path=path, message=str(refusal))
+    for index, target in enumerate(spec.distribute):
+        local_vhd = provider == Provider.local and isinstance(target, VhdDistributor)
+        path = (target.uri or "").removeprefix("file://") if local_vhd else ""
+        if path.startswith("/"):  # other forms are refused by the VHD rules already
+            try:
+                policy.check_output_path(path)
+            except Refused as refusal:
+                yield SpecProblem(path=f"spec.distribute[{index}].uri", message=str(refusal))
+    if (
+        provider == Provider.azure
+        and not spec.service_account_name
+        and not policy.operator_identity
+    ):
+        yield SpecProblem(
+            path="spec.serviceAccountName",
+            message="is required: this operator lends its own Azure identity to no template "
+            "(KILN_AZURE_OPERATOR_IDENTITY is false); name a ServiceAccount of this namespace "
+            "with the azure.workload.identity/client-id annotation of your team's identity",
+        )
+    vnet = spec.vm_profile.vnet_config if spec.vm_profile else None
+    private = bool(vnet and vnet.subnet_id)
+    if provider == Provider.azure and not private and not policy.communicator_source:
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.subnetId",
+            message="is needed: this operator has no KILN_AZURE_COMMUNICATOR_SOURCE (chart: "
+            "settings.azure.communicatorSource), so a build VM with a public IP would have "
+            "no address range allowed to reach it; build in an existing subnet, or ask the "
+            "operator's admin to set the operator's egress range",
+        )
+
+
+def validate_template(
+    raw_spec: dict[str, Any], provider: Provider, policy: TenancyPolicy | None = None
+) -> list[SpecProblem]:
+    """The spec's own rules, and with a policy what the operator lets it reach."""
     spec, problems = parse_spec(raw_spec)
-    return problems if spec is None else check_rules(spec, provider)
+    if spec is None:
+        return problems
+    problems = check_rules(spec, provider)
+    if policy is not None:
+        problems += tenancy_rules(spec, provider, policy)
+    return problems

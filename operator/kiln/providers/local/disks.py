@@ -77,8 +77,14 @@ def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
 
 
 def image_format(path: Path) -> str:
-    """The format qemu-img detects (a fixed VHD is reported as raw)."""
-    return str(image_info(path)["format"])
+    """The format qemu-img detects, but vpc for a fixed VHD (which qemu-img calls raw:
+    read as raw, its footer would be a last sector of the disk)."""
+    detected = str(image_info(path)["format"])
+    if detected == "raw" and path.stat().st_size >= VHD_FOOTER_SIZE:
+        with contextlib.suppress(VhdError):
+            check_fixed_vhd(path)
+            return "vpc"
+    return detected
 
 
 def virtual_size(path: Path, fmt: str | None = None) -> int:
