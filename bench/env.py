@@ -24,6 +24,7 @@ from kiln.commands import demo
 from kiln.providers.local import qemu
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 NAMESPACE = "kiln-bench"
 Body = dict[str, Any]
 _REQUESTS = re.compile(r"^apiserver_request_total\{[^}]*\} (\S+)$", re.MULTILINE)
@@ -68,7 +69,7 @@ class Operator:
         saved = dict(os.environ)
         os.environ.update(self.settings, KILN_LIVENESS_PORT=str(self.port))
         try:
-            self.pid = demo.start_operator(self.state_dir)
+            self.pid = demo.start_operator(self.state_dir, EXAMPLES)
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -105,11 +106,8 @@ class Cluster:
         self.kubeconfig = localcluster.up(state_dir, crds_dir=REPO / "crds")
         self.client: ApiClient = config.new_client_from_config(str(self.kubeconfig))
         self.api = CustomObjectsApi(self.client)
-        try:
-            CoreV1Api(self.client).create_namespace({"metadata": {"name": NAMESPACE}})
-        except ApiException as error:
-            if error.status != 409:
-                raise
+        for namespace in (NAMESPACE, demo.OPERATOR_NAMESPACE):
+            demo.ensure_namespace(CoreV1Api(self.client), namespace)
 
     def close(self) -> None:
         self.client.close()
