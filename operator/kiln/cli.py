@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -24,21 +23,15 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    import kopf
+    import asyncio
 
     import kiln.controller  # noqa: F401  (registers the handlers)
+    from kiln.commands import serve
     from kiln.settings import load_settings
 
     settings = load_settings()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    kopf.run(
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
-        standalone=True,
-    )
-    return 0
+    serve.configure_logging(settings, args.verbose)
+    return asyncio.run(serve.serve(settings))
 
 
 def _crds(args: argparse.Namespace) -> int:
