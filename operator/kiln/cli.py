@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,12 +57,23 @@ def _demo(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from kiln.commands import logs
 
+    operator = logs.OperatorService(namespace=args.operator_namespace, name=args.operator_service)
     try:
-        logs.show(args.run, args.namespace, args.follow)
+        logs.show(args.run, args.namespace, args.follow, operator, args.remote)
     except logs.LogsError as error:
         print(f"kiln logs: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.commands import run
+
+    try:
+        return run.run(args.template, args.namespace, args.wait, args.timeout)
+    except run.RunError as error:
+        print(f"kiln run: {error}", file=sys.stderr)
+        return 1
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -116,7 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("run", help="ImageBuildRun name")
     logs.add_argument("-n", "--namespace", default="default")
     logs.add_argument("-f", "--follow", action="store_true", help="follow while the run is active")
+    logs.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("KILN_OPERATOR_NAMESPACE", "kiln-system"),
+        help="where Kiln is installed, when this is not the operator's machine "
+        "(the log is read through the API server's proxy to the operator's Service)",
+    )
+    logs.add_argument(
+        "--operator-service",
+        default=os.environ.get("KILN_OPERATOR_SERVICE", "kiln"),
+        help="the operator's Service (the Helm release name)",
+    )
+    logs.add_argument(
+        "--remote",
+        action="store_true",
+        help="read through the API server even where the operator's files are at hand",
+    )
     logs.set_defaults(func=_logs)
+
+    runs = commands.add_parser("run", help="start a build of a template (an ImageBuildRun)")
+    runs.add_argument("template", help="ImageTemplate name")
+    runs.add_argument("-n", "--namespace", default="default")
+    runs.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it succeeds")
+    runs.add_argument(
+        "--timeout", type=float, default=300, help="minutes --wait waits at most (300)"
+    )
+    runs.set_defaults(func=_run)
 
     imports = commands.add_parser(
         "import",

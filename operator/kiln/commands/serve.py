@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from kiln.commands import logs
+from kiln.commands.logs import RUN_STATE_HEADER
 from kiln.kube import RUNS, Kube, load_client
 from kiln.leader import LeaderElection
 from kiln.settings import OperatorSettings
@@ -28,7 +29,6 @@ from kiln.settings import OperatorSettings
 log = logging.getLogger(__name__)
 LOG_CHUNK_BYTES = 1 << 20
 FORWARD_TIMEOUT = 30.0
-RUN_STATE_HEADER = "X-Kiln-Run-State"
 
 
 class KopfInfoToDebug(logging.Filter):
