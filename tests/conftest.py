@@ -81,6 +81,7 @@ class OperatorProcess:
             KILN_DATA=str(self.data_dir),
             KILN_LIVENESS_PORT=str(self.port),
             KILN_METRICS_PORT=str(self.metrics_port),
+            KILN_HTTP_ADDRESS=f"127.0.0.1:{self.metrics_port}",  # where a standby forwards to
             **self.settings,
         )
         with self.log_path.open("ab") as log:

@@ -37,10 +37,13 @@ def _operator(args: argparse.Namespace) -> int:
 
 def _crds(args: argparse.Namespace) -> int:
     from kiln.api.crd import write_crds
+    from kiln.api.reference import write_reference
 
     for directory in args.out:
         for path in write_crds(Path(directory)):
             print(path)
+    if args.reference:
+        print(write_reference(Path(args.reference)))
     return 0
 
 
@@ -184,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument(
         "--out", nargs="+", default=["crds", "charts/kiln/crds"], help="directories to write to"
+    )
+    crds.add_argument(
+        "--reference",
+        default="docs/api-reference.md",
+        help="the API reference generated from the CRDs ('' to skip)",
     )
     crds.set_defaults(func=_crds)
 
