@@ -255,7 +255,7 @@ def test_the_latest_outputs_are_exported_to_a_config_map(
     )
     assert config_map is not None
     data = _config_map(api).data
-    assert data["vhd.artifactUri"] == outputs["vhd"]["artifactUri"]
+    assert data["vhd_artifactUri"] == outputs["vhd"]["artifactUri"]
     assert data["run"] == built["run"]["metadata"]["name"]
     owner = _config_map(api).metadata.owner_references[0]
     assert (owner.kind, owner.name) == ("ImageTemplate", "app")

@@ -23,10 +23,10 @@ def test_each_output_has_flat_keys_and_the_version_of_a_gallery_image() -> None:
         {"runOutputName": "vhd", "artifactUri": "file:///gallery/app.vhd"},
     ]
     data = exports.config_map_data(outputs, "app-3")
-    assert data["gallery.artifactId"] == GALLERY_ID
-    assert data["gallery.version"] == "1.0.7"
-    assert data["vhd.artifactUri"] == "file:///gallery/app.vhd"
-    assert "vhd.version" not in data and "vhd.artifactId" not in data
+    assert data["gallery_artifactId"] == GALLERY_ID
+    assert data["gallery_version"] == "1.0.7"
+    assert data["vhd_artifactUri"] == "file:///gallery/app.vhd"
+    assert "vhd_version" not in data and "vhd_artifactId" not in data
     assert data["run"] == "app-3"
     assert json.loads(data["outputs.json"]) == outputs
 
@@ -43,3 +43,8 @@ def test_a_config_map_kiln_did_not_create_is_not_ours() -> None:
     other_template = {"metadata": {"labels": {"kiln.dev/template-uid": "uid-2"}}}
     assert not exports.is_ours(foreign, TEMPLATE)
     assert not exports.is_ours(other_template, TEMPLATE)
+
+
+def test_keys_are_variable_names_whatever_the_run_output_is_called() -> None:
+    data = exports.config_map_data([{"runOutputName": "1st-image.v2", "artifactId": "x"}], None)
+    assert set(data) == {"outputs.json", "_1st_image_v2_artifactId"}

@@ -427,8 +427,9 @@ class ExportOutputs(KubeModel):
         max_length=253,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="ConfigMap in the template's namespace that Kiln creates and keeps "
-        "current with the latest successful run's outputs: <runOutputName>.artifactId, "
-        "<runOutputName>.artifactUri, <runOutputName>.version, run and outputs.json. Kiln "
+        "current with the latest successful run's outputs: <runOutputName>_artifactId, "
+        "<runOutputName>_artifactUri, <runOutputName>_version (characters other than "
+        "letters, digits and _ become _), run and outputs.json. Kiln "
         "never changes a ConfigMap of that name that it did not create.",
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from kiln.reconcile.templates import LABEL_TEMPLATE_UID
@@ -25,13 +26,19 @@ def config_map_data(outputs: list[Body], run_name: str | None) -> dict[str, str]
     if run_name:
         data["run"] = run_name
     for output in outputs:
-        name = output["runOutputName"]
+        name = variable_name(output["runOutputName"])
         for key in ("artifactId", "artifactUri"):
             if output.get(key):
-                data[f"{name}.{key}"] = output[key]
+                data[f"{name}_{key}"] = output[key]
         if version := output_version(output.get("artifactId")):
-            data[f"{name}.version"] = version
+            data[f"{name}_version"] = version
     return data
+
+
+def variable_name(run_output_name: str) -> str:
+    """A key that is also a variable name (Flux postBuild substitution, envFrom)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", run_output_name)
+    return f"_{name}" if name[:1].isdigit() else name
 
 
 def config_map(template: Body, name: str, data: dict[str, str]) -> Body:
