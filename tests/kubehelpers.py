@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from lupa import LuaRuntime
@@ -154,3 +155,23 @@ def wait_ended(kiln: Kiln, name: str, timeout: float = 1500) -> Body:
     body = kiln.wait_for("imagebuildruns", name, ended, timeout, "ended")
     assert body is not None
     return body
+
+
+def token_kubeconfig(admin_kubeconfig: Path, user: str, token: str, path: Path) -> Path:
+    """The admin kubeconfig's cluster, signed in with a bearer token (a ServiceAccount's)."""
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [{"name": user, "context": {"cluster": cluster["name"], "user": user}}],
+                "current-context": user,
+            }
+        )
+    )
+    return path

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, config
 
 from conftest import ControlPlane, OperatorProcess, sample
-from kubehelpers import Kiln, run, template, wait_ended
+from kubehelpers import Kiln, run, template, token_kubeconfig, wait_ended
 
 pytestmark = pytest.mark.e2e
 
@@ -116,22 +115,7 @@ def user_kubeconfig(
     token = core.create_namespaced_service_account_token(
         name, OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 3600}}
     ).status.token
-    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
-    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [cluster],
-                "users": [{"name": name, "user": {"token": token}}],
-                "contexts": [{"name": name, "context": {"cluster": cluster["name"], "user": name}}],
-                "current-context": name,
-            }
-        )
-    )
-    return path
+    return token_kubeconfig(control_plane.kubeconfig, name, token, path)
 
 
 @pytest.fixture(scope="module")
