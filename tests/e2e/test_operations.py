@@ -201,7 +201,8 @@ def test_events_tell_the_story_with_stable_reasons(
     assert any(m.startswith("customize: ") for m in stepped), stepped
     assert not any("Handler" in (e.message or "") for e in events)  # kopf's own lines
     operator_log = ops_operator.log()
-    assert "Handler 'drive_run" not in operator_log, "kopf's handler lines stay at DEBUG"
+    assert "Handler 'reconcile_template" not in operator_log, "kopf's lines stay at DEBUG"
+    assert "is processed:" not in operator_log
 
 
 def test_a_template_invalid_at_runtime_gets_an_event(

@@ -50,7 +50,8 @@ def configure_logging(settings: OperatorSettings, verbose: bool) -> None:
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=verbose, log_format=log_format)
     demote = KopfInfoToDebug(verbose)
-    for name in ("kopf.objects", "kopf.activities", "kopf._core.engines.activities"):
+    activities = ("startup", "cleanup", "authentication", "probe")  # kopf's Activity names
+    for name in ("kopf.objects", *(f"kopf.activities.{activity}" for activity in activities)):
         logging.getLogger(name).addFilter(demote)
     logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("azure").setLevel(logging.INFO if verbose else logging.WARNING)
