@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kiln import reasons
 from kiln.api.template import ImageTemplateSpec
-from kiln.kube import TEMPLATES, template_runs
+from kiln.kube import TEMPLATES, refusal, template_runs
 from kiln.providers.base import ProviderError, TemplateIdentity
 from kiln.reconcile import exports
 from kiln.reconcile import templates as decide
@@ -43,7 +44,11 @@ async def refresh_template(runtime: Runtime, namespace: str, name: str) -> None:
         body, runs, runtime.settings, staging_of(runtime, body), now_rfc3339()
     )
     await runtime.kube.patch_status(TEMPLATES, namespace, name, status)
-    await export_outputs(runtime, body, runs)
+    try:
+        await export_outputs(runtime, body, runs)
+    except ApiException as error:  # an export must never change how a run ends
+        message = f"could not write the outputs ConfigMap: {refusal(error)}"
+        kopf.warn(body, reason=reasons.EVENT_EXPORT_FAILED, message=message)
 
 
 async def export_outputs(runtime: Runtime, template: dict[str, Any], runs: list[Any]) -> None:
