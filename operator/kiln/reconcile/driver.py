@@ -310,12 +310,8 @@ class RunDriver:
     ) -> float | None:
         assert self.env is not None
         message = outcome.message
-        if outcome.log_tail:
-            kopf.warn(
-                run,
-                reason=outcome.reason or reasons.FAILED,
-                message=f"{message}\n" + "\n".join(outcome.log_tail),
-            )
+        tail = "".join(f"\n{line}" for line in outcome.log_tail or [])
+        kopf.warn(run, reason=outcome.reason or reasons.FAILED, message=f"{message}{tail}")
         if keep_vm:
             message += f" errorHandling is abort, so {self.env.provider.describe_vm(ctx)}."
         reason = outcome.reason or reasons.FAILED
