@@ -33,7 +33,8 @@ FORWARD_TIMEOUT = 30.0
 
 class KopfInfoToDebug(logging.Filter):
     """kopf's per-handler lines ("Handler ... succeeded.") are INFO; Kiln's own events say
-    what happened, so these go to DEBUG (shown with --verbose only)."""
+    what happened, so these go to DEBUG (shown with --verbose only) and, being below the
+    posting level, are never posted as events."""
 
     def __init__(self, verbose: bool) -> None:
         super().__init__()
@@ -51,7 +52,8 @@ def configure_logging(settings: OperatorSettings, verbose: bool) -> None:
     kopf.configure(verbose=verbose, log_format=log_format)
     demote = KopfInfoToDebug(verbose)
     activities = ("startup", "cleanup", "authentication", "probe")  # kopf's Activity names
-    for name in ("kopf.objects", *(f"kopf.activities.{activity}" for activity in activities)):
+    loggers = ("kopf.objects", "kopf._core.engines.activities")
+    for name in (*loggers, *(f"kopf.activities.{activity}" for activity in activities)):
         logging.getLogger(name).addFilter(demote)
     logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("azure").setLevel(logging.INFO if verbose else logging.WARNING)
