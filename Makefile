@@ -9,7 +9,7 @@ STATE := .kiln
 export KUBECONFIG := $(CURDIR)/$(STATE)/kubeconfig
 
 .PHONY: setup system python images crds cluster-up cluster-down demo demo-down test \
-	unit integration e2e lint
+	unit integration e2e lint bench bench-quick bench-setup
 
 setup: system python images
 
@@ -55,5 +55,18 @@ e2e: setup
 	@bash scripts/run-tests.sh -m e2e
 
 lint: python
-	@$(VENV)/bin/ruff check operator tests
-	@$(VENV)/bin/ruff format --check operator tests
+	@$(VENV)/bin/ruff check operator tests bench
+	@$(VENV)/bin/ruff format --check operator tests bench
+
+# Benchmarks (bench/README.md): side-by-side figures, not part of `make test`.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--only capture --vm-lock /tmp/kiln-vm.lock".
+BENCH_ARGS ?=
+
+bench-setup: setup
+	@bash scripts/setup-bench.sh
+
+bench: bench-setup
+	@$(VENV)/bin/python -m bench --size full $(BENCH_ARGS)
+
+bench-quick: bench-setup
+	@$(VENV)/bin/python -m bench --size quick --json bench/results-quick.json $(BENCH_ARGS)

@@ -4,8 +4,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-.venv/bin/ruff check operator tests || exit 1
-.venv/bin/ruff format --check operator tests || exit 1
+.venv/bin/ruff check operator tests bench || exit 1
+.venv/bin/ruff format --check operator tests bench || exit 1
+bash scripts/setup-bench.sh >/dev/null || exit 1  # the bench's smoke test runs Packer
 
 .venv/bin/pytest -p no:cacheprovider -ra "$@"
 status=$?

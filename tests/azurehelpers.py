@@ -90,6 +90,8 @@ def operator_settings(arm: Any, namespace: str, location: str) -> dict[str, str]
         "KILN_LOCATION": location,
         "KILN_RESOURCE_GROUP": "images",
         "KILN_AZURE_COMMUNICATOR_SOURCE": "127.0.0.0/8",
+        # The tests' file server is on loopback; the other default ranges stay blocked.
+        "KILN_DOWNLOAD_BLOCKED_RANGES": "169.254.0.0/16,168.63.129.16/32,fe80::/10",
         **credentials,
     }
 

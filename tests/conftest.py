@@ -18,11 +18,13 @@ from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import localcluster
+from kiln.commands.demo import EXAMPLES_ROOT
 
 pytest_plugins = ["fakes.fixtures"]  # Azurite and the ARM emulator with QEMU VMs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = REPO_ROOT / "crds"
+OPERATOR_NAMESPACE = "kiln-system"  # the test operators' own: per-run key Secrets live there
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,13 @@ def server_of(kubeconfig: Path) -> str:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """One control plane for the whole session, with the repository's CRDs installed."""
+    """One control plane for the whole session, with the repository's CRDs installed and
+    the operators' namespace."""
     state_dir = tmp_path_factory.mktemp("control-plane")
     try:
         kubeconfig = localcluster.up(state_dir, crds_dir=CRDS_DIR)
+        with config.new_client_from_config(config_file=str(kubeconfig)) as api:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
         yield ControlPlane(state_dir, kubeconfig, server_of(kubeconfig))
     finally:
         localcluster.down(state_dir)
@@ -68,10 +73,11 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.data_dir = data_dir
         self.log_path = log_path
-        self.settings = settings
+        self.settings = {"KILN_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE, **settings}
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.metrics_port = 0
+        self.file_root: Path | None = None  # a directory its templates may read, if any
 
     def start(self) -> None:
         self.port, self.metrics_port = free_port(), free_port()
@@ -153,11 +159,18 @@ def kiln_operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """One operator for the session's `default` namespace (other tests run their own
-    operators in other namespaces), with its own data directory (staging, VMs, gallery)."""
+    operators in other namespaces), with its own data directory (staging, VMs, gallery);
+    its templates may read files from examples/ as /kiln/examples, as in `make demo`."""
     data = tmp_path_factory.mktemp("kiln-data")
+    files = tmp_path_factory.mktemp("template-files")
     operator = OperatorProcess(
-        control_plane.kubeconfig, data, data.parent / "operator.log", KILN_NAMESPACES="default"
+        control_plane.kubeconfig,
+        data,
+        data.parent / "operator.log",
+        KILN_NAMESPACES="default",
+        KILN_FILE_SOURCE_ROOTS=f"{EXAMPLES_ROOT}={REPO_ROOT / 'examples'},{files}",
     )
+    operator.file_root = files
     operator.start()
     yield operator
     operator.stop()

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
-from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client import ApiClient, CustomObjectsApi, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 from lupa import LuaRuntime
+
+from kiln import localcluster
 
 GROUP, VERSION = "kiln.dev", "v1alpha1"
 Body = dict[str, Any]
@@ -25,6 +31,33 @@ def argocd_health(obj: Body) -> dict[str, str]:
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute(ARGOCD_HEALTH.read_text())
     return {"status": result["status"], "message": result["message"]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _kstatus_binary() -> str:
+    """tests/kstatus built (once, cached by its sources) by scripts/build-kstatus.sh."""
+    script = REPO / "scripts" / "build-kstatus.sh"
+    result = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=1800, check=True
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def kstatus(*objects: Body) -> list[dict[str, str]]:
+    """What the kstatus library (kubectl wait, Flux, cli-utils) computes for each object:
+    {"status": Current | InProgress | Failed | ..., "message": ...}."""
+    result = subprocess.run(
+        [_kstatus_binary()],
+        input=json.dumps(list(objects)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
 
 
 def condition(body: Body | None, type_: str) -> Body | None:
@@ -92,6 +125,15 @@ class Kiln:
         return body
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll predicate every half second, failing after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f}s for {what}")
+        time.sleep(0.5)
+
+
 DEBIAN_12: Body = {
     "type": "PlatformImage",
     "publisher": "Debian",
@@ -134,12 +176,27 @@ def run(name: str, template_name: str, **spec: Any) -> Body:
 def kubectl(
     kubeconfig: Path, *args: str, input_text: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """kubectl of the control plane's own release."""
     return subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        [str(localcluster.binary(localcluster.KUBECTL)), f"--kubeconfig={kubeconfig}", *args],
         input=input_text,
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def server_dry_run(kubeconfig: Path, body: Body) -> subprocess.CompletedProcess[str]:
+    """kubectl apply --dry-run=server without client-side checks: the API server's own
+    verdict, as GitOps tools meet it."""
+    return kubectl(
+        kubeconfig,
+        "apply",
+        "--dry-run=server",
+        "--validate=false",
+        "-f",
+        "-",
+        input_text=json.dumps(body),
     )
 
 
@@ -175,3 +232,44 @@ def token_kubeconfig(admin_kubeconfig: Path, user: str, token: str, path: Path) 
         )
     )
     return path
+
+
+def cluster_ca_file(kubeconfig: Path, directory: Path) -> Path:
+    """The CA of the API server's serving certificate, as a file (from the kubeconfig)."""
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        return Path(cluster["certificate-authority"])
+    path = directory / "cluster-ca.crt"
+    path.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    return path
+
+
+RBAC = "rbac.authorization.k8s.io"
+
+
+def publish_issuer(api: ApiClient, server: str, ca: Path) -> str:
+    """Let anyone read the service-account issuer's discovery documents (as an AKS
+    cluster's OIDC issuer is public for Entra ID); the issuer they name."""
+    binding = {
+        "metadata": {"name": "kiln-test-issuer-discovery"},
+        "roleRef": {
+            "apiGroup": RBAC,
+            "kind": "ClusterRole",
+            "name": "system:service-account-issuer-discovery",
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": "system:unauthenticated",
+            }
+        ],
+    }
+    try:
+        RbacAuthorizationV1Api(api).create_cluster_role_binding(binding)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    discovery = requests.get(f"{server}/.well-known/openid-configuration", verify=ca, timeout=10)
+    discovery.raise_for_status()
+    return str(discovery.json()["issuer"])

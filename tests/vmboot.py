@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from kiln.communicators.ssh import KeyPair, SshCommunicator, generate_keypair
 from kiln.providers.local import baseimage, qemu, seed
@@ -21,6 +22,7 @@ class Vm:
     handle: qemu.VmHandle
     client: KeyPair
     host: KeyPair
+    user: str = USER
     started: float = field(default_factory=time.monotonic)
 
     async def connect(
@@ -30,7 +32,7 @@ class Vm:
         await comm.connect(
             "127.0.0.1",
             self.handle.ssh_port,
-            USER,
+            self.user,
             self.client.private_key.get_secret_value(),
             host_public_key or self.host.public_key,
             timeout=timeout,
@@ -40,16 +42,23 @@ class Vm:
 
 @contextmanager
 def booted(
-    disk: Path, kernel: Path, initrd: Path, work: Path, name: str, size_gb: int | None = None
+    disk: Path,
+    work: Path,
+    name: str,
+    size_gb: int | None = None,
+    *,
+    generation: Literal["V1", "V2"] = "V2",
+    user: str = USER,
 ) -> Iterator[Vm]:
-    """A VM on a copy-on-write overlay of disk (left unchanged), killed on exit."""
+    """A VM booting by firmware (V1 SeaBIOS, V2 OVMF) a copy-on-write overlay of disk
+    (which stays unchanged), killed on exit."""
     qemu.create_overlay(disk, work / "os.qcow2", size_gb)
     client, host = generate_keypair(), generate_keypair()
     seed.write_seed_iso(
         seed.SeedConfig(
             instance_id=name,
             hostname=name,
-            user=USER,
+            user=user,
             authorized_key=client.public_key,
             host_private_key=host.private_key,
             host_public_key=host.public_key,
@@ -61,14 +70,12 @@ def booted(
         state_dir=work / "state",
         disk=work / "os.qcow2",
         seed_iso=work / "seed.iso",
-        kernel=kernel,
-        initrd=initrd,
-        append=baseimage.CMDLINE,
+        generation=generation,
         ssh_port=qemu.free_port(),
-        accel=qemu.accelerator(baseimage.default_cache_root(), kernel),
+        accel=qemu.accelerator(baseimage.default_cache_root(), disk),
     )
     handle = qemu.start(spec)
     try:
-        yield Vm(spec, handle, client, host)
+        yield Vm(spec, handle, client, host, user)
     finally:
         qemu.kill(handle)

@@ -14,7 +14,9 @@ def _cluster(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if args.action == "up":
         kubeconfig = localcluster.up(state_dir, crds_dir=Path(args.crds))
-        print(f"control plane ready; KUBECONFIG={kubeconfig}")
+        version = localcluster.kubernetes_version()
+        print(f"control plane (Kubernetes {version}) ready; KUBECONFIG={kubeconfig}")
+        print(f"kubectl of that release: {localcluster.binary(localcluster.KUBECTL)}")
     elif args.action == "down":
         localcluster.down(state_dir)
         print("control plane stopped")
@@ -80,22 +82,36 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    import json
-
     import yaml
 
     from kiln.commands import importer
+    from kiln.commands.armtemplate import DeploymentScope
+    from kiln.settings import load_settings
 
+    settings = load_settings()
+    scope = DeploymentScope(
+        subscription_id=args.subscription_id,
+        resource_group=args.resource_group,
+        location=args.location,
+    )
+    defaults = DeploymentScope(
+        subscription_id=settings.subscription_id,
+        resource_group=settings.resource_group,
+        location=settings.location,
+    )
     try:
-        document = json.loads(Path(args.file).read_text())
+        document = importer.read_json(Path(args.file), sys.stdin)
         parameters = (
-            importer.parameter_values(json.loads(Path(args.parameters).read_text()))
+            importer.parameter_values(importer.read_json(Path(args.parameters)))
             if args.parameters
             else {}
         )
-        imported = importer.import_document(document, parameters, args.name, args.namespace)
-    except (OSError, ValueError, importer.ImportProblem) as error:
-        print(f"kiln import: {error}", file=sys.stderr)
+        imported = importer.import_document(
+            document, parameters, args.name, args.namespace, scope, defaults
+        )
+    except importer.ImportProblem as error:
+        for line in str(error).splitlines():
+            print(f"kiln import: {line}", file=sys.stderr)
         return 1
     for one in imported:
         for note in one.notes:
@@ -109,8 +125,8 @@ def _images(args: argparse.Namespace) -> int:
     from kiln.settings import load_settings
 
     cache = load_settings().cache_root
-    build = baseimage.build_debian12 if args.action == "build" else baseimage.ensure_debian12
-    image = build(cache)
+    build = baseimage.build_image if args.action == "build" else baseimage.ensure_image
+    image = build(args.release, cache)
     print(
         f"{image.publisher}:{image.offer}:{','.join(image.skus)}:{image.version} {image.directory}"
     )
@@ -161,10 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     imports = commands.add_parser(
         "import",
         help="print an AIB image template (JSON: az image builder show, the resource, or an "
-        "ARM template holding it) as ImageTemplate YAML",
+        "ARM template holding it, as written or as Bicep emits it) as ImageTemplate YAML",
     )
-    imports.add_argument("file", help="the AIB template JSON")
+    imports.add_argument("file", help="the AIB template JSON (comments allowed); - for stdin")
     imports.add_argument("--parameters", help="ARM parameters file for an ARM template")
+    imports.add_argument(
+        "--subscription-id", help="subscription().subscriptionId (default: KILN_SUBSCRIPTION_ID)"
+    )
+    imports.add_argument(
+        "--resource-group", help="resourceGroup().name (default: KILN_RESOURCE_GROUP)"
+    )
+    imports.add_argument("--location", help="resourceGroup().location (default: KILN_LOCATION)")
     imports.add_argument("--name", help="the ImageTemplate's name (default: the AIB name)")
     imports.add_argument("-n", "--namespace", help="put metadata.namespace in the manifest")
     imports.set_defaults(func=_import)
@@ -173,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument(
         "action",
         choices=["ensure", "build"],
-        help="ensure: build the Debian 12 image if none is cached; build: a new version "
+        help="ensure: build the Debian image if none is cached; build: a new version "
         "(templates following 'latest' with a SourceImage trigger rebuild on it)",
+    )
+    images.add_argument(
+        "--release",
+        choices=["11", "12", "13"],
+        default="12",
+        help="Debian release: offer debian-N, SKUs N (Gen1, BIOS) and N-gen2 (Gen2, UEFI)",
     )
     images.set_defaults(func=_images)
 
@@ -195,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crds.set_defaults(func=_crds)
 
-    cluster = commands.add_parser("cluster", help="a local etcd + kube-apiserver for trying Kiln")
+    cluster = commands.add_parser(
+        "cluster", help="a local control plane (etcd, kube-apiserver, controller manager)"
+    )
     cluster.add_argument("action", choices=["up", "down", "status"])
     cluster.add_argument(
         "--state-dir", default=".kiln", help="where pids, certs and kubeconfig live"

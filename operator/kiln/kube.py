@@ -119,6 +119,35 @@ class Kube:
             if error.status != 409:
                 raise
 
+    async def service_account_annotations(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ServiceAccount's annotations; None when it does not exist."""
+        try:
+            account = await asyncio.to_thread(
+                self.core.read_namespaced_service_account, name, namespace
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(account.metadata.annotations or {})
+
+    async def service_account_token(
+        self, namespace: str, name: str, audience: str, seconds: int
+    ) -> tuple[str, float]:
+        """A TokenRequest token for a ServiceAccount, and when it expires (epoch seconds)."""
+        body = {"spec": {"audiences": [audience], "expirationSeconds": seconds}}
+        result = await asyncio.to_thread(
+            self.core.create_namespaced_service_account_token, name, namespace, body
+        )
+        return result.status.token, result.status.expiration_timestamp.timestamp()
+
+    async def list_secrets(self, namespace: str, label_selector: str) -> list[Body]:
+        """Metadata of the matching Secrets (their data is never needed, so never kept)."""
+        result = await asyncio.to_thread(
+            self.core.list_namespaced_secret, namespace, label_selector=label_selector
+        )
+        return [{"metadata": item.metadata.to_dict()} for item in result.items]
+
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
             await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)

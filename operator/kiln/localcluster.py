@@ -1,8 +1,11 @@
-"""A local Kubernetes control plane (etcd + kube-apiserver, no nodes) for demos and tests.
+"""A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; no
+nodes) for demos and tests.
 
-There is no Docker here, so kind/minikube cannot run; a bare kube-apiserver built from
-Debian's sources (scripts/build-kube-apiserver.sh) in front of Debian's etcd is enough
-for an operator: CRDs, validation, status, watches, finalizers and RBAC all work.
+There is no Docker here, so kind/minikube cannot run; the control plane of one current
+Kubernetes release, built from the upstream Go modules (scripts/build-control-plane.sh,
+versions in scripts/kubernetes.env), is enough for an operator: CRDs with CEL validation,
+status, watches, finalizers, RBAC, TokenRequest, and through the controller manager
+namespace deletion and ownerReference garbage collection.
 
 Everything a cluster needs lives in one state directory: secrets, certificates, etcd
 data, logs, pid files and the kubeconfig. Ports are chosen at start time, so several
@@ -40,12 +43,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-kube-apiserver.sh"
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-control-plane.sh"
+VERSIONS_FILE = REPO_ROOT / "scripts" / "kubernetes.env"
 ETCD = "etcd"
 APISERVER = "kube-apiserver"
+CONTROLLER_MANAGER = "kube-controller-manager"
+KUBECTL = "kubectl"
+PROCESSES = (ETCD, APISERVER, CONTROLLER_MANAGER)
+# What the tests and an operator need without nodes: namespaces that finish deleting,
+# owner references that collect, and the default ServiceAccount of each namespace.
+CONTROLLERS = ("namespace", "garbagecollector", "serviceaccount", "serviceaccount-token")
 CONTEXT = "kiln-local"
 ETCD_READY_TIMEOUT = 30.0
 APISERVER_READY_TIMEOUT = 120.0
+CONTROLLER_MANAGER_READY_TIMEOUT = 60.0
+BUILD_TIMEOUT = 3600.0
 CRD_ESTABLISHED_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 START_ATTEMPTS = 3
@@ -61,6 +73,7 @@ class Ports(BaseModel):
     etcd_client: int
     etcd_peer: int
     apiserver: int
+    controller_manager: int
 
 
 @dataclass(frozen=True)
@@ -99,8 +112,20 @@ class StateDir:
         return self.root / "etcd-data"
 
     @property
+    def controller_manager_kubeconfig(self) -> Path:
+        return self.root / "controller-manager.kubeconfig"
+
+    @property
+    def controller_manager_certs(self) -> Path:
+        return self.root / "controller-manager-certs"
+
+    @property
     def ports_file(self) -> Path:
         return self.root / "ports.json"
+
+    @property
+    def version_file(self) -> Path:
+        return self.root / "kubernetes-version"
 
     @property
     def lock(self) -> Path:
@@ -116,6 +141,8 @@ class StateDir:
         """The command-line argument that ties a process to this state directory."""
         if name == ETCD:
             return f"--data-dir={self.etcd_data}"
+        if name == CONTROLLER_MANAGER:
+            return f"--cert-dir={self.controller_manager_certs}"
         return f"--cert-dir={self.cert_dir}"
 
 
@@ -141,7 +168,7 @@ def up(state_dir: Path, crds_dir: Path | None = None) -> Path:
 def down(state_dir: Path) -> None:
     """Stop the processes this state directory started; anything else is left alone."""
     state = StateDir.of(state_dir)
-    for name in (APISERVER, ETCD):
+    for name in reversed(PROCESSES):
         _stop(state, name)
 
 
@@ -154,7 +181,7 @@ def status(state_dir: Path) -> str:
         return f"control plane not running (state dir {state.root})"
     server = server_url(ports)
     pid_text = ", ".join(f"{name} pid {pid}" for name, pid in pids.items())
-    if len(pids) < 2:
+    if len(pids) < len(PROCESSES):
         return f"control plane partly running ({pid_text}); run up again or down"
     ready = _apiserver_ready(ports.apiserver, _read_token(state))
     return (
@@ -164,10 +191,10 @@ def status(state_dir: Path) -> str:
 
 
 def read_pids(state_dir: Path) -> dict[str, int]:
-    """The live etcd / kube-apiserver pids that really belong to state_dir."""
+    """The live control plane pids that really belong to state_dir."""
     state = StateDir.of(state_dir)
     pids: dict[str, int] = {}
-    for name in (ETCD, APISERVER):
+    for name in PROCESSES:
         pid = _read_pid(state.pid_file(name))
         if pid is not None and is_our_process(pid, name, state):
             pids[name] = pid
@@ -189,51 +216,66 @@ def server_url(ports: Ports) -> str:
 # --- binaries -------------------------------------------------------------------------
 
 
-def kube_apiserver_binary() -> Path:
-    """KILN_KUBE_APISERVER, else the cached build, else build it now (minutes, once)."""
-    override = os.environ.get("KILN_KUBE_APISERVER")
+def kubernetes_version() -> str:
+    """The one Kubernetes release the control plane runs (scripts/kubernetes.env)."""
+    return _versions()["KUBERNETES_VERSION"]
+
+
+def _versions() -> dict[str, str]:
+    pairs = (
+        line.split("=", 1)
+        for line in VERSIONS_FILE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def binaries_dir() -> Path:
+    """KILN_CONTROL_PLANE_BIN, else the cached build of this release, else build it now
+    (minutes, once per version; the script is idempotent and locked)."""
+    override = os.environ.get("KILN_CONTROL_PLANE_BIN")
     if override:
-        path = Path(override)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ClusterError(f"KILN_KUBE_APISERVER={override} is not an executable file")
-        return path
-    cached = _cached_apiserver()
-    if cached is not None and shutil.which(ETCD):
+        directory = Path(override)
+        missing = [n for n in (*PROCESSES, KUBECTL) if not os.access(directory / n, os.X_OK)]
+        if missing:
+            raise ClusterError(f"KILN_CONTROL_PLANE_BIN={override} lacks {', '.join(missing)}")
+        return directory
+    versions = _versions()
+    cached = (
+        _cache_root()
+        / "kubernetes"
+        / f"v{versions['KUBERNETES_VERSION']}-etcd-v{versions['ETCD_VERSION']}"
+    )
+    if all(os.access(cached / n, os.X_OK) for n in (*PROCESSES, KUBECTL)):
         return cached
     return _run_build_script()
+
+
+def binary(name: str) -> Path:
+    """One of etcd, kube-apiserver, kube-controller-manager, kubectl of this release."""
+    return binaries_dir() / name
 
 
 def _cache_root() -> Path:
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
 
 
-def _cached_apiserver() -> Path | None:
-    found = sorted(
-        (p for p in (_cache_root() / APISERVER).glob(f"*/{APISERVER}") if os.access(p, os.X_OK)),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return found[-1] if found else None
-
-
 def _run_build_script() -> Path:
-    log.info("building kube-apiserver with %s (several minutes the first time)", BUILD_SCRIPT)
-    result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-    )
+    log.info("building the control plane with %s (minutes the first time)", BUILD_SCRIPT)
+    try:
+        result = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise ClusterError(f"{BUILD_SCRIPT} did not finish in {BUILD_TIMEOUT:.0f}s") from error
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise ClusterError(f"{BUILD_SCRIPT} failed with exit code {result.returncode}")
     return Path(lines[-1])
-
-
-def _etcd_binary() -> Path:
-    found = shutil.which(ETCD)
-    if found is None:
-        _run_build_script()  # installs etcd-server too
-        found = shutil.which(ETCD)
-    if found is None:
-        raise ClusterError("etcd not found; install the Debian package etcd-server")
-    return Path(found)
 
 
 # --- secrets and kubeconfig -----------------------------------------------------------
@@ -345,12 +387,15 @@ def free_ports(count: int) -> list[int]:
 
 def _choose_ports(previous: Ports | None) -> Ports:
     """Reuse the last ports when all are free (a stable URL), else take new ones."""
-    if previous and all(
-        port_is_free(p) for p in (previous.etcd_client, previous.etcd_peer, previous.apiserver)
-    ):
+    if previous and all(port_is_free(p) for p in previous.model_dump().values()):
         return previous
-    client, peer, apiserver = free_ports(3)
-    return Ports(etcd_client=client, etcd_peer=peer, apiserver=apiserver)
+    client, peer, apiserver, controller_manager = free_ports(4)
+    return Ports(
+        etcd_client=client,
+        etcd_peer=peer,
+        apiserver=apiserver,
+        controller_manager=controller_manager,
+    )
 
 
 # --- processes ------------------------------------------------------------------------
@@ -385,7 +430,7 @@ def is_our_process(pid: int, name: str, state: StateDir) -> bool:
 
 
 def _running(state: StateDir) -> bool:
-    return len(read_pids(state.root)) == 2
+    return len(read_pids(state.root)) == len(PROCESSES)
 
 
 def _reusable(state: StateDir, ports: Ports, token: str, grace: float = 10.0) -> bool:
@@ -498,7 +543,6 @@ def apiserver_argv(binary: Path, state: StateDir, ports: Ports) -> list[str]:
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
         f"--secure-port={ports.apiserver}",
         "--bind-address=127.0.0.1",
-        "--insecure-port=0",
         f"--token-auth-file={state.tokens}",
         "--authorization-mode=RBAC",
         "--service-cluster-ip-range=10.0.0.0/24",
@@ -510,16 +554,34 @@ def apiserver_argv(binary: Path, state: StateDir, ports: Ports) -> list[str]:
     ]
 
 
+def controller_manager_argv(binary: Path, state: StateDir, ports: Ports) -> list[str]:
+    return [
+        str(binary),
+        state.marker(CONTROLLER_MANAGER),
+        f"--kubeconfig={state.controller_manager_kubeconfig}",
+        f"--secure-port={ports.controller_manager}",
+        "--bind-address=127.0.0.1",
+        f"--controllers={','.join(CONTROLLERS)}",
+        f"--service-account-private-key-file={state.sa_key}",
+        "--use-service-account-credentials=false",
+        "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
 def _start(state: StateDir, token: str) -> Ports:
-    """Start etcd then kube-apiserver on fresh ports; retry if a port was snatched."""
-    etcd, apiserver = _etcd_binary(), kube_apiserver_binary()
+    """Start etcd, kube-apiserver, then kube-controller-manager on fresh ports; retry
+    if a port was snatched."""
+    binaries = binaries_dir()
+    _forget_other_release(state)
     previous = read_ports(state.root)
     for attempt in range(1, START_ATTEMPTS + 1):
         down(state.root)  # leftovers of a half-started or half-dead run
         ports = _choose_ports(previous if attempt == 1 else None)
         state.ports_file.write_text(ports.model_dump_json() + "\n")
         try:
-            _start_once(state, token, ports, etcd, apiserver)
+            _start_once(state, token, ports, binaries)
             return ports
         except _PortTaken as err:
             log.warning("port taken (%s), retrying with other ports", err)
@@ -527,18 +589,46 @@ def _start(state: StateDir, token: str) -> Ports:
     raise ClusterError(f"could not find free ports after {START_ATTEMPTS} attempts")
 
 
+def _forget_other_release(state: StateDir) -> None:
+    """A state directory last run by another release starts with empty etcd data: the
+    local cluster is disposable, and etcd cannot always read an older release's data."""
+    version = kubernetes_version()
+    try:
+        previous = state.version_file.read_text().strip()
+    except OSError:
+        previous = None
+    if previous != version:
+        down(state.root)
+        if state.etcd_data.exists():
+            log.info("state dir was used by Kubernetes %s; starting with empty etcd data", previous)
+            shutil.rmtree(state.etcd_data)
+        state.version_file.write_text(version + "\n")
+
+
 class _PortTaken(Exception):
     """A process exited because its port was taken between choosing and binding it."""
 
 
-def _start_once(state: StateDir, token: str, ports: Ports, etcd: Path, apiserver: Path) -> None:
+def _start_once(state: StateDir, token: str, ports: Ports, binaries: Path) -> None:
     log.info("starting etcd on 127.0.0.1:%d", ports.etcd_client)
-    child = _spawn(state, ETCD, etcd_argv(etcd, state, ports))
+    child = _spawn(state, ETCD, etcd_argv(binaries / ETCD, state, ports))
     _wait_until(lambda: _etcd_healthy(ports.etcd_client), child, state, ETCD_READY_TIMEOUT)
     log.info("starting kube-apiserver on %s", server_url(ports))
-    child = _spawn(state, APISERVER, apiserver_argv(apiserver, state, ports))
+    child = _spawn(state, APISERVER, apiserver_argv(binaries / APISERVER, state, ports))
     _wait_until(
         lambda: _apiserver_ready(ports.apiserver, token), child, state, APISERVER_READY_TIMEOUT
+    )
+    # Its own kubeconfig (the admin token, and the server's CA now that it exists).
+    config = kubeconfig_dict(server_url(ports), token, _serving_ca(state))
+    _write_private(state.controller_manager_kubeconfig, yaml.safe_dump(config, sort_keys=False))
+    log.info("starting kube-controller-manager (%s)", ", ".join(CONTROLLERS))
+    argv = controller_manager_argv(binaries / CONTROLLER_MANAGER, state, ports)
+    child = _spawn(state, CONTROLLER_MANAGER, argv)
+    _wait_until(
+        lambda: _https_ok(ports.controller_manager, "/healthz"),
+        child,
+        state,
+        CONTROLLER_MANAGER_READY_TIMEOUT,
     )
 
 
@@ -581,13 +671,17 @@ def _etcd_healthy(port: int) -> bool:
 
 
 def _apiserver_ready(port: int, token: str) -> bool:
-    """GET /readyz; TLS is not verified here because the server made its own CA."""
+    return _https_ok(port, "/readyz", token)
+
+
+def _https_ok(port: int, path: str, token: str | None = None) -> bool:
+    """GET path answers 200 "ok"; TLS is not verified here because each server made its
+    own self-signed certificate."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(
-        f"https://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {token}"}
-    )
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=3, context=context) as resp:
             return resp.status == 200 and resp.read().strip() == b"ok"
@@ -658,7 +752,7 @@ def _apply_crd(api: ApiextensionsV1Api, crd: dict[str, Any]) -> str:
 
 
 def read_crd(api: ApiextensionsV1Api, name: str) -> dict[str, Any]:
-    # Raw JSON: the client's models are newer than this 1.20 server.
+    # Raw JSON: the client's models may be older or newer than the server.
     resp = api.read_custom_resource_definition(name, _preload_content=False)
     return json.loads(resp.data)
 

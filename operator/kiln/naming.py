@@ -24,5 +24,6 @@ def staging_group_name(resource_group: str, template: str, template_uid: str) ->
 BUILD_COMPUTER_NAME = "kiln-build"
 
 
-def run_secret_name(run: str) -> str:
-    return f"{run[:240]}-ssh"
+def run_secret_name(run_uid: str) -> str:
+    """The run's key Secret, in the operator's namespace: unique across namespaces."""
+    return f"kiln-run-{run_uid.lower()}"

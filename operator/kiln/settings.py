@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from kiln.api.template import Provider
+from kiln.api.tenancy import DEFAULT_BLOCKED_RANGES, FileRoot, IPNetwork, TenancyPolicy
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+DEFAULT_OPERATOR_NAMESPACE = "kiln-system"
+# Sources that would open the build VM's communicator port to the whole internet.
+_EVERYWHERE = {"*", "any", "internet", "0.0.0.0/0", "::/0"}
 
 
 def _home() -> Path:
@@ -45,13 +52,42 @@ class OperatorSettings(BaseModel):
     )
     azure_credentials_secret: str | None = Field(
         default=None,
-        description="namespace/name of a Secret with clientId, clientSecret and tenantId; "
+        description="Secret (name in the operator's namespace, or namespace/name) with "
+        "clientId, clientSecret and tenantId for the operator's own identity; "
         "unset: DefaultAzureCredential (workload identity, managed identity, environment).",
     )
-    azure_communicator_source: str = Field(
-        default="*",
+    azure_communicator_source: str | None = Field(
+        default=None,
         description="Source address range the build VM's NSG admits to the communicator "
-        "port, SSH 22 or WinRM 5986 (set it to the operator's egress address).",
+        "port, SSH 22 or WinRM 5986: the operator's egress address. Unset: only builds in "
+        "an existing subnet (vmProfile.vnetConfig.subnetId) are accepted.",
+    )
+    azure_operator_identity: bool = Field(
+        default=True,
+        description="Templates without spec.serviceAccountName build with the operator's own "
+        "Azure identity; false: every template must name a ServiceAccount of its namespace.",
+    )
+    azure_tenant_id: str | None = Field(
+        default=None,
+        description="Entra tenant of templates' federated identities, unless their "
+        "ServiceAccount's azure.workload.identity/tenant-id annotation names another.",
+    )
+    operator_namespace: str | None = Field(
+        default=None,
+        description="Where per-run key Secrets live; unset: the operator Pod's namespace, "
+        f"else {DEFAULT_OPERATOR_NAMESPACE}.",
+    )
+    file_source_roots: list[FileRoot] = Field(
+        default_factory=list,
+        description="Directories file:// sources may name; none: file:// is refused.",
+    )
+    output_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories a local VHD target's uri may name, besides the gallery.",
+    )
+    download_blocked_ranges: list[IPNetwork] = Field(
+        default_factory=lambda: [ipaddress.ip_network(r) for r in DEFAULT_BLOCKED_RANGES],
+        description="Addresses the operator never downloads scriptUri/sourceUri from.",
     )
     max_active_runs: int = Field(default=2, ge=1, description="Builds at once, operator-wide.")
     vm_memory_mb: int = Field(default=1024, ge=256)
@@ -65,8 +101,8 @@ class OperatorSettings(BaseModel):
         description="Run as one of several replicas: only the holder of a Lease works, the "
         "others stand by and take over when it stops renewing.",
     )
-    leader_election_namespace: str = Field(
-        default="default", description="Namespace of the Lease (the operator's own)."
+    leader_election_namespace: str | None = Field(
+        default=None, description="Namespace of the Lease; unset: the operator's own."
     )
     leader_election_name: str = Field(default="kiln", description="Name of the Lease.")
     identity: str = Field(
@@ -79,6 +115,43 @@ class OperatorSettings(BaseModel):
         "pod IP); a standby forwards log requests to the active replica there.",
     )
 
+    @field_validator("file_source_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [FileRoot.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("azure_communicator_source")
+    @classmethod
+    def _not_everywhere(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() in _EVERYWHERE:
+            raise ValueError(
+                f"KILN_AZURE_COMMUNICATOR_SOURCE {value!r} would admit the whole internet to "
+                "the build VM; set it to the operator's egress address range"
+            )
+        return value
+
+    @property
+    def secrets_namespace(self) -> str:
+        """The operator's own namespace: the only one where Kiln keeps Secrets."""
+        if self.operator_namespace:
+            return self.operator_namespace
+        try:
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or DEFAULT_OPERATOR_NAMESPACE
+        except OSError:
+            return DEFAULT_OPERATOR_NAMESPACE
+
+    @property
+    def tenancy_policy(self) -> TenancyPolicy:
+        return TenancyPolicy(
+            file_source_roots=self.file_source_roots,
+            output_roots=[*self.output_roots, self.gallery],
+            blocked_ranges=self.download_blocked_ranges,
+            communicator_source=self.azure_communicator_source,
+            operator_identity=self.azure_operator_identity,
+        )
+
     @property
     def staging_root(self) -> Path:
         return self.data_root / "staging"
@@ -89,7 +162,9 @@ class OperatorSettings(BaseModel):
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
-    """KILN_DEFAULT_PROVIDER, KILN_NAMESPACES (comma separated), KILN_CACHE, ..."""
+    """KILN_DEFAULT_PROVIDER, KILN_NAMESPACES (comma separated), KILN_CACHE, ...
+
+    List settings are comma separated; `none` gives an empty list (no blocked ranges)."""
     env = os.environ if environ is None else environ
     names = {
         "default_provider": "KILN_DEFAULT_PROVIDER",
@@ -114,8 +189,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         "leader_election_name": "KILN_LEADER_ELECTION_NAME",
         "identity": "KILN_POD_NAME",
         "http_address": "KILN_HTTP_ADDRESS",
+        "azure_operator_identity": "KILN_AZURE_OPERATOR_IDENTITY",
+        "azure_tenant_id": "KILN_AZURE_TENANT_ID",
+        "operator_namespace": "KILN_OPERATOR_NAMESPACE",
+    }
+    lists = {
+        "file_source_roots": "KILN_FILE_SOURCE_ROOTS",
+        "output_roots": "KILN_OUTPUT_ROOTS",
+        "download_blocked_ranges": "KILN_DOWNLOAD_BLOCKED_RANGES",
     }
     values: dict[str, object] = {field: env[var] for field, var in names.items() if env.get(var)}
+    for field, var in lists.items():
+        if env.get(var):
+            items = [n.strip() for n in env[var].split(",") if n.strip()]
+            values[field] = [] if items == ["none"] else items
     if env.get("KILN_NAMESPACES"):
         values["namespaces"] = [n.strip() for n in env["KILN_NAMESPACES"].split(",") if n.strip()]
     return OperatorSettings.model_validate(values)

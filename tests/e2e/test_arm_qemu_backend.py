@@ -31,6 +31,7 @@ from fakes.arm import ArmEmulator, VmInfo
 from fakes.arm.qemu_backend import QemuVmBackend, user_data
 from fakes.azurite import Azurite
 from kiln.communicators.ssh import KeyPair, SshCommunicator, generate_keypair
+from kiln.providers.local import gptdisk
 from kiln.providers.local.disks import MIB, VHD_FOOTER_SIZE, check_fixed_vhd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure, pytest.mark.timeout(1500)]
@@ -38,7 +39,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.azure, pytest.mark.timeout(1500)]
 LOCATION = "westeurope"
 USER = "kiln"
 SSH_TIMEOUT = 120.0
-EXT4_MAGIC = b"\x53\xef"  # at byte 56 of the superblock, which starts at byte 1024
+EXT4_MAGIC = b"\x53\xef"  # at byte 56 of the superblock, 1024 bytes into the root partition
+SUPERBLOCK = gptdisk.ROOT_START_MIB * MIB + 1024
 
 
 def host_key_custom_data(host: KeyPair) -> str:
@@ -301,14 +303,17 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
     size = int(head.headers["Content-Length"])
     assert size == 4 * 1024**3 + VHD_FOOTER_SIZE
     assert head.headers["x-ms-blob-type"] == "PageBlob"
-    superblock = requests.get(url, headers={"Range": "bytes=1024-2047"}, verify=ca, timeout=60)
+    span = f"{SUPERBLOCK}-{SUPERBLOCK + 1023}"
+    superblock = requests.get(url, headers={"Range": f"bytes={span}"}, verify=ca, timeout=60)
     assert superblock.status_code == 206
-    assert superblock.headers["Content-Range"] == f"bytes 1024-2047/{size}"
+    assert superblock.headers["Content-Range"] == f"bytes {span}/{size}"
     assert len(superblock.content) == 1024 and superblock.content[56:58] == EXT4_MAGIC
+    gpt = requests.get(url, headers={"Range": "bytes=512-1023"}, verify=ca, timeout=60)
+    assert gpt.content.startswith(b"EFI PART")  # the GPT header, after the protective MBR
     footer = requests.get(url, headers={"Range": "bytes=-512"}, verify=ca, timeout=60)
     assert footer.status_code == 206 and footer.content.startswith(b"conectix")
     ranged = BlobClient.from_blob_url(url, connection_verify=ca).download_blob(
-        offset=1024, length=1024
+        offset=SUPERBLOCK, length=1024
     )
     assert ranged.readall() == superblock.content  # azure-storage-blob reads it (x-ms-range)
     tampered = url.replace("sp=r", "sp=rw")

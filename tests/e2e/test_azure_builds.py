@@ -32,11 +32,12 @@ from azurehelpers import (
     operator_settings,
     windows_template,
 )
-from conftest import OperatorProcess, sample
+from conftest import OPERATOR_NAMESPACE, OperatorProcess, sample
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
 from kiln.metrics import arm_operation
 from kubehelpers import Kiln, condition, ended, run, template, wait_ended
+from secretscan import RunRecorder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
@@ -84,6 +85,13 @@ def azure_operator(
 def kiln(control_plane: Any, azure_operator: OperatorProcess) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
         yield Kiln(api, NAMESPACE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recorder(kiln: Kiln) -> Iterator[RunRecorder]:
+    """Every key and status of this module's runs, for the leak hunt at its end."""
+    with RunRecorder(kiln.api.api_client, NAMESPACE, OPERATOR_NAMESPACE) as recording:
+        yield recording
 
 
 def azure_template(name: str, **spec: Any) -> dict:
@@ -421,3 +429,20 @@ def test_cloud_requests_and_throttling_are_counted_as_the_emulator_saw_them(
         == 1
     )
     assert sample(after, "kiln_build_runs_in_flight", provider="azure") == 0
+
+
+def test_no_secret_in_status_events_or_the_operator_log(
+    recorder: RunRecorder, arm_qemu: ArmEmulator, azure_operator: OperatorProcess
+) -> None:
+    """Linux and Windows runs above: their keys and WinRM logins, every access token the
+    emulator's Entra issued, the client secret, the storage key and the disks' SAS query
+    strings never show in a status (continuation tokens included), an event or the log."""
+    sas = [url.split("?", 1)[1] for url in arm_qemu.granted_sas if "?" in url]
+    assert sas, "the VHD distributions used no disk SAS"
+    recorder.assert_nothing_leaked(
+        azure_operator.log(),
+        *arm_qemu.identity.issued_tokens,
+        arm_qemu.client_secret,
+        arm_qemu.storage_account_key or "",  # the staging account's key (listKeys)
+        *sas,
+    )

@@ -15,9 +15,12 @@ from kubernetes import config
 from kubernetes.client import CoreV1Api
 
 import vmboot
+from conftest import OPERATOR_NAMESPACE
+from kiln.naming import run_secret_name
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
-from kubehelpers import Kiln, condition, condition_status, run, template, wait_ended
+from kubehelpers import Kiln, condition, condition_status, kstatus, run, template, wait_ended
+from secretscan import RunRecorder
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +34,13 @@ MANAGED_IMAGE = f"{SUB}/providers/Microsoft.Compute/images/base"
 def kiln(control_plane: Any, kiln_operator: Any) -> Iterator[Kiln]:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as client:
         yield Kiln(client)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recorder(kiln: Kiln) -> Iterator[RunRecorder]:
+    """Every key and status of this module's runs, for the leak hunt at its end."""
+    with RunRecorder(kiln.api.api_client, "default", OPERATOR_NAMESPACE) as recording:
+        yield recording
 
 
 def step(body: dict, name: str) -> dict:
@@ -48,13 +58,13 @@ def assert_cleaned(kiln: Kiln, operator: Any, body: dict) -> None:
         f"kiln-{body['metadata']['name']}"
         not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     )
-    secrets = CoreV1Api(kiln.api.api_client).list_namespaced_secret("default").items
-    assert f"{body['metadata']['name']}-ssh" not in [s.metadata.name for s in secrets]
+    secrets = CoreV1Api(kiln.api.api_client).list_namespaced_secret(OPERATOR_NAMESPACE).items
+    assert run_secret_name(body["metadata"]["uid"]) not in [s.metadata.name for s in secrets]
 
 
 @pytest.fixture(scope="module")
-def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("payload") / "payload.txt"
+def payload(kiln_operator: Any) -> Path:
+    path = kiln_operator.file_root / "payload.txt"  # where the operator lets templates read
     path.write_text(f"payload {time.time_ns()}\n")
     return path
 
@@ -116,11 +126,12 @@ def test_autorun_build_succeeds_with_outputs(
     assert status["templateHash"] and status["templateSnapshot"]["provider"] == "local"
     assert condition_status(base_build, "Ready") == "True"
     assert condition_status(base_build, "Stalled") == "False"
+    template_body = kiln.get("imagetemplates", "base")
+    assert [s["status"] for s in kstatus(base_build, template_body)] == ["Current", "Current"]
     outputs = {o["runOutputName"]: o for o in status["runOutputs"]}
     assert outputs["gallery"]["artifactId"] == f"{GALLERY_IMAGE}/versions/2.0.0"
     assert outputs["managed"]["artifactId"] == MANAGED_IMAGE
     assert all(o["provisioningState"] == "Succeeded" for o in outputs.values())
-    template_body = kiln.get("imagetemplates", "base")
     assert condition(template_body, "Ready")["reason"] == "ImageBuilt"
     assert template_body["status"]["lastRun"] == {
         "name": base_build["metadata"]["name"],
@@ -148,14 +159,19 @@ def test_outputs_are_complete_images(base_build: dict) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("artifact", "generation"), [("gallery", "V2"), ("vhd", "V1")], ids=["qcow2-uefi", "vhd-bios"]
+)
 async def test_the_built_image_boots_with_the_customization(
-    base_build: dict, payload: Path, tmp_path: Path
+    base_build: dict, payload: Path, tmp_path: Path, artifact: str, generation: str
 ) -> None:
+    """Each distributed disk boots by firmware alone (OVMF, and SeaBIOS for the VHD)."""
     outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
-    image = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
-    with vmboot.booted(
-        image / "disk.qcow2", image / "vmlinuz", image / "initrd.img", tmp_path, "kiln-check"
-    ) as vm:
+    path = Path(outputs[artifact]["artifactUri"].removeprefix("file://"))
+    disk = path / "disk.qcow2" if path.is_dir() else path
+    if path.is_dir():
+        assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["disk.qcow2", "image.json"]
+    with vmboot.booted(disk, tmp_path, "kiln-check", generation=generation) as vm:
         comm = await vm.connect(timeout=vmboot.BOOT_TIMEOUT)
         try:
             result = await comm.run(
@@ -237,6 +253,7 @@ def test_a_failing_step_fails_the_run_with_its_exit_code_and_log(
     status = first["status"]
     assert status["runState"] == "Failed"
     assert condition(first, "Stalled")["reason"] == "CustomizerFailed"
+    assert kstatus(first)[0]["status"] == "Failed"
     customize = step(first, "customize")
     assert customize["state"] == "Failed" and customize["exitCode"] == 7
     assert customize["logTail"][-2:] == ["about to fail", "boom"]
@@ -274,6 +291,7 @@ def test_cancel_stops_the_build_and_cleans_up(kiln: Kiln, kiln_operator: Any) ->
     body = wait_ended(kiln, "slow-1")
     assert body["status"]["runState"] == "Canceled"
     assert condition(body, "Stalled")["reason"] == "Canceled"
+    assert kstatus(body)[0]["status"] == "Failed"
     assert_cleaned(kiln, kiln_operator, body)
 
 
@@ -346,7 +364,8 @@ def test_abort_keeps_the_vm_until_the_run_is_deleted(kiln: Kiln, kiln_operator: 
     vm = qemu.find(build_vm_dir(kiln_operator, body))
     assert vm is not None, "errorHandling abort keeps the build VM"
     assert f"ssh -p {vm.ssh_port} packer@127.0.0.1" in body["status"]["message"]
-    assert "Secret default/keep-1-ssh" in body["status"]["message"]
+    secret = f"{OPERATOR_NAMESPACE}/{run_secret_name(body['metadata']['uid'])}"
+    assert f"the operator's Secret {secret}" in body["status"]["message"]
     kiln.delete("imagebuildruns", "keep-1")
     kiln.wait_for("imagebuildruns", "keep-1", lambda b: b is None, 120, "deleted")
     assert not qemu.is_running(vm)
@@ -386,3 +405,10 @@ def test_deleting_an_active_run_removes_its_vm(kiln: Kiln, kiln_operator: Any) -
     kiln.wait_for("imagebuildruns", "gone-1", lambda b: b is None, 120, "deleted")
     assert not qemu.is_running(vm)
     assert_cleaned(kiln, kiln_operator, body)
+
+
+def test_no_secret_in_status_events_or_the_operator_log(
+    recorder: RunRecorder, kiln_operator: Any
+) -> None:
+    """The keys of every run above never show in a status, an event or the log."""
+    recorder.assert_nothing_leaked(kiln_operator.log())

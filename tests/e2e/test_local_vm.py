@@ -48,13 +48,11 @@ class BaseVm:
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseVm]:
     began = time.monotonic()
-    image = baseimage.ensure_debian12(baseimage.default_cache_root())
+    image = baseimage.ensure_image("12", baseimage.default_cache_root())
     print(f"base image {image.version} ready in {time.monotonic() - began:.1f}s")
     assert image.disk_virtual_size < OS_DISK_GB << 30
     work = tmp_path_factory.mktemp("vm")
-    with vmboot.booted(
-        image.disk_path, image.kernel_path, image.initrd_path, work, "kiln-e2e", OS_DISK_GB
-    ) as booted:
+    with vmboot.booted(image.disk_path, work, "kiln-e2e", OS_DISK_GB) as booted:
         yield BaseVm(image, booted)
 
 

@@ -24,6 +24,7 @@ from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from kiln.api.template import ImageTemplateSpec
+from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators.ssh import generate_keypair
 from kiln.communicators.winrm import (
     CertificateMismatch,
@@ -92,6 +93,7 @@ def context(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> RunContext:
         spec=ImageTemplateSpec.model_validate(body),
         checkpoint={},
         run_dir=tmp_path / "run-1",
+        key_namespace="kiln-system",
         client_private_key=client.private_key.get_secret_value(),
         client_public_key=client.public_key,
         host_private_key=host.private_key.get_secret_value(),
@@ -419,7 +421,7 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     ids = create_gallery(arm, "winout", "kilnwin", "server", LOCATION, os_type="Windows")
     target = {"type": "ManagedImage", "runOutputName": "image", "imageId": ids["image"]}
     provider, ctx = await windows_vm(arm, tmp_path, distribute=[target | {"location": LOCATION}])
-    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
     assert (await ConnectStep().reconcile(ctx, env)).kind == "done"
     outcome = await DeprovisionStep().reconcile(ctx, env)
     assert outcome.kind == "done", outcome.message
@@ -452,7 +454,7 @@ async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
     provider, ctx = await windows_vm(windows_arm, tmp_path)
     guest = windows_arm.backend.guest(ctx.checkpoint["vmId"])
     guest.files["C:\\DeprovisioningScript.ps1"] = "Write-Output custom"
-    env = StepEnv(provider=provider, kube=None)  # type: ignore[arg-type]
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
     outcome = await DeprovisionStep().reconcile(ctx, env)
     assert outcome.kind == "done", outcome.message
     assert guest.scripts[-1].endswith("& 'C:\\DeprovisioningScript.ps1'\nexit $LASTEXITCODE\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from kubernetes import client
 from conftest import REPO_ROOT, ControlPlane
 
 CHART = REPO_ROOT / "charts" / "kiln"
+
+
+LOCAL_PROFILE = yaml.safe_load((CHART / "values-local.yaml").read_text())
 
 
 def rendered(values: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -44,7 +48,7 @@ def test_the_chart_lints_clean_in_strict_mode() -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-def test_defaults_render_a_local_operator_without_azure_settings() -> None:
+def test_defaults_render_an_azure_operator_without_azure_settings() -> None:
     objects = rendered()
     assert set(objects) == {
         "Deployment",
@@ -52,10 +56,14 @@ def test_defaults_render_a_local_operator_without_azure_settings() -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "Service",
+        "Role",
+        "RoleBinding",
     }
     env = operator_env(objects)
-    assert env["KILN_DEFAULT_PROVIDER"] == "local"
-    assert not any(name.startswith("KILN_AZURE_") for name in env)
+    assert env["KILN_DEFAULT_PROVIDER"] == "azure"
+    azure = {name for name in env if name.startswith("KILN_AZURE_")}
+    assert azure == {"KILN_AZURE_OPERATOR_IDENTITY"}
+    assert not any(name in env for name in ("KILN_FILE_SOURCE_ROOTS", "KILN_OUTPUT_ROOTS"))
     assert "annotations" not in objects["ServiceAccount"]["metadata"]
     spec = objects["Deployment"]["spec"]
     assert spec["strategy"]["type"] == "Recreate" and spec["replicas"] == 1
@@ -73,36 +81,40 @@ def test_the_operator_runs_as_non_root_with_a_read_only_root_and_no_capabilities
     assert container["allowPrivilegeEscalation"] is False
     assert container["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert {"/tmp", "/var/cache/kiln", "/var/lib/kiln"} <= mounts
+    assert {"/tmp", "/var/lib/kiln"} <= mounts
 
 
 def test_two_replicas_elect_a_leader_behind_a_disruption_budget() -> None:
     objects = all_rendered({"replicaCount": 2})
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("PodDisruptionBudget", "kiln") in kinds
-    assert ("Role", "kiln-leader-election") in kinds
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     env = operator_env({"Deployment": deployment})
     assert env["KILN_LEADER_ELECTION"] == "true"
-    assert env["KILN_LEADER_ELECTION_NAMESPACE"] == "kiln-system"
+    assert "KILN_LEADER_ELECTION_NAMESPACE" not in env  # the operator's own namespace
     assert env["KILN_HTTP_ADDRESS"] == "$(KILN_POD_IP):8081"
-    role = next(o for o in objects if o["metadata"]["name"] == "kiln-leader-election")
-    assert role["rules"] == [
-        {
-            "apiGroups": ["coordination.k8s.io"],
-            "resources": ["leases"],
-            "verbs": ["get", "create", "update"],
-        }
-    ]
+    role = next(o for o in objects if o["metadata"]["name"] == "kiln-secrets")
+    assert role["metadata"]["namespace"] == "kiln-system"
+    assert {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
+    } in role["rules"]
 
 
 def test_a_namespaced_install_grants_roles_only_in_the_watched_namespaces() -> None:
     objects = all_rendered({"rbac": {"namespaced": True}, "settings": {"namespaces": "a, b"}})
-    roles = {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"}
-    bindings = {o["metadata"]["namespace"] for o in objects if o["kind"] == "RoleBinding"}
-    assert roles == bindings == {"a", "b"}
+    roles = {
+        (o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "Role"
+    }
+    bindings = {
+        (o["metadata"]["namespace"], o["metadata"]["name"])
+        for o in objects
+        if o["kind"] == "RoleBinding"
+    }
+    assert roles == bindings == {("a", "kiln"), ("b", "kiln"), ("kiln-system", "kiln-secrets")}
     cluster_role = next(o for o in objects if o["kind"] == "ClusterRole")
     assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
     with pytest.raises(Exception, match=r"rbac\.namespaced needs settings\.namespaces"):
@@ -197,6 +209,95 @@ def test_azure_settings_and_workload_identity_reach_the_operator() -> None:
     assert annotations == {"azure.workload.identity/client-id": "cid"}
 
 
+def test_secrets_are_granted_in_the_release_namespace_only() -> None:
+    objects = rendered()
+    cluster_rules = objects["ClusterRole"]["rules"]
+    assert not any("secrets" in rule["resources"] for rule in cluster_rules)
+    role = objects["Role"]
+    assert role["metadata"]["namespace"] == "kiln-system"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "delete"]}
+    ]
+    binding = objects["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kiln", "namespace": "kiln-system"}
+    ]
+    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    [namespace] = [e for e in container["env"] if e["name"] == "KILN_OPERATOR_NAMESPACE"]
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_tenancy_settings_reach_the_operator() -> None:
+    env = operator_env(
+        rendered(
+            {
+                "settings": {
+                    "fileSourceRoots": "/srv/kiln-files",
+                    "outputRoots": "/srv/images",
+                    "downloadBlockedRanges": "169.254.0.0/16,10.0.0.0/8",
+                    "azure": {"operatorIdentity": False, "tenantId": "t"},
+                }
+            }
+        )
+    )
+    assert env["KILN_FILE_SOURCE_ROOTS"] == "/srv/kiln-files"
+    assert env["KILN_OUTPUT_ROOTS"] == "/srv/images"
+    assert env["KILN_DOWNLOAD_BLOCKED_RANGES"] == "169.254.0.0/16,10.0.0.0/8"
+    assert env["KILN_AZURE_OPERATOR_IDENTITY"] == "false"
+    assert env["KILN_AZURE_TENANT_ID"] == "t"
+
+
+def test_the_default_profile_is_restricted_and_the_local_one_mounts_the_host() -> None:
+    pod = rendered()["Deployment"]["spec"]["template"]["spec"]
+    assert all("hostPath" not in volume for volume in pod["volumes"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]["securityContext"]
+    assert container["readOnlyRootFilesystem"] is True
+    assert container["capabilities"] == {"drop": ["ALL"]}
+    local = rendered(LOCAL_PROFILE)["Deployment"]["spec"]["template"]["spec"]
+    host_paths = {v["hostPath"]["path"] for v in local["volumes"] if "hostPath" in v}
+    assert host_paths == {"/var/lib/kiln", "/dev/kvm"}
+    assert operator_env(rendered(LOCAL_PROFILE))["KILN_DEFAULT_PROVIDER"] == "local"
+    assert "capabilities" not in local["containers"][0]["securityContext"]
+
+
+def pod_from_chart(values: dict[str, Any] | None, namespace: str) -> dict[str, Any]:
+    """A Pod made from the chart's Deployment template, as its ReplicaSet would make it."""
+    template = rendered(values)["Deployment"]["spec"]["template"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kiln-operator", "namespace": namespace, **template["metadata"]},
+        "spec": template["spec"],
+    }
+
+
+@pytest.mark.integration
+def test_the_azure_profile_passes_the_restricted_pod_security_standard(
+    kube_api: client.ApiClient,
+) -> None:
+    """The API server's own PodSecurity admission judges the chart's Pod: the default
+    profile is admitted to a restricted namespace, the local profile is not."""
+    core = client.CoreV1Api(kube_api)
+    namespace = "pss-restricted"
+    labels = {"pod-security.kubernetes.io/enforce": "restricted"}
+    core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
+    try:
+        core.create_namespaced_service_account(namespace, {"metadata": {"name": "kiln"}})
+        core.create_namespaced_pod(namespace, pod_from_chart(None, namespace), dry_run="All")
+        with pytest.raises(client.ApiException) as refused:
+            core.create_namespaced_pod(
+                namespace, pod_from_chart(LOCAL_PROFILE, namespace), dry_run="All"
+            )
+        assert refused.value.status == 403
+        message = json.loads(refused.value.body)["message"]
+        assert 'violates PodSecurity "restricted:' in message
+        assert 'volumes "data", "kvm" use restricted volume type "hostPath"' in message
+    finally:
+        core.delete_namespace(namespace)
+
+
 def test_the_chart_carries_the_generated_crds() -> None:
     with helm_python.Chart.load(CHART) as chart:
         packaged = {Path(crd["name"]).name: crd["data"] for crd in chart.crds}
@@ -252,7 +353,8 @@ def test_a_namespaced_two_replica_install_on_the_api_server(
             assert rbac.read_cluster_role(release).rules[0].resources == [
                 "customresourcedefinitions"
             ]
-            rbac.read_namespaced_role(f"{release}-leader-election", namespace)
+            secrets_role = rbac.read_namespaced_role(f"{release}-secrets", namespace)
+            assert any("leases" in rule.resources for rule in secrets_role.rules)
             budget = client.PolicyV1Api(kube_api).read_namespaced_pod_disruption_budget(
                 release, namespace
             )

@@ -36,7 +36,7 @@ def test_the_images_run_as_non_root_and_only_the_local_one_has_qemu() -> None:
     found = stages()
     for name in ("azure", "local"):
         users = re.findall(r"^USER (\S+)$", found[name], flags=re.MULTILINE)
-        assert users and users[-1] == "10001:10001", name
+        assert users and users[-1] == "65532:65532", name
     assert "qemu" not in found["azure"] and "apt-get install" not in found["azure"]
     assert "qemu-system-x86" in found["local"]
     assert "COPY --from=build /opt/kiln /opt/kiln" in found["azure"]

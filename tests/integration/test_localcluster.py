@@ -18,6 +18,7 @@ from kiln import localcluster
 pytestmark = pytest.mark.integration
 
 GROUP = "test.kiln.dev"
+ALL_PROCESSES = {"etcd", "kube-apiserver", "kube-controller-manager"}
 
 
 def crd_manifest(extra_column: bool = False) -> dict:
@@ -114,14 +115,14 @@ def test_kubeconfig_verifies_tls_and_keeps_token_private(control_plane) -> None:
 
 def test_up_twice_reuses_the_running_processes(control_plane, kube_api) -> None:
     before = localcluster.read_pids(control_plane.state_dir)
-    assert set(before) == {"etcd", "kube-apiserver"}
+    assert set(before) == ALL_PROCESSES
 
     again = localcluster.up(control_plane.state_dir)
 
     assert again == control_plane.kubeconfig
     assert localcluster.read_pids(control_plane.state_dir) == before
     version = client.VersionApi(kube_api).get_code()
-    assert version.major == "1"
+    assert version.git_version == f"v{localcluster.kubernetes_version()}"
 
 
 def test_crd_is_installed_established_and_usable(control_plane, kube_api, tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_second_cluster_coexists_and_stops(control_plane, second_state_dir: Path
     kubeconfig = localcluster.up(second_state_dir, crds_dir=tmp_crds_dir(second_state_dir))
     pids = localcluster.read_pids(second_state_dir)
     first_pids = localcluster.read_pids(control_plane.state_dir)
-    assert set(pids) == {"etcd", "kube-apiserver"}
+    assert set(pids) == ALL_PROCESSES
     assert set(pids.values()).isdisjoint(first_pids.values())
 
     first_ports = localcluster.read_ports(control_plane.state_dir)
@@ -207,12 +208,12 @@ def test_restart_after_crash_keeps_objects(second_state_dir: Path) -> None:
     while not pids_gone(crashed) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pids_gone(crashed)
-    assert len(list(second_state_dir.glob("*.pid"))) == 2
+    assert len(list(second_state_dir.glob("*.pid"))) == len(ALL_PROCESSES)
 
     kubeconfig = localcluster.up(second_state_dir)
 
     restarted = localcluster.read_pids(second_state_dir)
-    assert set(restarted) == {"etcd", "kube-apiserver"}
+    assert set(restarted) == ALL_PROCESSES
     assert set(restarted.values()).isdisjoint(crashed.values())
     with config.new_client_from_config(config_file=str(kubeconfig)) as api:
         cm = client.CoreV1Api(api).read_namespaced_config_map(name, "default")

@@ -1,4 +1,4 @@
-"""Resolving platform image references against a cache directory."""
+"""Resolving platform image references against a cache directory; Debian's sources."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from kiln.providers.local.baseimage import BaseImage, ImageNotFound
 
 
 def _image(cache: Path, version: str, publisher: str = "Debian", offer: str = "debian-12") -> None:
-    directory = cache / "images" / publisher / offer / version
+    directory = cache / baseimage.IMAGES_DIR / publisher / offer / version
     directory.mkdir(parents=True)
     image = BaseImage(
         publisher=publisher,
         offer=offer,
         skus=["12", "12-gen2"],
         version=version,
+        root_uuid="d20ea56d-45a8-418e-891f-9cba6d6adedd",
         disk_sha256="0" * 64,
         disk_virtual_size=4 << 30,
         created=datetime.now(UTC),
@@ -32,15 +33,17 @@ def cache(tmp_path: Path) -> Path:
     for version in ["0.20240101.9", "0.20240101.10", "0.20231201.3"]:
         _image(tmp_path, version)
     _image(tmp_path, "0.20250101.1", offer="debian-11")
-    (tmp_path / "images/Debian/debian-12/.build-abc").mkdir()  # a killed build
-    (tmp_path / "images/Debian/debian-12/0.20990101.1").mkdir()  # no manifest: incomplete
+    (tmp_path / f"{baseimage.IMAGES_DIR}/Debian/debian-12/.build-abc").mkdir()  # a killed build
+    (
+        tmp_path / f"{baseimage.IMAGES_DIR}/Debian/debian-12/0.20990101.1"
+    ).mkdir()  # no manifest: incomplete
     return tmp_path
 
 
 def test_list_is_oldest_first_and_skips_incomplete(cache: Path) -> None:
     images = baseimage.list_images(cache, "Debian", "debian-12", "12")
     assert [i.version for i in images] == ["0.20231201.3", "0.20240101.9", "0.20240101.10"]
-    assert images[0].directory == cache / "images/Debian/debian-12/0.20231201.3"
+    assert images[0].directory == cache / f"{baseimage.IMAGES_DIR}/Debian/debian-12/0.20231201.3"
     assert images[0].disk_path == images[0].directory / "disk.qcow2"
     assert "directory" not in images[0].model_dump_json()
 
@@ -70,7 +73,7 @@ def test_resolve_miss_names_what_is_available(
 
 
 def test_next_version_counts_per_day(cache: Path) -> None:
-    offer_dir = cache / "images/Debian/debian-12"
+    offer_dir = cache / f"{baseimage.IMAGES_DIR}/Debian/debian-12"
     day = datetime(2024, 1, 1, tzinfo=UTC)
     assert baseimage._next_version(offer_dir, day) == "0.20240101.11"
     assert baseimage._next_version(offer_dir, datetime(2030, 5, 6, tzinfo=UTC)) == "0.20300506.1"
@@ -81,3 +84,67 @@ def test_default_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert baseimage.default_cache_root() == tmp_path
     monkeypatch.delenv("KILN_CACHE")
     assert baseimage.default_cache_root() == Path.home() / ".cache" / "kiln"
+
+
+def test_the_old_image_format_is_not_found(tmp_path: Path) -> None:
+    """Whole-disk ext4 images under images/ need a kernel beside them: never used now."""
+    old = tmp_path / "images/Debian/debian-12/0.20240101.1"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text('{"publisher": "Debian"}')
+    assert baseimage.list_images(tmp_path, "Debian", "debian-12", "12") == []
+
+
+@pytest.mark.parametrize(
+    ("publisher", "offer", "sku", "release"),
+    [
+        ("Debian", "debian-11", "11", "11"),
+        ("debian", "Debian-12", "12-GEN2", "12"),
+        ("Debian", "debian-13", "13-gen2", "13"),
+        ("Debian", "debian-13", "12", None),
+        ("Debian", "debian-10", "10", None),
+        ("Canonical", "debian-12", "12", None),
+    ],
+)
+def test_release_of_a_marketplace_reference(
+    publisher: str, offer: str, sku: str, release: str | None
+) -> None:
+    assert baseimage.release_of(publisher, offer, sku) == release
+
+
+@pytest.mark.parametrize(
+    ("sku", "generation"), [("12", "V1"), ("12-gen2", "V2"), ("11-GEN2", "V2")]
+)
+def test_gen2_skus_boot_by_uefi(sku: str, generation: str) -> None:
+    assert baseimage.generation(sku) == generation
+
+
+HOST_SOURCES = """\
+Types: deb
+# a comment naming bookworm stays
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+"""
+
+
+@pytest.mark.parametrize("codename", ["bullseye", "bookworm", "trixie"])
+def test_other_releases_come_from_the_hosts_mirror(codename: str) -> None:
+    sources = baseimage.debian_sources(HOST_SOURCES, "bookworm", codename)
+    suites = [line for line in sources.splitlines() if line.startswith("Suites:")]
+    assert suites == [
+        f"Suites: {codename} {codename}-updates",
+        f"Suites: {codename}-security",
+    ]
+    assert sources.count("URIs: http://mirror.example/debian") == 2
+    assert "# a comment naming bookworm stays" in sources
+
+
+def test_unknown_release_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFound, match="not one of 11, 12, 13"):
+        baseimage.build_image("10", tmp_path)

@@ -130,3 +130,53 @@ def test_sha256_file(tmp_path: Path) -> None:
     data = b"x" * (5 * MIB + 3)
     (tmp_path / "f").write_bytes(data)
     assert disks.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def _sparse_disk(path: Path, size: int) -> bytes:
+    """A sparse file with data at the start, in the middle and at the end; its bytes."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for offset in (0, size // 2, size - 4096):
+            fh.seek(offset)
+            fh.write(b"kiln" * 1024)
+    return path.read_bytes()
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_sha256_of_a_sparse_file_counts_its_holes_as_zeros(tmp_path: Path) -> None:
+    data = _sparse_disk(tmp_path / "sparse", 64 * MIB + 4096)
+    assert disks.sha256_file(tmp_path / "sparse") == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert disks.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_sparse_copy_keeps_holes_and_returns_the_copy_checksum(tmp_path: Path) -> None:
+    data = _sparse_disk(tmp_path / "src", 64 * MIB)
+    digest = disks.copy_sparse(tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert _allocated(tmp_path / "dst") < 4 * MIB  # 64 MiB long, a few KiB written
+
+
+def test_fixed_vhd_is_written_sparse_in_one_pass(tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    disks.to_qcow2(_raw(tmp_path / "a.raw", 64 * MIB + 512), src)
+    vhd = tmp_path / "out.vhd"
+    disks.to_fixed_vhd(src, vhd)
+    assert disks.check_fixed_vhd(vhd).current_size == 65 * MIB
+    assert _allocated(vhd) < 4 * MIB
+    disks.run_tool(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "vpc", src, vhd])
+
+
+def test_capture_writes_both_formats_and_checksums_the_qcow2(tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    disks.to_qcow2(_raw(tmp_path / "a.raw", 8 * MIB), src)
+    qcow2, vhd = tmp_path / "disk.qcow2", tmp_path / "disk.vhd"
+    digest = disks.capture_disk(src, qcow2, vhd)
+    assert digest == hashlib.sha256(qcow2.read_bytes()).hexdigest()
+    disks.check_fixed_vhd(vhd)
+    assert disks.capture_disk(src, qcow2, None) == digest  # a resumed capture

@@ -28,7 +28,7 @@ def gallery(tmp_path: Path) -> LocalGallery:
 
 
 def captured(tmp_path: Path, content: bytes = b"disk-v1") -> Path:
-    """A captured image as the pipeline leaves it: the three image files."""
+    """A captured image as the pipeline leaves it: its disk."""
     directory = tmp_path / f"captured-{content.decode()}"
     directory.mkdir(exist_ok=True)
     for name in IMAGE_FILES:
@@ -195,6 +195,15 @@ def test_publish_creates_the_version(gallery: LocalGallery, tmp_path: Path) -> N
     assert stored.run == "ns/run-1"
     # No temporary or old directories are left next to it.
     assert sorted(p.name for p in directory.parent.iterdir()) == ["1.0.0"]
+
+
+@pytest.mark.parametrize("generation", ["V1", "V2"])
+def test_a_version_keeps_the_firmware_generation(
+    gallery: LocalGallery, tmp_path: Path, generation: str
+) -> None:
+    directory = publish(gallery, tmp_path, "1.0.0", hyper_v_generation=generation)
+    assert sorted(p.name for p in directory.iterdir()) == ["disk.qcow2", "image.json"]
+    assert gallery.manifest(directory).hyper_v_generation == generation
 
 
 def test_publish_makes_replicas_as_hard_links(gallery: LocalGallery, tmp_path: Path) -> None:

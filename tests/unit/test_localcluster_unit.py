@@ -51,7 +51,12 @@ def test_taken_port_is_not_free_and_not_reused() -> None:
         sock.listen()
         taken = sock.getsockname()[1]
         assert not localcluster.port_is_free(taken)
-        previous = localcluster.Ports(etcd_client=taken, etcd_peer=taken + 1, apiserver=taken + 2)
+        previous = localcluster.Ports(
+            etcd_client=taken,
+            etcd_peer=taken + 1,
+            apiserver=taken + 2,
+            controller_manager=taken + 3,
+        )
         chosen = localcluster._choose_ports(previous)
         assert taken not in chosen.model_dump().values()
 
@@ -145,11 +150,19 @@ def test_stale_pid_file_for_someone_else_is_not_signalled(fake_etcd, tmp_path: P
     assert localcluster.read_pids(other.root) == {}
 
 
-def test_kube_apiserver_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    binary = tmp_path / "kube-apiserver"
-    monkeypatch.setenv("KILN_KUBE_APISERVER", str(binary))
-    with pytest.raises(localcluster.ClusterError, match="not an executable"):
-        localcluster.kube_apiserver_binary()
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    assert localcluster.kube_apiserver_binary() == binary
+def test_control_plane_binaries_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_CONTROL_PLANE_BIN", str(tmp_path))
+    for name in ("etcd", "kube-apiserver", "kube-controller-manager"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    with pytest.raises(localcluster.ClusterError, match="lacks kubectl"):
+        localcluster.binaries_dir()
+    (tmp_path / "kubectl").write_text("#!/bin/sh\n")
+    (tmp_path / "kubectl").chmod(0o755)
+    assert localcluster.binary("kubectl") == tmp_path / "kubectl"
+
+
+def test_the_release_is_named_in_one_place() -> None:
+    version = localcluster.kubernetes_version()
+    major, minor, _patch = (int(part) for part in version.split("."))
+    assert (major, minor) >= (1, 34)

@@ -83,6 +83,7 @@ def test_deterministic() -> None:
     assert staging_group_name("rg", "a", UID) != staging_group_name("rg", "a", other)
 
 
-def test_run_secret_name() -> None:
-    assert run_secret_name("debian-g1") == "debian-g1-ssh"
-    assert len(run_secret_name("r" * 300)) <= 253
+def test_run_secret_name_is_the_runs_uid() -> None:
+    """Key Secrets of all namespaces share the operator's: the uid keeps them apart."""
+    assert run_secret_name(UID) == f"kiln-run-{UID.lower()}"
+    assert len(run_secret_name(UID)) <= 63

@@ -86,3 +86,27 @@ def test_accelerator_uses_cached_verdict(tmp_path: Path) -> None:
     verdict["kvm"] = False
     (tmp_path / "accel.json").write_text(json.dumps(verdict))
     assert qemu.accelerator(tmp_path) == qemu.TCG_ARGS
+
+
+@pytest.mark.parametrize("generation", ["V1", "V2"])
+def test_vms_boot_by_firmware_alone(tmp_path: Path, generation: str) -> None:
+    spec = qemu.VmSpec(
+        name="b", state_dir=tmp_path / "vm", disk=tmp_path / "os.qcow2", generation=generation
+    )
+    spec.state_dir.mkdir()
+    argv = qemu._qemu_argv(spec, 2222)
+    assert not {"-kernel", "-initrd", "-append", "-bios"} & set(argv)
+    assert "virtio-net-pci,netdev=net0,romfile=" in argv  # no network boot to try first
+    pflash = [a for a in argv if a.startswith("if=pflash")]
+    if generation == "V1":
+        assert pflash == []  # QEMU's own SeaBIOS
+        return
+    variables = spec.state_dir / qemu.UEFI_VARS
+    assert pflash == [
+        f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF_CODE}",
+        f"if=pflash,format=raw,unit=1,file={variables}",
+    ]
+    assert variables.read_bytes() == qemu.OVMF_VARS.read_bytes()  # this VM's own copy
+    variables.write_bytes(b"changed by the guest")
+    qemu._qemu_argv(spec, 2222)
+    assert variables.read_bytes() == b"changed by the guest"  # kept across boots

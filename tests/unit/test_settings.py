@@ -124,6 +124,9 @@ def test_without_a_mapping_the_process_environment_is_read(
         ("KILN_MAX_ACTIVE_RUNS", "many"),
         ("KILN_VM_MEMORY_MB", "128"),
         ("KILN_LIVENESS_PORT", "http"),
+        ("KILN_DOWNLOAD_BLOCKED_RANGES", "metadata"),
+        ("KILN_FILE_SOURCE_ROOTS", "relative/dir"),
+        ("KILN_AZURE_OPERATOR_IDENTITY", "maybe"),
     ],
 )
 def test_invalid_values_are_rejected(name: str, value: str) -> None:
@@ -133,3 +136,56 @@ def test_invalid_values_are_rejected(name: str, value: str) -> None:
 
 def test_settings_model_defaults_match_load_settings() -> None:
     assert OperatorSettings() == load_settings({})
+
+
+def test_tenancy_settings_are_read() -> None:
+    settings = load_settings(
+        {
+            "KILN_FILE_SOURCE_ROOTS": "/srv/files, /kiln/examples=/home/me/kiln/examples",
+            "KILN_OUTPUT_ROOTS": "/srv/images",
+            "KILN_DOWNLOAD_BLOCKED_RANGES": "169.254.0.0/16,fd00::/8",
+            "KILN_AZURE_COMMUNICATOR_SOURCE": "203.0.113.7/32",
+            "KILN_AZURE_OPERATOR_IDENTITY": "false",
+            "KILN_AZURE_TENANT_ID": "tenant-1",
+            "KILN_OPERATOR_NAMESPACE": "kiln-system",
+            "KILN_GALLERY": "/srv/gallery",
+        }
+    )
+    [files, examples] = settings.file_source_roots
+    assert (str(files.path), files.directory) == ("/srv/files", Path("/srv/files"))
+    assert (str(examples.path), examples.directory) == (
+        "/kiln/examples",
+        Path("/home/me/kiln/examples"),
+    )
+    assert [str(n) for n in settings.download_blocked_ranges] == ["169.254.0.0/16", "fd00::/8"]
+    assert settings.azure_operator_identity is False
+    assert settings.azure_tenant_id == "tenant-1"
+    assert settings.secrets_namespace == "kiln-system"
+    policy = settings.tenancy_policy
+    assert policy.output_roots == [Path("/srv/images"), Path("/srv/gallery")]
+    assert policy.communicator_source == "203.0.113.7/32"
+
+
+def test_tenancy_defaults_are_closed() -> None:
+    settings = load_settings({})
+    assert settings.file_source_roots == []
+    assert settings.azure_communicator_source is None
+    assert settings.azure_operator_identity is True
+    assert {str(n) for n in settings.download_blocked_ranges} >= {
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "168.63.129.16/32",
+        "::1/128",
+        "fe80::/10",
+    }
+    assert settings.secrets_namespace == "kiln-system"  # not in a Pod: no namespace file
+
+
+def test_none_blocks_no_range() -> None:
+    assert load_settings({"KILN_DOWNLOAD_BLOCKED_RANGES": "none"}).download_blocked_ranges == []
+
+
+@pytest.mark.parametrize("value", ["*", "Internet", "0.0.0.0/0", "::/0", "any"])
+def test_a_communicator_source_of_everywhere_is_refused(value: str) -> None:
+    with pytest.raises(ValidationError, match="KILN_AZURE_COMMUNICATOR_SOURCE"):
+        load_settings({"KILN_AZURE_COMMUNICATOR_SOURCE": value})

@@ -116,11 +116,14 @@ def test_effective_spec_local_provider_gets_local_place() -> None:
 
 
 def test_effective_spec_azure_without_settings_leaves_place_unset() -> None:
-    spec = effective_spec(VALID_SPEC, OperatorSettings(default_provider=Provider.azure))
+    settings = OperatorSettings(
+        default_provider=Provider.azure, azure_communicator_source="203.0.113.7/32"
+    )
+    spec = effective_spec(VALID_SPEC, settings)
     assert spec["provider"] == "azure"
     assert "location" not in spec
     assert "resourceGroup" not in spec
-    paths = {p.path for p in problems_of(spec)}
+    paths = {p.path for p in problems_of(spec, settings)}
     assert paths == {"spec.location", "spec.resourceGroup", "spec.subscriptionId"}
 
 
@@ -131,7 +134,7 @@ def test_effective_spec_does_not_mutate_its_input() -> None:
 
 
 def test_problems_of_unknown_provider() -> None:
-    [problem] = problems_of({**VALID_SPEC, "provider": "gcp"})
+    [problem] = problems_of({**VALID_SPEC, "provider": "gcp"}, LOCAL)
     assert problem.path == "spec.provider"
     assert "azure or local" in problem.message
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kiln.api.template import Provider
+from kiln.api.tenancy import FileRoot, TenancyPolicy
 from kiln.api.validation import SpecProblem, field_path, parse_spec, validate_template
 from kubehelpers import valid_spec
 
@@ -901,3 +903,140 @@ def test_field_path(loc: tuple[int | str, ...], expected: str) -> None:
 
 def test_field_path_root() -> None:
     assert field_path(("templateRef", "name"), root="run.spec") == "run.spec.templateRef.name"
+
+
+# --- what the operator's settings let a template reach --------------------------------------
+
+POLICY = TenancyPolicy(
+    file_source_roots=[FileRoot.parse("/srv/kiln-files")],
+    output_roots=[Path("/srv/images")],
+    communicator_source="203.0.113.7/32",
+)
+
+# (id, provider, spec, expected path, fragment of the message)
+TENANCY_CASES: list[tuple[str, Provider, Spec, str, str]] = [
+    (
+        "file-source-outside-roots",
+        LOCAL,
+        spec(customize=[file_step("/tmp/f", source_uri="file:///etc/shadow")]),
+        "spec.customize[0].sourceUri",
+        "not under a directory templates may read (/srv/kiln-files)",
+    ),
+    (
+        "service-account-token",
+        LOCAL,
+        spec(
+            customize=[
+                shell(scriptUri="file:///var/run/secrets/kubernetes.io/serviceaccount/token")
+            ]
+        ),
+        "spec.customize[0].scriptUri",
+        "not under a directory templates may read",
+    ),
+    (
+        "dot-dot-out-of-a-root",
+        LOCAL,
+        spec(customize=[shell(scriptUri="file:///srv/kiln-files/../../root/.ssh/id_rsa")]),
+        "spec.customize[0].scriptUri",
+        "without '..'",
+    ),
+    (
+        "validation-file-outside-roots",
+        LOCAL,
+        spec(validate={"inVMValidations": [file_step("/tmp/f", source_uri="file:///etc/passwd")]}),
+        "spec.validate.inVMValidations[0].sourceUri",
+        "not under",
+    ),
+    (
+        "metadata-service-literal",
+        LOCAL,
+        spec(customize=[shell(scriptUri="http://169.254.169.254/metadata/identity")]),
+        "spec.customize[0].scriptUri",
+        "169.254.169.254 is in 169.254.0.0/16",
+    ),
+    (
+        "wireserver-literal",
+        AZURE,
+        azure(customize=[file_step("/tmp/f", source_uri="http://168.63.129.16/machine")]),
+        "spec.customize[0].sourceUri",
+        "KILN_DOWNLOAD_BLOCKED_RANGES",
+    ),
+    (
+        "loopback-ipv6-literal",
+        LOCAL,
+        spec(customize=[shell(scriptUri="http://[::1]:8080/s.sh")]),
+        "spec.customize[0].scriptUri",
+        "::1 is in ::1/128",
+    ),
+    (
+        "vhd-outside-output-roots",
+        LOCAL,
+        spec(distribute=[vhd("/etc/cron.d/os.vhd")]),
+        "spec.distribute[0].uri",
+        "outside the directories Kiln may write (/srv/images, ",
+    ),
+    (
+        "vhd-dot-dot",
+        LOCAL,
+        spec(distribute=[vhd("file:///srv/images/../../etc/os.vhd")]),
+        "spec.distribute[0].uri",
+        "without '..'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("provider", "raw", "path", "fragment"),
+    [case[1:] for case in TENANCY_CASES],
+    ids=[case[0] for case in TENANCY_CASES],
+)
+def test_tenancy_rule_is_reported(provider: Provider, raw: Spec, path: str, fragment: str) -> None:
+    policy = POLICY.model_copy(update={"output_roots": [Path("/srv/images"), Path("/gallery")]})
+    problems = validate_template(raw, provider, policy)
+    assert _matches(problems, path, fragment), [str(p) for p in problems]
+    assert [p.path for p in problems] == [path]
+
+
+def test_without_file_roots_file_sources_are_off() -> None:
+    raw = spec(customize=[shell(scriptUri="file:///srv/kiln-files/s.sh")])
+    [problem] = validate_template(raw, LOCAL, TenancyPolicy())
+    assert "file:// sources are off in this operator" in problem.message
+    assert "KILN_FILE_SOURCE_ROOTS" in problem.message
+
+
+def test_allowed_sources_and_outputs_pass() -> None:
+    raw = spec(
+        customize=[
+            shell(scriptUri="file:///srv/kiln-files/setup.sh"),
+            file_step("/tmp/f", source_uri="file:///srv/kiln-files/sub/f.txt"),
+            shell(scriptUri="https://artifacts.example.com/s.sh"),
+            shell(scriptUri="http://10.1.2.3/s.sh"),  # a private artifact server
+        ],
+        distribute=[vhd("/srv/images/team-a/os.vhd")],
+    )
+    assert validate_template(raw, LOCAL, POLICY) == []
+
+
+def test_azure_public_build_needs_a_communicator_source() -> None:
+    policy = POLICY.model_copy(update={"communicator_source": None})
+    [problem] = validate_template(azure(), AZURE, policy)
+    assert problem.path == "spec.vmProfile.vnetConfig.subnetId"
+    assert "KILN_AZURE_COMMUNICATOR_SOURCE" in problem.message
+    assert "settings.azure.communicatorSource" in problem.message
+    private = azure(vmProfile=vnet(subnetId=SUBNET))
+    assert validate_template(private, AZURE, policy) == []
+    assert validate_template(azure(), AZURE, POLICY) == []
+
+
+def test_without_the_operators_identity_a_service_account_is_required() -> None:
+    policy = POLICY.model_copy(update={"operator_identity": False})
+    [problem] = validate_template(azure(), AZURE, policy)
+    assert problem.path == "spec.serviceAccountName"
+    assert "KILN_AZURE_OPERATOR_IDENTITY" in problem.message
+    assert validate_template(azure(serviceAccountName="team-a-builder"), AZURE, policy) == []
+    assert validate_template(spec(), LOCAL, policy) == []  # local builds use no identity
+
+
+def test_a_service_account_name_must_be_a_kubernetes_name() -> None:
+    [problem] = validate_template(azure(serviceAccountName="../other"), AZURE)
+    assert problem.path == "spec.serviceAccountName"

@@ -102,6 +102,7 @@ def _context(os_type: str | None, **spec: object) -> RunContext:
         spec=ImageTemplateSpec.model_validate({**valid_spec(), **spec}),
         checkpoint=checkpoint,
         run_dir=Path("/nonexistent"),
+        key_namespace="kiln-system",
     )
 
 

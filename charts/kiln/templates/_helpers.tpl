@@ -35,9 +35,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kiln.dev]
   resources: [imagetemplates/status, imagebuildruns/status]
   verbs: [get, patch, update]
+# Per-namespace Azure identities: a template's ServiceAccount (its workload identity
+# annotations) and a token for it, exchanged with Entra ID for that namespace's identity.
 - apiGroups: [""]
-  resources: [secrets]
-  verbs: [get, create, delete]
+  resources: [serviceaccounts]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [serviceaccounts/token]
+  verbs: [create]
+# spec.exportOutputs: the ConfigMap with a template's latest outputs.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]

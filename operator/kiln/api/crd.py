@@ -2,8 +2,9 @@
 
 Kubernetes wants structural schemas: no $ref, a type on every node, and no type-bearing
 oneOf/anyOf. Discriminated unions therefore become one object holding every variant's
-properties, with the discriminator as an enum; the per-variant rules are checked by the
-models themselves when the operator parses a spec.
+properties, with the discriminator as an enum; each variant's CEL rules
+(x-kubernetes-validations) are kept, guarded by the discriminator, so the API server
+checks them for that variant only.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ _KEPT_KEYWORDS = (
     "minItems",
     "minLength",
     "maxLength",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
     "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 )
 
 
@@ -47,21 +54,42 @@ def _merge_variants(variants: list[JsonSchema], discriminator: str | None) -> Js
     properties: dict[str, JsonSchema] = {}
     required_sets: list[set[str]] = []
     tags: list[str] = []
+    rule_tags: dict[str, tuple[JsonSchema, list[str]]] = {}
     for variant in variants:
+        variant_tags = []
         for name, prop in variant.get("properties", {}).items():
             if name == discriminator:
-                tags.extend(prop.get("enum", []))
+                variant_tags = prop.get("enum", [])
+                tags.extend(variant_tags)
                 properties.setdefault(name, {k: v for k, v in prop.items() if k != "enum"})
             else:
                 properties.setdefault(name, prop)
         required_sets.append(set(variant.get("required", [])))
+        for rule in variant.get("x-kubernetes-validations", []):
+            key = repr(sorted(rule.items()))
+            rule_tags.setdefault(key, (rule, []))[1].extend(variant_tags)
     merged: JsonSchema = {"type": "object", "properties": properties}
     if discriminator:
         properties[discriminator] = {**properties[discriminator], "enum": tags}
     common = set.intersection(*required_sets) if required_sets else set()
     if common:
         merged["required"] = sorted(common)
+    rules = [
+        _guarded(rule, discriminator, rule_tags_, tags) for rule, rule_tags_ in rule_tags.values()
+    ]
+    if rules:
+        merged["x-kubernetes-validations"] = rules
     return merged
+
+
+def _guarded(
+    rule: JsonSchema, discriminator: str | None, variant_tags: list[str], all_tags: list[str]
+) -> JsonSchema:
+    """A variant's rule, applied only to objects of the variants that declare it."""
+    if discriminator is None or set(variant_tags) == set(all_tags):
+        return rule
+    names = ", ".join(f"'{tag}'" for tag in variant_tags)
+    return {**rule, "rule": f"!(self.{discriminator} in [{names}]) || ({rule['rule']})"}
 
 
 def _ordered(node: JsonSchema) -> JsonSchema:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from kiln.api.base import KubeModel
-from kiln.api.status import Condition, RunOutput
+from kiln.api.status import Condition, RunOutput, conditions_field
 
 
 class RunState(StrEnum):
@@ -73,7 +73,7 @@ class ImageBuildRunStatus(KubeModel):
     observed_generation: int | None = Field(
         default=None, description="The generation this status describes."
     )
-    conditions: list[Condition] | None = Field(default=None, description="Current conditions.")
+    conditions: list[Condition] | None = conditions_field()
     run_state: RunState | None = Field(default=None, description="AIB's runState.")
     run_sub_state: RunSubState | None = Field(default=None, description="AIB's runSubState.")
     message: str | None = Field(default=None, description="What is happening or went wrong.")

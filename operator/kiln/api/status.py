@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -20,6 +20,16 @@ class Condition(KubeModel):
         default=None, description="The generation this condition describes."
     )
     last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+
+
+def conditions_field() -> Any:
+    """status.conditions as Kubernetes' own kinds declare it: a list-map keyed by type,
+    so server-side apply and kstatus treat each condition as one entry."""
+    return Field(
+        default=None,
+        description="Current conditions, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
 
 
 class RunOutput(KubeModel):

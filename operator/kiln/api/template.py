@@ -1,7 +1,12 @@
 """ImageTemplate: the desired image, with every AIB imageTemplates property under its AIB name.
 
 AIB API 2024-02-01 plus the 2025-10-01 additions (additionalDataDisks, optimize.workload,
-File validators, replicationMode). Rules the CRD schema cannot state live in validation.py.
+File validators, replicationMode). Cross-field rules are declared here as CEL (`cel_rules`),
+so the API server refuses a bad template at `kubectl apply`; api/validation.py checks the
+same rules in the operator (the second line) and those CEL cannot state.
+
+Lists and strings that rules read have maxItems/maxLength, which keeps the rules within
+the API server's CEL cost budget.
 """
 
 from __future__ import annotations
@@ -11,11 +16,85 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from kiln.api.base import KubeModel
-from kiln.api.status import Condition, RunOutput
+from kiln.api.base import CelRule, KubeModel
+from kiln.api.status import Condition, RunOutput, conditions_field
 
 RUN_OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9-_.]{1,64}$"
 SHA256_PATTERN = r"^[A-Fa-f0-9]{64}$"
+
+# Azure resource IDs, matched without regard to case as Azure does; RE2 and Python agree
+# on these, so CEL rules and api/validation.py use the same text.
+_ARM = r"^/subscriptions/[^/]+/resourceGroups/[^/]+"
+MANAGED_IMAGE_ID_PATTERN = _ARM + r"/providers/Microsoft\.Compute/images/[^/]+$"
+GALLERY_IMAGE_ID_PATTERN = (
+    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+(/versions/[^/]+)?$"
+)
+GALLERY_IMAGE_VERSION_ID_PATTERN = (
+    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+/versions/[^/]+$"
+)
+RESOURCE_GROUP_ID_PATTERN = _ARM + r"$"
+SUBNET_ID_PATTERN = _ARM + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$"
+IDENTITY_ID_PATTERN = _ARM + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+$"
+TAG_NAME_FORBIDDEN = r"[<>%&\\?/]"
+MAX_TAG_NAME, MAX_TAG_VALUE, MAX_TAGS = 512, 256, 50  # Azure's limits
+
+# Bounds: generous for real templates, and what the CEL cost estimate needs.
+MAX_ID = 1024
+MAX_URI = 2048
+MAX_NAME = 256
+MAX_STEPS = 100
+MAX_TARGETS = 20
+MAX_REGIONS = 64  # Azure has about 60 public regions
+MAX_REGION_NAME = 64
+
+WINDOWS_STEP_TYPES = ("PowerShell", "WindowsRestart", "WindowsUpdate")
+_WINDOWS_CEL = "[" + ", ".join(f"'{t}'" for t in WINDOWS_STEP_TYPES) + "]"
+
+
+def matches(field: str, pattern: str) -> str:
+    """CEL: `self.<field>` matches an Azure ID pattern, case-insensitively."""
+    return f"self.{field}.matches(r'(?i){pattern}')"
+
+
+def _has(field: str, on: str) -> str:
+    """CEL: on.field is present; `on` itself may be an optional field (self.validate)."""
+    parent = f"has({on}) && " if "." in on else ""
+    return f"{parent}has({on}.{field})"
+
+
+def _set(field: str, on: str = "self") -> str:
+    """CEL: an optional string or list field is present and not empty (Python's truth)."""
+    return f"({_has(field, on)} && size({on}.{field}) > 0)"
+
+
+def _true(field: str, on: str = "self") -> str:
+    return f"({_has(field, on)} && {on}.{field})"
+
+
+def _uri_scheme_rule(field: str) -> CelRule:
+    return CelRule(
+        rule=f"!{_set(field)} || self.{field}.startsWith('https://') || "
+        f"self.{field}.startsWith('http://') || self.{field}.startsWith('file://')",
+        message="must start with https:// or http:// (or file:// on the local provider)",
+        field_path=f".{field}",
+    )
+
+
+def _tags_rule() -> dict[str, object]:
+    return {
+        "x-kubernetes-validations": [
+            CelRule(
+                rule=f"self.all(k, k.size() <= {MAX_TAG_NAME} && "
+                f"!k.matches(r'{TAG_NAME_FORBIDDEN}'))",
+                message=f"tag names have at most {MAX_TAG_NAME} characters and none of "
+                "<>%&\\?/; rename the tag",
+            ).wire()
+        ]
+    }
+
+
+# The schema's bound only: the operator's own check words the message (validation.py).
+TagValue = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TAG_VALUE})]
 
 
 class Provider(StrEnum):
@@ -47,36 +126,70 @@ class PlanInfo(KubeModel):
 class PlatformImageSource(KubeModel):
     """A marketplace (platform) image, named as Azure names it."""
 
+    cel_rules = tuple(
+        CelRule(
+            rule=f"self.{field}.trim() != ''",
+            message="must not be empty",
+            field_path=f".{field}",
+        )
+        for field in ("publisher", "offer", "sku", "version")
+    )
+
     type: Literal["PlatformImage"] = Field(description="Kind of source image.")
-    publisher: str = Field(description="Image publisher, e.g. Debian or Canonical.")
-    offer: str = Field(description="Image offer, e.g. debian-12.")
-    sku: str = Field(description="Image SKU, e.g. 12-gen2.")
+    publisher: str = Field(
+        max_length=MAX_NAME, description="Image publisher, e.g. Debian or Canonical."
+    )
+    offer: str = Field(max_length=MAX_NAME, description="Image offer, e.g. debian-12.")
+    sku: str = Field(max_length=MAX_NAME, description="Image SKU, e.g. 12-gen2.")
     version: str = Field(
+        max_length=MAX_NAME,
         description="Image version, or 'latest' to resolve the newest when a run starts; "
-        "the run's status records the exact version used."
+        "the run's status records the exact version used.",
     )
     plan_info: PlanInfo | None = Field(
         default=None, description="Purchase plan for marketplace images that need one."
     )
 
 
+_MANAGED_IMAGE_ID_RULE = CelRule(
+    rule=matches("imageId", MANAGED_IMAGE_ID_PATTERN),
+    message="must be a managed image ID: /subscriptions/SUB/resourceGroups/RG/"
+    "providers/Microsoft.Compute/images/NAME",
+    field_path=".imageId",
+)
+
+
 class ManagedImageSource(KubeModel):
     """A managed image, e.g. the output of an earlier build."""
 
+    cel_rules = (_MANAGED_IMAGE_ID_RULE,)
+
     type: Literal["ManagedImage"] = Field(description="Kind of source image.")
     image_id: str = Field(
+        max_length=MAX_ID,
         description="Resource ID of the managed image: "
-        "/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.Compute/images/NAME."
+        "/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.Compute/images/NAME.",
     )
 
 
 class SharedImageVersionSource(KubeModel):
     """An Azure Compute Gallery image version (or the local gallery's)."""
 
+    cel_rules = (
+        CelRule(
+            rule=matches("imageVersionId", GALLERY_IMAGE_VERSION_ID_PATTERN),
+            message="must be a gallery image version ID: /subscriptions/SUB/resourceGroups/"
+            "RG/providers/Microsoft.Compute/galleries/G/images/DEF/versions/VERSION "
+            "(VERSION may be 'latest')",
+            field_path=".imageVersionId",
+        ),
+    )
+
     type: Literal["SharedImageVersion"] = Field(description="Kind of source image.")
     image_version_id: str = Field(
+        max_length=MAX_ID,
         description="Resource ID of the gallery image version; a version name of 'latest' "
-        "resolves to the newest version not excluded from latest when a run starts."
+        "resolves to the newest version not excluded from latest when a run starts.",
     )
 
 
@@ -92,9 +205,23 @@ Source = Annotated[
 class ScriptFields(KubeModel):
     """A script given inline or by URI (exactly one of the two)."""
 
+    cel_rules = (
+        CelRule(
+            rule=f"{_set('scriptUri')} != {_set('inline')}",
+            message="give exactly one of scriptUri and inline",
+        ),
+        _uri_scheme_rule("scriptUri"),
+        CelRule(
+            rule=f"!has(self.sha256Checksum) || {_set('scriptUri')}",
+            message="only applies to scriptUri; remove it or use scriptUri",
+            field_path=".sha256Checksum",
+        ),
+    )
+
     name: str | None = Field(default=None, description="Friendly name of this step.")
     script_uri: str | None = Field(
         default=None,
+        max_length=MAX_URI,
         description="URI of the script (https://, http:// or file://). Exclusive with inline.",
     )
     sha256_checksum: str | None = Field(
@@ -118,6 +245,14 @@ class ShellStep(ScriptFields):
 class PowerShellStep(ScriptFields):
     """Runs a PowerShell script on a Windows build VM."""
 
+    cel_rules = (
+        CelRule(
+            rule=f"!{_true('runAsSystem')} || {_true('runElevated')}",
+            message="needs runElevated: true; set it or drop runAsSystem",
+            field_path=".runAsSystem",
+        ),
+    )
+
     type: Literal["PowerShell"] = Field(description="Kind of step.")
     run_elevated: bool | None = Field(default=None, description="Run with elevated privileges.")
     run_as_system: bool | None = Field(
@@ -132,12 +267,36 @@ class PowerShellStep(ScriptFields):
 class FileStep(KubeModel):
     """Copies a file onto the build VM (20 MiB at most, as in AIB)."""
 
+    cel_rules = (
+        _uri_scheme_rule("sourceUri"),
+        CelRule(
+            rule="!self.destination.startsWith('/') || self.destination.startsWith('/tmp/')",
+            message="on Linux files can only be uploaded under /tmp; upload to /tmp/... and "
+            "move the file with a Shell step",
+            field_path=".destination",
+        ),
+        CelRule(
+            rule="self.destination.startsWith('/') || "
+            "self.destination.matches(r'^[A-Za-z]:[\\\\/]')",
+            message="must be an absolute path on the build VM",
+            field_path=".destination",
+        ),
+        CelRule(
+            rule="!self.destination.endsWith('/') && !self.destination.endsWith('\\\\')",
+            message="must name a file, not a directory",
+            field_path=".destination",
+        ),
+    )
+
     type: Literal["File"] = Field(description="Kind of step.")
     name: str | None = Field(default=None, description="Friendly name of this step.")
-    source_uri: str = Field(description="URI of the file (https://, http:// or file://).")
+    source_uri: str = Field(
+        max_length=MAX_URI, description="URI of the file (https://, http:// or file://)."
+    )
     destination: str = Field(
+        max_length=MAX_URI,
         description="Absolute path on the VM, its directory already existing; on Linux it "
-        "must be under /tmp (move it in a later Shell step)."
+        "must be under /tmp (move it in a later Shell step).",
     )
     sha256_checksum: str | None = Field(
         default=None,
@@ -192,6 +351,7 @@ class Validate(KubeModel):
 
     in_vm_validations: list[InVmValidator] | None = Field(
         default=None,
+        max_length=MAX_STEPS,
         alias="inVMValidations",
         description="Validation steps run on the build VM after customization.",
     )
@@ -211,7 +371,7 @@ class Validate(KubeModel):
 class TargetRegion(KubeModel):
     """A region that receives replicas of a gallery image version."""
 
-    name: str = Field(description="Region name, e.g. westeurope.")
+    name: str = Field(max_length=MAX_REGION_NAME, description="Region name, e.g. westeurope.")
     replica_count: int | None = Field(
         default=None, ge=1, description="Replicas in this region. Default: 1."
     )
@@ -243,20 +403,27 @@ Versioning = Annotated[LatestVersioning | SourceVersioning, Field(discriminator=
 class DistributorFields(KubeModel):
     run_output_name: str = Field(
         pattern=RUN_OUTPUT_NAME_PATTERN,
+        max_length=64,
         description="Name of this output in the run's runOutputs; unique in the template.",
     )
-    artifact_tags: dict[str, str] | None = Field(
-        default=None, description="Tags put on the artifact this distributor creates."
+    artifact_tags: dict[str, TagValue] | None = Field(
+        default=None,
+        max_length=MAX_TAGS,
+        description="Tags put on the artifact this distributor creates.",
+        json_schema_extra=_tags_rule(),
     )
 
 
 class ManagedImageDistributor(DistributorFields):
     """Captures a managed image."""
 
+    cel_rules = (_MANAGED_IMAGE_ID_RULE,)
+
     type: Literal["ManagedImage"] = Field(description="Kind of distribution.")
     image_id: str = Field(
+        max_length=MAX_ID,
         description="Resource ID of the managed image to create or replace: "
-        "/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.Compute/images/NAME."
+        "/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.Compute/images/NAME.",
     )
     location: str = Field(description="Region of the image.")
 
@@ -264,18 +431,65 @@ class ManagedImageDistributor(DistributorFields):
 class SharedImageDistributor(DistributorFields):
     """Publishes a new version of a gallery image definition."""
 
+    cel_rules = (
+        CelRule(
+            rule=matches("galleryImageId", GALLERY_IMAGE_ID_PATTERN),
+            message="must be a gallery image ID: /subscriptions/SUB/resourceGroups/RG/"
+            "providers/Microsoft.Compute/galleries/G/images/DEF",
+            field_path=".galleryImageId",
+        ),
+        CelRule(
+            rule="!has(self.targetRegions) || !has(self.replicationRegions)",
+            message="cannot be used with targetRegions; move the regions into targetRegions",
+            field_path=".replicationRegions",
+        ),
+        CelRule(
+            rule=f"!has(self.storageAccountType) || {_set('replicationRegions')}",
+            message="only applies with replicationRegions; set storageAccountType on each "
+            "targetRegions entry instead",
+            field_path=".storageAccountType",
+        ),
+        CelRule(
+            rule="!has(self.targetRegions) || self.targetRegions.all(r, self.targetRegions"
+            ".filter(o, o.name.lowerAscii() == r.name.lowerAscii()).size() == 1)",
+            message="lists a region more than once; list each region once",
+            field_path=".targetRegions",
+        ),
+        CelRule(
+            rule="!has(self.replicationRegions) || self.replicationRegions.all(r, "
+            "self.replicationRegions.filter(o, o.lowerAscii() == r.lowerAscii()).size() == 1)",
+            message="lists a region more than once; list each region once",
+            field_path=".replicationRegions",
+        ),
+        CelRule(
+            rule="!self.galleryImageId.lowerAscii().contains('/versions/') || "
+            "!has(self.versioning)",
+            message="cannot be used when galleryImageId names a version; drop one of them",
+            field_path=".versioning",
+        ),
+        CelRule(
+            rule="!self.galleryImageId.lowerAscii().contains('/versions/') || "
+            "self.galleryImageId.matches(r'/[0-9]+\\.[0-9]+\\.[0-9]+$')",
+            message="the version must be MAJOR.MINOR.PATCH, e.g. 1.0.0",
+            field_path=".galleryImageId",
+        ),
+    )
+
     type: Literal["SharedImage"] = Field(description="Kind of distribution.")
     gallery_image_id: str = Field(
+        max_length=MAX_ID,
         description="Resource ID of the gallery image definition (/subscriptions/SUB/"
         "resourceGroups/RG/providers/Microsoft.Compute/galleries/G/images/DEF), or of a "
-        "version (…/versions/1.2.3) to publish that exact version."
+        "version (…/versions/1.2.3) to publish that exact version.",
     )
     target_regions: list[TargetRegion] | None = Field(
         default=None,
+        max_length=MAX_REGIONS,
         description="Regions to replicate to, with replica counts; not with replicationRegions.",
     )
-    replication_regions: list[str] | None = Field(
+    replication_regions: list[Annotated[str, Field(max_length=MAX_REGION_NAME)]] | None = Field(
         default=None,
+        max_length=MAX_REGIONS,
         description="Deprecated: regions to replicate to; use targetRegions instead.",
     )
     storage_account_type: str | None = Field(
@@ -302,6 +516,7 @@ class VhdDistributor(DistributorFields):
     type: Literal["VHD"] = Field(description="Kind of distribution.")
     uri: str | None = Field(
         default=None,
+        max_length=MAX_URI,
         description="Where to write the VHD (a blob URL, or a file path on the local "
         "provider). Unset: the staging storage.",
     )
@@ -319,11 +534,39 @@ Distributor = Annotated[
 class VnetConfig(KubeModel):
     """An existing subnet to build in, privately (no public IP)."""
 
+    cel_rules = (
+        CelRule(
+            rule=f"!{_set('subnetId')} || " + matches("subnetId", SUBNET_ID_PATTERN),
+            message="must be a subnet ID: /subscriptions/SUB/resourceGroups/RG/providers/"
+            "Microsoft.Network/virtualNetworks/VNET/subnets/SUBNET",
+            field_path=".subnetId",
+        ),
+        CelRule(
+            rule=f"!{_set('containerInstanceSubnetId')} || {_set('subnetId')}",
+            message="needs subnetId as well; set subnetId to the build VM's subnet",
+            field_path=".containerInstanceSubnetId",
+        ),
+        CelRule(
+            rule=f"!({_set('containerInstanceSubnetId')} && {_set('proxyVmSize')})",
+            message="cannot be used with containerInstanceSubnetId (no proxy VM is deployed "
+            "then); remove one of them",
+            field_path=".proxyVmSize",
+        ),
+        CelRule(
+            rule=f"!{_set('proxyVmSize')} || {_set('subnetId')}",
+            message="needs subnetId as well; set subnetId or remove proxyVmSize",
+            field_path=".proxyVmSize",
+        ),
+    )
+
     subnet_id: str | None = Field(
-        default=None, description="Resource ID of an existing subnet for the build VM."
+        default=None,
+        max_length=MAX_ID,
+        description="Resource ID of an existing subnet for the build VM.",
     )
     container_instance_subnet_id: str | None = Field(
         default=None,
+        max_length=MAX_ID,
         description="Subnet for AIB's isolated-build container; only with subnetId, "
         "not with proxyVmSize.",
     )
@@ -346,8 +589,20 @@ class VmProfile(KubeModel):
         alias="osDiskSizeGB",
         description="OS disk size in GB; 0 or unset keeps the source's size (grow only).",
     )
-    user_assigned_identities: list[str] | None = Field(
-        default=None, description="Resource IDs of user-assigned identities for the build VM."
+    user_assigned_identities: list[Annotated[str, Field(max_length=MAX_ID)]] | None = Field(
+        default=None,
+        max_length=MAX_TAGS,
+        description="Resource IDs of user-assigned identities for the build VM.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                CelRule(
+                    rule="self.all(i, i.matches(r'(?i)" + IDENTITY_ID_PATTERN + "'))",
+                    message="each must be a user-assigned identity ID: /subscriptions/SUB/"
+                    "resourceGroups/RG/providers/Microsoft.ManagedIdentity/"
+                    "userAssignedIdentities/NAME",
+                ).wire()
+            ]
+        },
     )
     vnet_config: VnetConfig | None = Field(
         default=None, description="Build in an existing subnet instead of a new network."
@@ -396,9 +651,31 @@ class DataDisk(KubeModel):
 
 
 class Identity(KubeModel):
+    cel_rules = (
+        CelRule(
+            rule="self.type != 'UserAssigned' || "
+            "(has(self.userAssignedIdentities) && size(self.userAssignedIdentities) == 1)",
+            message="needs exactly one identity when type is UserAssigned",
+            field_path=".userAssignedIdentities",
+        ),
+        CelRule(
+            rule=f"self.type != 'None' || !{_set('userAssignedIdentities')}",
+            message="must be empty when type is None",
+            field_path=".userAssignedIdentities",
+        ),
+        CelRule(
+            rule="!has(self.userAssignedIdentities) || self.userAssignedIdentities.all(k, "
+            "k.matches(r'(?i)" + IDENTITY_ID_PATTERN + "'))",
+            message="each key must be a user-assigned identity ID: /subscriptions/SUB/"
+            "resourceGroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/NAME",
+            field_path=".userAssignedIdentities",
+        ),
+    )
+
     type: Literal["None", "UserAssigned"] = Field(description="None or UserAssigned.")
     user_assigned_identities: dict[str, dict[str, str]] | None = Field(
         default=None,
+        max_length=MAX_TAGS,
         description="The identity, keyed by its resource ID (values are empty objects).",
     )
 
@@ -406,8 +683,21 @@ class Identity(KubeModel):
 class ScheduleTrigger(KubeModel):
     """Starts a run on a cron schedule (UTC)."""
 
+    # The shape only (a macro, or five to seven fields); the operator checks the syntax.
+    cel_rules = (
+        CelRule(
+            rule="self.schedule.matches(r'^@[a-z]+$') || "
+            "self.schedule.matches(r'^\\s*\\S+(\\s+\\S+){4,6}\\s*$')",
+            message="is not a cron expression; use five fields, e.g. '0 3 * * 1' for "
+            "Mondays at 03:00 UTC",
+            field_path=".schedule",
+        ),
+    )
+
     kind: Literal["Schedule"] = Field(description="Kind of trigger.")
-    schedule: str = Field(description="Cron expression in UTC, e.g. '0 3 * * 1'.")
+    schedule: str = Field(
+        max_length=MAX_NAME, description="Cron expression in UTC, e.g. '0 3 * * 1'."
+    )
 
 
 class SourceImageTrigger(KubeModel):
@@ -417,6 +707,45 @@ class SourceImageTrigger(KubeModel):
 
 
 Trigger = Annotated[ScheduleTrigger | SourceImageTrigger, Field(discriminator="kind")]
+
+
+_VALIDATIONS = "self.validate.inVMValidations"
+
+
+def _all_steps(condition: str) -> str:
+    """CEL: condition (over `s`) holds for every customize and inVMValidations step."""
+    customize = f"(!has(self.customize) || self.customize.all(s, {condition}))"
+    validations = (
+        f"(!has(self.validate) || !has({_VALIDATIONS}) || {_VALIDATIONS}.all(s, {condition}))"
+    )
+    return f"{customize} && {validations}"
+
+
+def _any_step(condition: str) -> str:
+    customize = f"(has(self.customize) && self.customize.exists(s, {condition}))"
+    validations = (
+        f"(has(self.validate) && has({_VALIDATIONS}) && {_VALIDATIONS}.exists(s, {condition}))"
+    )
+    return f"({customize} || {validations})"
+
+
+def _on_provider(provider: str, rule: str) -> str:
+    """CEL: rule applies when the template names this provider (unset: the operator's
+    default, which only the operator knows)."""
+    return f"!has(self.provider) || self.provider != '{provider}' || ({rule})"
+
+
+def _vhd_uris(condition: str) -> str:
+    return f"self.distribute.all(d, d.type != 'VHD' || !{_set('uri', on='d')} || ({condition}))"
+
+
+_SHELL_STEP = "s.type == 'Shell'"
+_WINDOWS_STEP = f"s.type in {_WINDOWS_CEL}"
+_SOURCE_FOLLOWS_LATEST = (
+    "(self.source.type == 'PlatformImage' && self.source.version.lowerAscii() == 'latest') || "
+    "(self.source.type == 'SharedImageVersion' && "
+    "self.source.imageVersionId.lowerAscii().endsWith('/versions/latest'))"
+)
 
 
 class ExportOutputs(KubeModel):
@@ -437,15 +766,112 @@ class ExportOutputs(KubeModel):
 class ImageTemplateSpec(KubeModel):
     """The desired image: AIB's imageTemplates properties plus where to build it."""
 
+    cel_rules = (
+        CelRule(
+            rule="!has(self.stagingResourceGroup) || "
+            + matches("stagingResourceGroup", RESOURCE_GROUP_ID_PATTERN),
+            message="must be a resource group ID: /subscriptions/SUB/resourceGroups/NAME",
+            field_path=".stagingResourceGroup",
+        ),
+        CelRule(
+            rule=f"!{_true('sourceValidationOnly', on='self.validate')} || !{_set('customize')}",
+            message="must be empty when validate.sourceValidationOnly is true; remove the "
+            "customizers or set sourceValidationOnly to false",
+            field_path=".customize",
+        ),
+        CelRule(
+            rule=f"!{_true('sourceValidationOnly', on='self.validate')} || "
+            f"{_set('inVMValidations', on='self.validate')}",
+            message="needs at least one validation when sourceValidationOnly is true",
+            field_path=".validate.inVMValidations",
+        ),
+        CelRule(
+            rule="self.distribute.all(d, self.distribute.filter(o, "
+            "o.runOutputName.lowerAscii() == d.runOutputName.lowerAscii()).size() == 1)",
+            message="runOutputName must be unique (Azure names ignore case); rename one of "
+            "the targets",
+            field_path=".distribute",
+        ),
+        CelRule(
+            rule="!self.distribute.exists(d, d.type == 'SharedImage' && has(d.versioning) && "
+            "d.versioning.scheme == 'Source') || "
+            "self.source.type in ['PlatformImage', 'SharedImageVersion']",
+            message="Source versioning needs a PlatformImage or SharedImageVersion source; "
+            "use scheme: Latest",
+            field_path=".distribute",
+        ),
+        CelRule(
+            rule="!has(self.triggers) || self.triggers.all(t, "
+            "self.triggers.filter(o, o.kind == t.kind).size() == 1)",
+            message="lists a trigger kind twice; keep one trigger of each kind",
+            field_path=".triggers",
+        ),
+        CelRule(
+            rule="!has(self.triggers) || !self.triggers.exists(t, t.kind == 'SourceImage') || "
+            + _SOURCE_FOLLOWS_LATEST,
+            message="a SourceImage trigger needs a source that follows 'latest' (PlatformImage "
+            "version latest, or a SharedImageVersion ID ending in /versions/latest)",
+            field_path=".triggers",
+        ),
+        CelRule(
+            rule=_on_provider("local", _all_steps(f"!({_WINDOWS_STEP})")),
+            message="PowerShell, WindowsRestart and WindowsUpdate (in customize or "
+            "validate.inVMValidations) need a Windows build VM, which the local provider "
+            "cannot run; set spec.provider: azure",
+            field_path=".customize",
+        ),
+        CelRule(
+            rule=_on_provider(
+                "azure",
+                f"!({_any_step(_SHELL_STEP)} && {_any_step(_WINDOWS_STEP)})",
+            ),
+            message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
+            "(Windows) steps; a build VM runs one OS, so keep the steps of one",
+            field_path=".customize",
+        ),
+        CelRule(
+            rule=_on_provider(
+                "azure",
+                _all_steps(
+                    "!(has(s.scriptUri) && s.scriptUri.startsWith('file://')) && "
+                    "!(has(s.sourceUri) && s.sourceUri.startsWith('file://'))"
+                ),
+            ),
+            message="scriptUri and sourceUri must start with https:// or http:// for the azure "
+            "provider (file:// works only on the local provider)",
+            field_path=".customize",
+        ),
+        CelRule(
+            rule=_on_provider(
+                "local", _vhd_uris("d.uri.startsWith('file:///') || d.uri.startsWith('/')")
+            ),
+            message="a VHD uri on the local provider is an absolute file path or file:/// URL",
+            field_path=".distribute",
+        ),
+        CelRule(
+            rule=_on_provider(
+                "azure",
+                _vhd_uris("d.uri.startsWith('https://') && d.uri.lowerAscii().endsWith('.vhd')"),
+            ),
+            message="a VHD uri must be an https:// blob URL ending in .vhd (or unset for the "
+            "staging storage account)",
+            field_path=".distribute",
+        ),
+    )
+
     source: Source = Field(description="The image to start from.")
     customize: list[Customizer] | None = Field(
-        default=None, description="Customization steps, run in order on the build VM."
+        default=None,
+        max_length=MAX_STEPS,
+        description="Customization steps, run in order on the build VM.",
     )
     validate_: Validate | None = Field(
         default=None, alias="validate", description="Validation of the built image."
     )
     distribute: list[Distributor] = Field(
-        min_length=1, description="Where the image goes; each target is one run output."
+        min_length=1,
+        max_length=MAX_TARGETS,
+        description="Where the image goes; each target is one run output.",
     )
     vm_profile: VmProfile | None = Field(default=None, description="The build VM.")
     optimize: Optimize | None = Field(default=None, description="Image optimizations.")
@@ -457,6 +883,7 @@ class ImageTemplateSpec(KubeModel):
     )
     staging_resource_group: str | None = Field(
         default=None,
+        max_length=MAX_ID,
         description="Resource ID of the staging resource group; unset: Kiln creates "
         "IT_<resourceGroup>_<template>_<id>. An existing group must be empty and is only "
         "emptied, never deleted.",
@@ -470,8 +897,11 @@ class ImageTemplateSpec(KubeModel):
     identity: Identity | None = Field(
         default=None, description="The template's user-assigned identity (Azure)."
     )
-    managed_resource_tags: dict[str, str] | None = Field(
-        default=None, description="Tags put on the staging group and the resources Kiln creates."
+    managed_resource_tags: dict[str, TagValue] | None = Field(
+        default=None,
+        max_length=MAX_TAGS,
+        description="Tags put on the staging group and the resources Kiln creates.",
+        json_schema_extra=_tags_rule(),
     )
     additional_data_disks: list[DataDisk] | None = Field(
         default=None, description="Extra data disks added to the image."
@@ -491,8 +921,17 @@ class ImageTemplateSpec(KubeModel):
     subscription_id: str | None = Field(
         default=None, description="Azure subscription. Unset: the operator's default."
     )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Azure: a ServiceAccount in this template's namespace whose federated "
+        "identity builds (annotation azure.workload.identity/client-id, and tenant-id unless "
+        "the operator sets one); the operator exchanges a token of it with Entra ID. Unset: "
+        "the operator's own identity, if its admin allows that.",
+    )
     triggers: list[Trigger] | None = Field(
-        default=None, description="What starts runs besides you and autoRun."
+        default=None, max_length=10, description="What starts runs besides you and autoRun."
     )
     export_outputs: ExportOutputs | None = Field(
         default=None, description="Publish the latest run outputs in a ConfigMap."
@@ -510,7 +949,7 @@ class ImageTemplateStatus(KubeModel):
     observed_generation: int | None = Field(
         default=None, description="The generation these conditions describe."
     )
-    conditions: list[Condition] | None = Field(default=None, description="Current conditions.")
+    conditions: list[Condition] | None = conditions_field()
     provider: str | None = Field(default=None, description="The provider that builds it.")
     exact_staging_resource_group: str | None = Field(
         default=None, description="The staging resource group (or directory) in use."

@@ -1,5 +1,9 @@
-"""Rules the CRD schema cannot state (Kubernetes 1.20 has no CEL), as pure functions.
+"""Every rule on a template spec, as pure functions: the operator's own check.
 
+Most of these rules also exist as CEL in the CRD (the models' `cel_rules` in
+api/template.py), so the API server refuses them at `kubectl apply`; here they are the
+second line (a CRD installed without its rules, an object stored before a rule existed)
+and the only line for what CEL cannot state, each marked `No CEL twin:` with the reason.
 Each problem names the field path and the fix, so a person reading `kubectl describe`
 knows what to change without reading Kiln's source.
 """
@@ -15,6 +19,15 @@ from pydantic import ValidationError
 
 from kiln.api.base import KubeModel
 from kiln.api.template import (
+    GALLERY_IMAGE_ID_PATTERN,
+    GALLERY_IMAGE_VERSION_ID_PATTERN,
+    IDENTITY_ID_PATTERN,
+    MANAGED_IMAGE_ID_PATTERN,
+    MAX_TAG_NAME,
+    MAX_TAG_VALUE,
+    RESOURCE_GROUP_ID_PATTERN,
+    SUBNET_ID_PATTERN,
+    TAG_NAME_FORBIDDEN,
     FileStep,
     ImageTemplateSpec,
     ManagedImageDistributor,
@@ -32,22 +45,14 @@ from kiln.api.template import (
     WindowsRestartStep,
     WindowsUpdateStep,
 )
+from kiln.api.tenancy import Refused, TenancyPolicy
 
-_ARM = r"^/subscriptions/[^/]+/resourceGroups/[^/]+"
-MANAGED_IMAGE_ID = re.compile(_ARM + r"/providers/Microsoft\.Compute/images/[^/]+$", re.I)
-GALLERY_IMAGE_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+(/versions/[^/]+)?$", re.I
-)
-GALLERY_IMAGE_VERSION_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Compute/galleries/[^/]+/images/[^/]+/versions/[^/]+$", re.I
-)
-RESOURCE_GROUP_ID = re.compile(_ARM + r"$", re.I)
-SUBNET_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.Network/virtualNetworks/[^/]+/subnets/[^/]+$", re.I
-)
-IDENTITY_ID = re.compile(
-    _ARM + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+$", re.I
-)
+MANAGED_IMAGE_ID = re.compile(MANAGED_IMAGE_ID_PATTERN, re.I)
+GALLERY_IMAGE_ID = re.compile(GALLERY_IMAGE_ID_PATTERN, re.I)
+GALLERY_IMAGE_VERSION_ID = re.compile(GALLERY_IMAGE_VERSION_ID_PATTERN, re.I)
+RESOURCE_GROUP_ID = re.compile(RESOURCE_GROUP_ID_PATTERN, re.I)
+SUBNET_ID = re.compile(SUBNET_ID_PATTERN, re.I)
+IDENTITY_ID = re.compile(IDENTITY_ID_PATTERN, re.I)
 VERSION_TRIPLE = re.compile(r"^\d+\.\d+\.\d+$")
 
 # Union tags pydantic puts into error locations; a person never writes them in a path.
@@ -68,7 +73,6 @@ _UNION_TAGS = {
     "SourceImage",
 }
 _WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
-MAX_TAG_NAME, MAX_TAG_VALUE = 512, 256
 
 
 class SpecProblem(KubeModel):
@@ -163,6 +167,8 @@ def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]
             path="spec.stagingResourceGroup",
             message="must be a resource group ID: /subscriptions/SUB/resourceGroups/NAME",
         )
+    # No CEL twin: the operator's default location, resource group and subscription fill
+    # these in, and the API server does not know them.
     if provider == Provider.azure:
         required = (
             ("location", spec.location),
@@ -201,6 +207,8 @@ def _source_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecP
 
 
 def _uri_rule(uri: str, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twins: the scheme on each step; file:// on azure when spec.provider names it
+    # (unset, the operator's default provider decides, which only the operator knows).
     schemes = (
         ("https://", "http://", "file://")
         if provider == Provider.local
@@ -251,6 +259,7 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
             yield SpecProblem(
                 path=f"{path}.destination", message="must name a file, not a directory"
             )
+    # CEL twin when spec.provider is local; the operator's default provider otherwise.
     if provider == Provider.local and isinstance(step, _WINDOWS_STEPS):
         yield SpecProblem(
             path=f"{path}.type",
@@ -260,6 +269,7 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
 
 
 def _os_rules(steps: list[KubeModel], provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twin when spec.provider is azure; the operator's default provider otherwise.
     linux = any(isinstance(s, ShellStep) for s in steps)
     windows = any(isinstance(s, _WINDOWS_STEPS) for s in steps)
     if linux and windows and provider != Provider.local:
@@ -347,6 +357,7 @@ def _shared_image_rules(
 
 
 def _vhd_rules(target: VhdDistributor, path: str, provider: Provider) -> Iterator[SpecProblem]:
+    # CEL twin when spec.provider names the provider; the operator's default otherwise.
     uri = target.uri or ""
     if provider == Provider.local:
         if not (uri.startswith("file:///") or uri.startswith("/")):
@@ -402,7 +413,7 @@ def _vm_profile_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
 
 def _tag_rules(tags: dict[str, str] | None, path: str) -> Iterator[SpecProblem]:
     for name, value in (tags or {}).items():
-        if len(name) > MAX_TAG_NAME or re.search(r"[<>%&\\?/]", name):
+        if len(name) > MAX_TAG_NAME or re.search(TAG_NAME_FORBIDDEN, name):
             yield SpecProblem(
                 path=f"{path}.{name}",
                 message=f"tag names have at most {MAX_TAG_NAME} characters and none of <>%&\\?/",
@@ -452,6 +463,8 @@ def _trigger_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
         if trigger.kind in kinds:
             yield SpecProblem(path=f"{path}.kind", message=f"{trigger.kind} is listed twice")
         kinds.add(trigger.kind)
+        # The CEL twin checks the shape only: cron's syntax (ranges, steps, names) is
+        # more than a regular expression can check without refusing valid schedules.
         if isinstance(trigger, ScheduleTrigger) and not croniter.is_valid(trigger.schedule):
             yield SpecProblem(
                 path=f"{path}.schedule",
@@ -466,6 +479,77 @@ def _trigger_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
             )
 
 
-def validate_template(raw_spec: dict[str, Any], provider: Provider) -> list[SpecProblem]:
+def _downloaded_uris(spec: ImageTemplateSpec) -> Iterator[tuple[str, str]]:
+    """(field path, URI) of everything the operator fetches for a run."""
+    phases = (
+        ("spec.customize", spec.customize or []),
+        (
+            "spec.validate.inVMValidations",
+            (spec.validate_ and spec.validate_.in_vm_validations) or [],
+        ),
+    )
+    for prefix, steps in phases:
+        for index, step in enumerate(steps):
+            if isinstance(step, ScriptFields) and step.script_uri:
+                yield f"{prefix}[{index}].scriptUri", step.script_uri
+            if isinstance(step, FileStep):
+                yield f"{prefix}[{index}].sourceUri", step.source_uri
+
+
+def tenancy_rules(
+    spec: ImageTemplateSpec, provider: Provider, policy: TenancyPolicy
+) -> Iterator[SpecProblem]:
+    """What the operator's settings let a template reach: files, outputs, addresses.
+
+    No CEL twin: the roots, ranges and identity switch are operator settings, which the
+    CRD does not know."""
+    for path, uri in _downloaded_uris(spec):
+        try:
+            if uri.startswith("file://"):
+                policy.check_file_uri(uri)
+            else:
+                policy.check_literal_host(uri)
+        except Refused as refusal:
+            yield SpecProblem(path=path, message=str(refusal))
+    for index, target in enumerate(spec.distribute):
+        local_vhd = provider == Provider.local and isinstance(target, VhdDistributor)
+        path = (target.uri or "").removeprefix("file://") if local_vhd else ""
+        if path.startswith("/"):  # other forms are refused by the VHD rules already
+            try:
+                policy.check_output_path(path)
+            except Refused as refusal:
+                yield SpecProblem(path=f"spec.distribute[{index}].uri", message=str(refusal))
+    if (
+        provider == Provider.azure
+        and not spec.service_account_name
+        and not policy.operator_identity
+    ):
+        yield SpecProblem(
+            path="spec.serviceAccountName",
+            message="is required: this operator lends its own Azure identity to no template "
+            "(KILN_AZURE_OPERATOR_IDENTITY is false); name a ServiceAccount of this namespace "
+            "with the azure.workload.identity/client-id annotation of your team's identity",
+        )
+    vnet = spec.vm_profile.vnet_config if spec.vm_profile else None
+    private = bool(vnet and vnet.subnet_id)
+    if provider == Provider.azure and not private and not policy.communicator_source:
+        yield SpecProblem(
+            path="spec.vmProfile.vnetConfig.subnetId",
+            message="is needed: this operator has no KILN_AZURE_COMMUNICATOR_SOURCE (chart: "
+            "settings.azure.communicatorSource), so a build VM with a public IP would have "
+            "no address range allowed to reach it; build in an existing subnet, or ask the "
+            "operator's admin to set the operator's egress range",
+        )
+
+
+def validate_template(
+    raw_spec: dict[str, Any], provider: Provider, policy: TenancyPolicy | None = None
+) -> list[SpecProblem]:
+    """The spec's own rules, and with a policy what the operator lets it reach."""
     spec, problems = parse_spec(raw_spec)
-    return problems if spec is None else check_rules(spec, provider)
+    if spec is None:
+        return problems
+    problems = check_rules(spec, provider)
+    if policy is not None:
+        problems += tenancy_rules(spec, provider, policy)
+    return problems

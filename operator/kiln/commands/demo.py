@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 from kubernetes import config
-from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from kiln import GROUP, VERSION
@@ -21,6 +21,9 @@ from kiln.kube import RUNS, TEMPLATES
 
 DEMO_TEMPLATE = "debian-12-base"
 NAMESPACE = "default"
+OPERATOR_NAMESPACE = "kiln-system"  # the demo operator's own: per-run key Secrets live there
+# The path under which the examples' templates name their files (file:///kiln/examples/...).
+EXAMPLES_ROOT = "/kiln/examples"
 BUILD_TIMEOUT_SECONDS = 3600
 PLURALS = {"ImageTemplate": TEMPLATES, "ImageBuildRun": RUNS}
 
@@ -34,12 +37,15 @@ def _operator_pid(state_dir: Path) -> int | None:
     return pid if b"operator" in cmdline and any(b"kiln" in part for part in cmdline) else None
 
 
-def start_operator(state_dir: Path) -> int:
-    """The demo's operator, detached so it keeps running after `make demo` returns."""
+def start_operator(state_dir: Path, examples: Path) -> int:
+    """The demo's operator, detached so it keeps running after `make demo` returns; its
+    templates may read files from the examples' directory, and from nowhere else."""
     if pid := _operator_pid(state_dir):
         return pid
     env = dict(os.environ, KUBECONFIG=str(state_dir / "kubeconfig"))
     env.setdefault("KILN_DATA", str((state_dir / "data").absolute()))
+    env.setdefault("KILN_FILE_SOURCE_ROOTS", f"{EXAMPLES_ROOT}={examples.absolute()}")
+    env.setdefault("KILN_OPERATOR_NAMESPACE", OPERATOR_NAMESPACE)
     kiln = Path(sys.executable).with_name("kiln")
     with (state_dir / "operator.log").open("ab") as log:
         process = subprocess.Popen(
@@ -64,6 +70,14 @@ def stop_operator(state_dir: Path) -> None:
             break
         time.sleep(0.1)
     (state_dir / "operator.pid").unlink(missing_ok=True)
+
+
+def ensure_namespace(core: CoreV1Api, name: str) -> None:
+    try:
+        core.create_namespace({"metadata": {"name": name}})
+    except ApiException as error:
+        if error.status != 409:
+            raise
 
 
 def apply_file(api: CustomObjectsApi, path: Path) -> list[str]:
@@ -121,7 +135,9 @@ def _summary(run: dict[str, Any]) -> None:
 def run_demo(state_dir: Path, examples: Path) -> int:
     client: ApiClient = config.new_client_from_config(str(state_dir / "kubeconfig"))
     api = CustomObjectsApi(client)
-    print(f"operator running (pid {start_operator(state_dir)}, log {state_dir}/operator.log)")
+    ensure_namespace(CoreV1Api(client), OPERATOR_NAMESPACE)
+    pid = start_operator(state_dir, examples)
+    print(f"operator running (pid {pid}, log {state_dir}/operator.log)")
     for applied in apply_file(api, examples / f"{DEMO_TEMPLATE}.yaml"):
         print(f"applied {applied}")
     run = api.create_namespaced_custom_object(

@@ -162,7 +162,7 @@ async def serve(settings: OperatorSettings) -> int:
     election = (
         LeaderElection(
             client,
-            settings.leader_election_namespace,
+            settings.leader_election_namespace or settings.secrets_namespace,
             settings.leader_election_name,
             settings.identity,
             settings.http_address,

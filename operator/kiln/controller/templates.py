@@ -23,7 +23,7 @@ from kiln.runtime import Runtime
 async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     spec = decide.effective_spec(dict(body.spec), runtime.settings)
-    problems = decide.problems_of(spec)
+    problems = decide.problems_of(spec, runtime.settings)
     if problems:
         kopf.warn(body, reason=reasons.INVALID_SPEC, message=decide.describe_problems(problems))
     elif decide.auto_run_enabled(spec):
@@ -44,8 +44,13 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     staging = status.get("exactStagingResourceGroup")
     provider = runtime.providers.get(status.get("provider") or "")
     if staging and provider:
-        keep = bool((body.spec or {}).get("stagingResourceGroup"))
-        await provider.delete_staging(template_identity(dict(body)), staging, keep_group=keep)
+        spec = body.spec or {}
+        await provider.delete_staging(
+            template_identity(dict(body)),
+            staging,
+            keep_group=bool(spec.get("stagingResourceGroup")),
+            service_account=spec.get("serviceAccountName"),
+        )
 
 
 def _has_triggers(spec: kopf.Spec, **_: Any) -> bool:
@@ -58,7 +63,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     what fired it, so firing twice (after a restart) creates one run."""
     runtime: Runtime = memo.runtime
     spec_body = decide.effective_spec(dict(body.spec), runtime.settings)
-    if not spec_body.get("triggers") or decide.problems_of(spec_body):
+    if not spec_body.get("triggers") or decide.problems_of(spec_body, runtime.settings):
         return
     spec = ImageTemplateSpec.model_validate(spec_body)
     status = dict(body.status or {})
@@ -79,7 +84,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             record["lastScheduledTime"] = due.strftime(triggers.TIME_FORMAT)
     if triggers.has_source_trigger(spec):
         provider = runtime.providers.get(spec.provider or "")
-        current = await provider.latest_source_version(spec) if provider else None
+        current = await provider.latest_source_version(spec, namespace) if provider else None
         if triggers.source_changed(status.get("sourceImageVersion"), current):
             assert current is not None
             run = triggers.source_run_name(name, current)

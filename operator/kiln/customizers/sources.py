@@ -1,12 +1,20 @@
-"""Fetching scripts and files named by URI, with AIB's checksum and size rules."""
+"""Fetching scripts and files named by URI, with AIB's checksum and size rules, inside
+what the operator allows: file:// only under its file roots, downloads never from a
+blocked address (checked on the address each connection, redirects included, goes to)."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import os
+import socket
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import aiohttp
+from aiohappyeyeballs import AddrInfoType
+
+from kiln.api.tenancy import IPNetwork, Refused, TenancyPolicy, blocked_message
 
 FILE_LIMIT_BYTES = 20 * 1024 * 1024  # AIB: the File customizer is for files up to 20 MB
 FETCH_TIMEOUT_SECONDS = 120
@@ -25,21 +33,17 @@ def _megabytes(limit: int) -> str:
     return f"{limit / (1024 * 1024):g} MiB"
 
 
-async def fetch(uri: str, sha256: str | None = None, limit: int = FILE_LIMIT_BYTES) -> bytes:
+async def fetch(
+    uri: str, policy: TenancyPolicy, sha256: str | None = None, limit: int = FILE_LIMIT_BYTES
+) -> bytes:
     try:
         parsed = urlparse(uri)
     except ValueError as error:
         raise FetchError(f"{redact(uri)} is not a valid URI: {error}") from error
     if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-        try:
-            if path.stat().st_size > limit:
-                raise FetchError(f"{path} is larger than {_megabytes(limit)}")
-            data = path.read_bytes()
-        except OSError as error:
-            raise FetchError(f"cannot read {path}: {error.strerror}") from error
+        data = _read_file(uri, policy, limit)
     elif parsed.scheme in ("http", "https"):
-        data = await _download(uri, limit)
+        data = await _download(uri, limit, policy)
     else:
         raise FetchError(f"{redact(uri)}: only https, http and file URIs can be fetched")
     if sha256 and hashlib.sha256(data).hexdigest().lower() != sha256.lower():
@@ -49,13 +53,51 @@ async def fetch(uri: str, sha256: str | None = None, limit: int = FILE_LIMIT_BYT
     return data
 
 
-async def _download(uri: str, limit: int) -> bytes:
+def _read_file(uri: str, policy: TenancyPolicy, limit: int) -> bytes:
+    """The file, if the file actually opened (links swapped meanwhile or not) is inside
+    its root: the check is repeated on the open descriptor."""
+    try:
+        path = policy.open_file_uri(uri)
+        with path.open("rb") as handle:
+            policy.confirm_opened(uri, Path(os.readlink(f"/proc/self/fd/{handle.fileno()}")))
+            if os.fstat(handle.fileno()).st_size > limit:
+                raise FetchError(f"{path} is larger than {_megabytes(limit)}")
+            return handle.read(limit + 1)
+    except Refused as refusal:
+        raise FetchError(f"{redact(uri)} {refusal}") from None
+    except OSError as error:
+        raise FetchError(f"cannot read {redact(uri)}: {error.strerror}") from error
+
+
+class _GuardedSockets:
+    """aiohttp's socket factory: refuses to open a socket to a blocked address, so the
+    check holds for the address DNS gave and for every redirect's, literal or not."""
+
+    def __init__(self, policy: TenancyPolicy) -> None:
+        self.policy = policy
+        self.refused: tuple[str, IPNetwork] | None = None
+
+    def __call__(self, addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, address = addr_info
+        blocked = self.policy.blocked_range(str(address[0]))
+        if blocked is not None:
+            self.refused = (str(ipaddress.ip_address(str(address[0]).split("%")[0])), blocked)
+            raise OSError(f"{address[0]} is in a blocked range")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+
+async def _download(uri: str, limit: int, policy: TenancyPolicy) -> bytes:
     """The whole body, or an error: a body cut short or over the limit is never used."""
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+    sockets = _GuardedSockets(policy)
+    connector = aiohttp.TCPConnector(socket_factory=sockets)
     chunks: list[bytes] = []
     size = 0
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as response:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
+            session.get(uri) as response,
+        ):
             if response.status != 200:
                 raise FetchError(f"{redact(uri)} answered HTTP {response.status}")
             async for chunk in response.content.iter_chunked(64 * 1024):
@@ -64,6 +106,10 @@ async def _download(uri: str, limit: int) -> bytes:
                     raise FetchError(f"{redact(uri)} is larger than {_megabytes(limit)}")
                 chunks.append(chunk)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        if sockets.refused is not None:
+            address, network = sockets.refused
+            message = blocked_message(address, network)
+            raise FetchError(f"cannot download {redact(uri)}: {message}") from None
         # aiohttp's messages repeat the URL with its query string (a SAS token): never show them
         raise FetchError(f"cannot download {redact(uri)}: {type(error).__name__}") from error
     return b"".join(chunks)

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel
 
 from kiln.api.run import RunSubState
+from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WinRmCommunicator
 from kiln.kube import Kube
@@ -42,10 +43,12 @@ class Outcome(BaseModel):
 
 @dataclass
 class StepEnv:
-    """What steps share for one run: its provider, API client and open connection."""
+    """What steps share for one run: its provider, API client, what the operator lets
+    templates reach, and the open connection."""
 
     provider: BuildProvider
     kube: Kube
+    policy: TenancyPolicy
     connections: dict[str, SshCommunicator] = field(default_factory=dict)
     winrm_connections: dict[str, WinRmCommunicator] = field(default_factory=dict)
 

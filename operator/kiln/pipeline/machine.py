@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import time
 
-from kiln import GROUP, VERSION, reasons
+from kiln import GROUP, reasons
 from kiln.api.run import RunSubState
 from kiln.communicators.ssh import CommunicatorError, HostKeyMismatch, generate_keypair
 from kiln.communicators.winrm import WinRmCredentials, generate_winrm_credentials
@@ -89,8 +89,26 @@ def _secret_data(ctx: RunContext) -> dict[str, str]:
     return data
 
 
+# Labels and annotations of a run's key Secret: it lives in the operator's namespace, where
+# an owner reference to the run cannot reach, so these say whose it is (for the sweeper).
+KEY_SECRET_RUN_UID = f"{GROUP}/run-uid"
+KEY_SECRET_RUN_NAMESPACE = f"{GROUP}/run-namespace"
+KEY_SECRET_RUN_NAME = f"{GROUP}/run-name"
+
+
+def key_secret_metadata(namespace: str, run_name: str, run_uid: str) -> dict[str, object]:
+    """Metadata of the key Secret of the run namespace/run_name with uid run_uid."""
+    return {
+        "name": run_secret_name(run_uid),
+        "labels": {KEY_SECRET_RUN_UID: run_uid, f"{GROUP}/run": label_value(run_name)},
+        "annotations": {KEY_SECRET_RUN_NAMESPACE: namespace, KEY_SECRET_RUN_NAME: run_name},
+    }
+
+
 class VmStep:
-    """Creates the per-run key pairs (kept in a Secret owned by the run) and the VM."""
+    """Creates the per-run key pairs and the VM. The keys are kept in a Secret in the
+    operator's namespace (tenants cannot read it); the run's cleanup deletes it, and the
+    key Secret sweeper (kiln.reconcile.keysweeper) deletes any whose run is gone."""
 
     name = "vm"
     sub_state = RunSubState.Building
@@ -99,29 +117,18 @@ class VmStep:
         return True
 
     async def _ensure_keys(self, ctx: RunContext, env: StepEnv) -> None:
-        secret = run_secret_name(ctx.run_name)
-        data = await env.kube.read_secret(ctx.namespace, secret)
+        secret = run_secret_name(ctx.run_uid)
+        data = await env.kube.read_secret(ctx.key_namespace, secret)
         if data is None:
             await env.kube.create_secret(
-                ctx.namespace,
+                ctx.key_namespace,
                 {
-                    "metadata": {
-                        "name": secret,
-                        "labels": {f"{GROUP}/run": label_value(ctx.run_name)},
-                        "ownerReferences": [
-                            {
-                                "apiVersion": f"{GROUP}/{VERSION}",
-                                "kind": "ImageBuildRun",
-                                "name": ctx.run_name,
-                                "uid": ctx.run_uid,
-                            }
-                        ],
-                    },
+                    "metadata": key_secret_metadata(ctx.namespace, ctx.run_name, ctx.run_uid),
                     "type": "kubernetes.io/ssh-auth",
                     "data": _secret_data(ctx),
                 },
             )
-            data = await env.kube.read_secret(ctx.namespace, secret)
+            data = await env.kube.read_secret(ctx.key_namespace, secret)
         assert data is not None
         decode_keys(data, ctx)
 
@@ -134,7 +141,7 @@ class VmStep:
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         await env.disconnect(ctx)
         await env.provider.delete_vm(ctx)
-        await env.kube.delete_secret(ctx.namespace, run_secret_name(ctx.run_name))
+        await env.kube.delete_secret(ctx.key_namespace, run_secret_name(ctx.run_uid))
 
 
 class ConnectStep:

@@ -68,13 +68,13 @@ class ScriptPhase:
         """None when the step finished well; otherwise what to tell the driver."""
         communicator = await env.communicator(ctx)
         if isinstance(step, FileStep):
-            data = await fetch(step.source_uri, step.sha256_checksum)
+            data = await fetch(step.source_uri, env.policy, step.sha256_checksum)
             await communicator.upload(data, step.destination)
             logs.append(
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
-        await communicator.start_job(job_id, await shell_script(step))
+        await communicator.start_job(job_id, await shell_script(step, env.policy))
         status = await communicator.poll_job(job_id, logs.offset(job_id))
         logs.append(job_id, status.new_log)
         if status.running:

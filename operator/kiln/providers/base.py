@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import SshCommunicator as Communicator
 from kiln.communicators.winrm import WinRmCredentials
+from kiln.naming import run_secret_name
 
 
 class ProviderError(Exception):
@@ -60,11 +61,17 @@ class RunContext(BaseModel):
     spec: ImageTemplateSpec
     checkpoint: dict[str, Any]
     run_dir: Path
+    key_namespace: str = Field(description="The operator's namespace, home of the key Secret.")
     client_private_key: str = ""
     client_public_key: str = ""
     host_private_key: str = ""
     host_public_key: str = ""
     winrm: WinRmCredentials | None = None
+
+    @property
+    def key_secret(self) -> str:
+        """namespace/name of the run's key Secret (the operator's, never the tenant's)."""
+        return f"{self.key_namespace}/{run_secret_name(self.run_uid)}"
 
     @property
     def log_path(self) -> Path:
@@ -88,14 +95,20 @@ class BuildProvider(Protocol):
     async def ensure_staging(self, ctx: RunContext) -> str: ...
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
-        """Remove what Kiln made for the template; keep_group empties a custom group only."""
+        """Remove what Kiln made for the template; keep_group empties a custom group only.
+        service_account: the template's spec.serviceAccountName (whose identity it used)."""
 
     async def resolve_source(self, ctx: RunContext) -> str:
         """The exact source image version; 'latest' resolves here."""
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
         """What 'latest' resolves to now, for the SourceImage trigger; None if unknown."""
 
     async def create_vm(self, ctx: RunContext) -> Endpoint:

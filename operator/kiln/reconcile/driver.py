@@ -81,7 +81,7 @@ class RunDriver:
         async with self.runtime.template_locks[f"{self.namespace}/{template_name}"]:
             template = await self.kube.get(TEMPLATES, self.namespace, template_name)
             spec = effective_spec((template or {}).get("spec") or {}, self.runtime.settings)
-            problems = problems_of(spec) if template else []
+            problems = problems_of(spec, self.runtime.settings) if template else []
             siblings = await template_runs(self.kube, template) if template else []
             admission = decide.admit(run, template, siblings, problems)
             status = _status(run)
@@ -163,6 +163,7 @@ class RunDriver:
             spec=spec,
             checkpoint=checkpoint,
             run_dir=provider.run_dir(template, spec, self.name),
+            key_namespace=self.runtime.settings.secrets_namespace,
         )
 
     async def context(self, run: Body) -> RunContext:
@@ -171,11 +172,15 @@ class RunDriver:
         spec = ImageTemplateSpec.model_validate(status["templateSnapshot"])
         template = TemplateIdentity.model_validate(checkpoint["template"])
         ctx = self._context(run, spec, template, checkpoint)
-        keys = await self.kube.read_secret(self.namespace, run_secret_name(self.name))
+        keys = await self.kube.read_secret(ctx.key_namespace, run_secret_name(ctx.run_uid))
         if keys:
             decode_keys(keys, ctx)
         if self.env is None:
-            self.env = StepEnv(provider=self.runtime.provider(spec.provider or ""), kube=self.kube)
+            self.env = StepEnv(
+                provider=self.runtime.provider(spec.provider or ""),
+                kube=self.kube,
+                policy=self.runtime.settings.tenancy_policy,
+            )
         return ctx
 
     async def build_pass(self, run: Body) -> float | None:

@@ -26,7 +26,7 @@ def staging_of(runtime: Runtime, body: dict[str, Any]) -> str | None:
     """The staging group (or directory) of a valid template; None when it is invalid."""
     spec = decide.effective_spec(body.get("spec") or {}, runtime.settings)
     provider = runtime.providers.get(spec.get("provider", ""))
-    if provider is None or decide.problems_of(spec):
+    if provider is None or decide.problems_of(spec, runtime.settings):
         return None
     parsed = ImageTemplateSpec.model_validate(spec)
     try:

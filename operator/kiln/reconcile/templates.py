@@ -41,12 +41,13 @@ def spec_hash(spec: Body) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def problems_of(spec: Body) -> list[SpecProblem]:
+def problems_of(spec: Body, settings: OperatorSettings) -> list[SpecProblem]:
+    """The spec's problems, including what this operator does not let templates reach."""
     try:
         provider = Provider(spec.get("provider"))
     except ValueError:
         return [SpecProblem(path="spec.provider", message="must be azure or local")]
-    return validate_template(spec, provider)
+    return validate_template(spec, provider, settings.tenancy_policy)
 
 
 def describe_problems(problems: list[SpecProblem]) -> str:
@@ -128,7 +129,7 @@ def template_status(
     generation = meta.get("generation")
     previous = (template.get("status") or {}).get("conditions")
     spec = effective_spec(template.get("spec") or {}, settings)
-    problems = problems_of(spec)
+    problems = problems_of(spec, settings)
     if problems:
         message = describe_problems(problems)
         conditions = set_condition(

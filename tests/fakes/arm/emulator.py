@@ -186,6 +186,7 @@ class ArmEmulator:
         self.handlers = _handlers()
         self.state = ArmState()
         self._requests: list[RequestRecord] = []
+        self.granted_sas: list[str] = []  # disk accessSAS URLs handed out (tests hunt leaks)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -990,7 +991,7 @@ class ArmEmulator:
             "https://management.core.windows.net",
         }
         try:
-            self.identity.verify(request.headers.get("Authorization"), audiences)
+            claims = self.identity.verify(request.headers.get("Authorization"), audiences)
         except TokenError as err:
             raise ArmError(
                 401,
@@ -1003,6 +1004,10 @@ class ArmEmulator:
                     )
                 },
             ) from None
+        try:
+            self.identity.authorize(claims, request.path)
+        except TokenError as err:
+            raise ArmError(403, err.code, err.message) from None
 
     async def _route(self, ctx: Ctx) -> Reply:
         path = ctx.request.path

@@ -16,8 +16,8 @@
 - power_off / deallocate: ACPI shutdown, disk kept; start: boots the same disk again;
   generalize: recorded; delete: the QEMU process and its state go, the OS disk stays
   until the disk resource is deleted (`delete_disk`), as in Azure.
-- capture: a managed image or gallery image version becomes a standalone qcow2 (plus the
-  kernel and initrd the disk boots with: the base images have no bootloader).
+- capture: a managed image or gallery image version becomes a standalone qcow2; it boots
+  by firmware alone, SeaBIOS for Gen1 (V1) and OVMF for Gen2 (V2), as the source did.
 - disk_vhd: the OS disk as a fixed VHD (converted once per disk content), which the
   emulator serves at the disk's accessSAS URL.
 
@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
@@ -62,6 +62,7 @@ SSH_PORT = 22
 BOOT_TIMEOUT = 300.0
 SHUTDOWN_TIMEOUT = 120.0
 CUSTOM_DATA_PATH = "/var/lib/waagent/CustomData"
+Generation = Literal["V1", "V2"]
 
 
 def debian12_marketplace(
@@ -74,21 +75,22 @@ def debian12_marketplace(
     """
     root = cache_root or baseimage.default_cache_root()
     if build:
-        baseimage.ensure_debian12(root)
-    images = baseimage.list_images(root, baseimage.PUBLISHER, baseimage.OFFER, baseimage.SKUS[0])
+        baseimage.ensure_image("12", root)
+    offer = baseimage.offer("12")
+    images = baseimage.list_images(root, baseimage.PUBLISHER, offer, "12")
     if not images:
         raise baseimage.ImageNotFound(f"no cached Debian 12 image under {root}")
     size_gb = math.ceil(max(i.disk_virtual_size for i in images) / GIB)
     return [
         MarketplaceImage(
             publisher=baseimage.PUBLISHER,
-            offer=baseimage.OFFER,
+            offer=offer,
             sku=sku,
             versions=[i.version for i in images],
-            hyper_v_generation="V2" if sku.endswith("gen2") else "V1",
+            hyper_v_generation=baseimage.generation(sku),
             disk_size_gb=size_gb,
         )
-        for sku in baseimage.SKUS
+        for sku in baseimage.skus("12")
     ]
 
 
@@ -104,7 +106,7 @@ class DiskRecord(BaseModel):
     id: str
     vm_id: str | None = None
     backing: str  # the image disk the overlay is on
-    cmdline: str = baseimage.CMDLINE
+    generation: Generation = "V2"
     generalized: bool = False
 
 
@@ -118,15 +120,13 @@ class VmRecord(BaseModel):
 class ImageRecord(BaseModel):
     id: str
     source_id: str
-    cmdline: str = baseimage.CMDLINE
+    generation: Generation = "V2"
     deleted: bool = False
 
 
 class _Source(BaseModel):
     disk: Path
-    kernel: Path
-    initrd: Path
-    cmdline: str
+    generation: Generation
 
 
 def _key(resource_id: str) -> str:
@@ -352,7 +352,7 @@ class QemuVmBackend:
     # optional hooks: images, disks ----------------------------------------------------------
 
     async def capture(self, source_id: str, target_id: str) -> None:
-        """Keep a standalone copy of source's disk (and its kernel/initrd) as target_id."""
+        """Keep a standalone copy of source's disk as target_id."""
         async with self._arm_errors(f"capture {source_id}"):
             target = self.image_dir(target_id)
             if self._image(target_id) is not None:
@@ -360,12 +360,7 @@ class QemuVmBackend:
             image = self._image(source_id)
             if image is not None:
                 src_dir = self.image_dir(source_id)
-                files = _Source(
-                    disk=src_dir / "disk.qcow2",
-                    kernel=src_dir / "vmlinuz",
-                    initrd=src_dir / "initrd.img",
-                    cmdline=image.cmdline,
-                )
+                files = _Source(disk=src_dir / "disk.qcow2", generation=image.generation)
                 copy = _link_or_copy
             else:
                 files = self._disk_source(source_id)
@@ -376,10 +371,8 @@ class QemuVmBackend:
             tmp.mkdir(parents=True)
             try:
                 await asyncio.to_thread(copy, files.disk, tmp / "disk.qcow2")
-                _link_or_copy(files.kernel, tmp / "vmlinuz")
-                _link_or_copy(files.initrd, tmp / "initrd.img")
                 _write(
-                    ImageRecord(id=target_id, source_id=source_id, cmdline=files.cmdline),
+                    ImageRecord(id=target_id, source_id=source_id, generation=files.generation),
                     tmp / "image.json",
                 )
                 os.rename(tmp, target)
@@ -405,10 +398,7 @@ class QemuVmBackend:
                 "OperationNotAllowed",
                 f"The disk of '{source_id}' is in use by a running VM; deallocate it first.",
             )
-        d = self.disk_dir(disk_id)
-        return _Source(
-            disk=d / "os.qcow2", kernel=d / "vmlinuz", initrd=d / "initrd.img", cmdline=rec.cmdline
-        )
+        return _Source(disk=self.disk_dir(disk_id) / "os.qcow2", generation=rec.generation)
 
     async def discard(self, target_id: str) -> None:
         """The image or version was deleted; its files go once no disk is backed by them."""
@@ -519,12 +509,7 @@ class QemuVmBackend:
                     "images captured from its own VMs can be booted).",
                 )
             d = self.image_dir(vm.source_image_id)
-            return _Source(
-                disk=d / "disk.qcow2",
-                kernel=d / "vmlinuz",
-                initrd=d / "initrd.img",
-                cmdline=image.cmdline,
-            )
+            return _Source(disk=d / "disk.qcow2", generation=image.generation)
         ref = vm.image_reference
         version = ref.get("exactVersion") or ref.get("version") or "latest"
         base = baseimage.resolve(
@@ -534,15 +519,10 @@ class QemuVmBackend:
             ref.get("sku", ""),
             version,
         )
-        return _Source(
-            disk=base.disk_path,
-            kernel=base.kernel_path,
-            initrd=base.initrd_path,
-            cmdline=base.cmdline,
-        )
+        return _Source(disk=base.disk_path, generation=baseimage.generation(ref.get("sku", "")))
 
     async def _prepare_disk(self, vm: VmInfo, disk_id: str) -> None:
-        """Overlay, kernel, initrd and seed for a new OS disk (an attached disk has them)."""
+        """Overlay and seed for a new OS disk (an attached disk has them)."""
         d = self.disk_dir(disk_id)
         rec = self._disk(disk_id)
         if rec is not None:
@@ -562,12 +542,12 @@ class QemuVmBackend:
         await asyncio.to_thread(
             qemu.create_overlay, source.disk, d / "os.qcow2", vm.os_disk_size_gb
         )
-        _link_or_copy(source.kernel, d / "vmlinuz")
-        _link_or_copy(source.initrd, d / "initrd.img")
         if vm.admin_username:
             write_seed(vm, d / "seed.iso")
         _write(
-            DiskRecord(id=disk_id, vm_id=vm.id, backing=str(source.disk), cmdline=source.cmdline),
+            DiskRecord(
+                id=disk_id, vm_id=vm.id, backing=str(source.disk), generation=source.generation
+            ),
             d / "disk.json",
         )
 
@@ -577,14 +557,13 @@ class QemuVmBackend:
         argv = [qemu.QEMU, "-name", f"arm-{name}", "-machine", "q35", *accel]
         argv += ["-m", str(self.memory_mb), "-smp", str(self.cpus)]
         argv += ["-nodefaults", "-display", "none", "-vga", "none"]
-        argv += ["-kernel", str(d / "vmlinuz"), "-initrd", str(d / "initrd.img")]
-        argv += ["-append", disk.cmdline]
+        argv += qemu.firmware_args(disk.generation, state)
         argv += ["-drive", f"file={d / 'os.qcow2'},if=virtio,format=qcow2,discard=unmap"]
         if (d / "seed.iso").exists():
             argv += ["-drive", f"file={d / 'seed.iso'},if=virtio,format=raw,readonly=on"]
         forwards = "".join(f",hostfwd=tcp:{a}:{SSH_PORT}-:22" for a in rec.addresses)
         argv += ["-netdev", f"user,id=net0{forwards}"]
-        argv += ["-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci"]
+        argv += [*qemu.NIC_ARGS, "-device", "virtio-rng-pci"]
         argv += ["-serial", f"file:{state / qemu.SERIAL_LOG}"]
         argv += ["-qmp", f"unix:{state / qemu.QMP_SOCKET},server=on,wait=off"]
         argv += ["-pidfile", str(state / qemu.PIDFILE), "-daemonize"]
@@ -599,7 +578,7 @@ class QemuVmBackend:
         if self.handle(vm.id) is None:
             (state / qemu.SERIAL_LOG).unlink(missing_ok=True)
             d = self.disk_dir(rec.disk_id)
-            accel = await asyncio.to_thread(qemu.accelerator, self.cache_root, d / "vmlinuz")
+            accel = await asyncio.to_thread(qemu.accelerator, self.cache_root, d / "os.qcow2")
             try:
                 await asyncio.to_thread(run_tool, self._argv(vm, rec, disk, accel), timeout=120)
             except ToolError as exc:

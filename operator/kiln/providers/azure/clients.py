@@ -1,17 +1,25 @@
-"""Credentials and SDK clients, from the operator's settings (never from a template)."""
+"""Credentials and SDK clients. A template never carries credentials: it names at most a
+ServiceAccount of its own namespace, whose federated identity it builds with; otherwise
+the operator's own identity from its settings, when the admin allows that."""
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
-from azure.identity.aio import ClientSecretCredential, DefaultAzureCredential
+from azure.identity.aio import (
+    ClientAssertionCredential,
+    ClientSecretCredential,
+    DefaultAzureCredential,
+)
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.keyvault.aio import KeyVaultManagementClient
 from azure.mgmt.network.aio import NetworkManagementClient
@@ -40,7 +48,8 @@ async def make_credential(settings: OperatorSettings, kube: Kube) -> AsyncTokenC
     options = _authority_options(settings) | transport_options(settings)
     if not settings.azure_credentials_secret:
         return DefaultAzureCredential(**options)
-    namespace, _, name = settings.azure_credentials_secret.partition("/")
+    namespace, _, name = settings.azure_credentials_secret.rpartition("/")
+    namespace = namespace or settings.secrets_namespace
     data = await kube.read_secret(namespace, name)
     if data is None:
         raise ProviderError(
@@ -125,3 +134,101 @@ async def tenant_of(credential: AsyncTokenCredential, arm_endpoint: str) -> str:
             "the Azure access token names no tenant (tid claim); Kiln needs it for the "
             "Key Vault of a Windows build"
         ) from error
+
+
+# --- per-namespace identities ---------------------------------------------------------------
+
+CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"
+TENANT_ID_ANNOTATION = "azure.workload.identity/tenant-id"
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # what Entra's federation expects
+ASSERTION_SECONDS = 3600
+ASSERTION_MARGIN_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class IdentityRef:
+    """Whose Azure identity a template builds with: a ServiceAccount of its own
+    namespace, or (service_account None) the operator's."""
+
+    namespace: str
+    service_account: str | None
+
+    def describe(self) -> str:
+        if self.service_account is None:
+            return "the operator's Azure identity"
+        return f"ServiceAccount {self.namespace}/{self.service_account}"
+
+
+class ServiceAccountAssertion:
+    """Short-lived TokenRequest tokens of one ServiceAccount, for Entra's client assertion
+    flow; refreshed before they expire, outside azure-identity's synchronous callback."""
+
+    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
+        self.kube, self.namespace, self.name = kube, namespace, name
+        self._token, self._expires = "", 0.0
+
+    async def refresh(self) -> None:
+        if time.time() < self._expires - ASSERTION_MARGIN_SECONDS:
+            return
+        self._token, self._expires = await self.kube.service_account_token(
+            self.namespace, self.name, TOKEN_EXCHANGE_AUDIENCE, ASSERTION_SECONDS
+        )
+
+    def __call__(self) -> str:
+        return self._token
+
+
+class FederatedCredential(AsyncTokenCredential):
+    """ClientAssertionCredential fed with a ServiceAccount's tokens (workload identity
+    federation): Entra checks them against the cluster's issuer and the app's federated
+    credential for system:serviceaccount:NAMESPACE:NAME."""
+
+    def __init__(self, assertion: ServiceAccountAssertion, inner: ClientAssertionCredential):
+        self.assertion, self.inner = assertion, inner
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        await self.assertion.refresh()
+        return await self.inner.get_token(*scopes, **kwargs)
+
+    async def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
+        await self.assertion.refresh()
+        return await self.inner.get_token_info(*scopes, options=options)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def namespace_credential(
+    settings: OperatorSettings, kube: Kube, ref: IdentityRef
+) -> AsyncTokenCredential:
+    """The credential of a template's identity; never another namespace's."""
+    if ref.service_account is None:
+        if not settings.azure_operator_identity:
+            raise ProviderError(
+                "spec.serviceAccountName is required: this operator lends its own Azure "
+                "identity to no template (KILN_AZURE_OPERATOR_IDENTITY is false); name a "
+                f"ServiceAccount of namespace {ref.namespace} with the {CLIENT_ID_ANNOTATION} "
+                "annotation"
+            )
+        return await make_credential(settings, kube)
+    annotations = await kube.service_account_annotations(ref.namespace, ref.service_account)
+    if annotations is None:
+        raise ProviderError(
+            f"spec.serviceAccountName: ServiceAccount {ref.namespace}/{ref.service_account} "
+            "does not exist; create it with the azure.workload.identity/client-id annotation"
+        )
+    client_id = annotations.get(CLIENT_ID_ANNOTATION)
+    tenant_id = annotations.get(TENANT_ID_ANNOTATION) or settings.azure_tenant_id
+    if not client_id or not tenant_id:
+        missing = CLIENT_ID_ANNOTATION if not client_id else TENANT_ID_ANNOTATION
+        raise ProviderError(
+            f"spec.serviceAccountName: ServiceAccount {ref.namespace}/{ref.service_account} "
+            f"has no {missing} annotation"
+            + ("" if client_id else "; add the client ID of its federated Azure identity")
+            + ("" if not client_id or tenant_id else " (nor is KILN_AZURE_TENANT_ID set)")
+        )
+    assertion = ServiceAccountAssertion(kube, ref.namespace, ref.service_account)
+    options = _authority_options(settings) | transport_options(settings)
+    return FederatedCredential(
+        assertion, ClientAssertionCredential(tenant_id, client_id, assertion, **options)
+    )

@@ -39,13 +39,14 @@ from kiln.api.template import (
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WINRM_HTTPS_PORT, key_vault_certificate
 from kiln.kube import Kube
-from kiln.naming import BUILD_COMPUTER_NAME, run_secret_name, staging_group_name
+from kiln.naming import BUILD_COMPUTER_NAME, staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
 from kiln.providers.azure.clients import (
     AzureClients,
+    IdentityRef,
     make_clients,
-    make_credential,
+    namespace_credential,
     tenant_of,
     transport_options,
 )
@@ -121,7 +122,7 @@ class AzureProvider:
     def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
         self.settings = settings
         self.kube = kube
-        self._clients: dict[str, AzureClients] = {}
+        self._clients: dict[tuple[str, IdentityRef], AzureClients] = {}
 
     def _subscription(self, spec: ImageTemplateSpec) -> str:
         subscription = spec.subscription_id or self.settings.subscription_id
@@ -131,14 +132,17 @@ class AzureProvider:
             )
         return subscription
 
-    async def clients(self, spec: ImageTemplateSpec) -> AzureClients:
-        return await self.clients_for(self._subscription(spec))
+    async def clients(self, spec: ImageTemplateSpec, namespace: str) -> AzureClients:
+        """Clients signed in as the template's identity (see IdentityRef)."""
+        ref = IdentityRef(namespace, spec.service_account_name)
+        return await self.clients_for(self._subscription(spec), ref)
 
-    async def clients_for(self, subscription: str) -> AzureClients:
-        if subscription not in self._clients:
-            credential = await make_credential(self.settings, self.kube)
-            self._clients[subscription] = make_clients(self.settings, credential, subscription)
-        return self._clients[subscription]
+    async def clients_for(self, subscription: str, ref: IdentityRef) -> AzureClients:
+        key = (subscription, ref)
+        if key not in self._clients:
+            credential = await namespace_credential(self.settings, self.kube, ref)
+            self._clients[key] = make_clients(self.settings, credential, subscription)
+        return self._clients[key]
 
     async def close(self) -> None:
         for clients in self._clients.values():
@@ -180,7 +184,7 @@ class AzureProvider:
     # --- staging -------------------------------------------------------------------------
 
     async def ensure_staging(self, ctx: RunContext) -> str:
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
         location = ctx.spec.location
         exists = await ops.call(clients.resource.resource_groups.check_existence(group))
@@ -219,10 +223,16 @@ class AzureProvider:
         return self.staging_id(ctx.template, ctx.spec)
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
         parts = staging.strip("/").split("/")  # subscriptions/SUB/resourceGroups/NAME
-        clients = await self.clients_for(parts[1])
+        ref = IdentityRef(template.namespace, service_account)
+        clients = await self.clients_for(parts[1], ref)
         await self._delete_group(clients, parts[3], template, keep_group)
 
     async def _delete_group(
@@ -279,7 +289,7 @@ class AzureProvider:
             ctx.checkpoint["logUri"] = blob.url.split("?", 1)[0]
 
     async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
         name = storage_account_name(ctx.template.uid)
         account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
@@ -294,7 +304,7 @@ class AzureProvider:
     # --- source --------------------------------------------------------------------------
 
     async def resolve_source(self, ctx: RunContext) -> str:
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         source = ctx.spec.source
         if isinstance(source, PlatformImageSource):
             version = source.version
@@ -372,8 +382,8 @@ class AzureProvider:
         newest = max(versions, key=lambda v: version_key(v.name))
         return f"{version_id.rsplit('/', 1)[0]}/{newest.name}"
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
-        clients = await self.clients(spec)
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
+        clients = await self.clients(spec, namespace)
         source = spec.source
         if isinstance(source, PlatformImageSource):
             return await self._latest_platform_version(clients, spec)
@@ -584,7 +594,7 @@ class AzureProvider:
         return str(created.id)
 
     async def create_vm(self, ctx: RunContext) -> Endpoint:
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
         names = self._names(ctx)
         # The network and a Windows VM's Key Vault do not depend on each other.
@@ -671,7 +681,7 @@ class AzureProvider:
         """Deallocate, then generalize: what capture needs."""
         if ctx.checkpoint.get("generalized"):
             return True
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         group, name = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["vm"]
         await ops.ensure_all(
             ctx.checkpoint.setdefault("operations", {}),
@@ -691,15 +701,15 @@ class AzureProvider:
 
     def describe_vm(self, ctx: RunContext) -> str:
         endpoint = ctx.checkpoint.get("endpoint") or {}
-        secret = f"{ctx.namespace}/{run_secret_name(ctx.run_name)}"
+        secret = f"the operator's Secret {ctx.key_secret}"
         host = endpoint.get("host", "?")
         if ctx.windows:
             how = (
                 f"WinRM over HTTPS to {host}:{WINRM_HTTPS_PORT} as {BUILD_USER}, password and "
-                f"certificate in Secret {secret} (winrm-password, winrm-certificate)"
+                f"certificate in {secret} (winrm-password, winrm-certificate)"
             )
         else:
-            how = f"ssh {BUILD_USER}@{host} with the key in Secret {secret} (ssh-privatekey)"
+            how = f"ssh {BUILD_USER}@{host} with the key in {secret} (ssh-privatekey)"
         return (
             f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: {how}; "
             "delete the run to remove it"
@@ -707,7 +717,7 @@ class AzureProvider:
 
     async def delete_vm(self, ctx: RunContext) -> None:
         """Build resources in reverse order; only those tagged with this run."""
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
         names = self._names(ctx)
         run_resources = {
@@ -756,7 +766,7 @@ class AzureProvider:
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         target = ctx.spec.distribute[index]
-        clients = await self.clients(ctx.spec)
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
         operations = ctx.checkpoint.setdefault("operations", {})
         key = f"distribute-{index}"
         tags = dict(target.artifact_tags or {})
@@ -894,7 +904,11 @@ class AzureProvider:
         options = transport_options(self.settings)
         source = BlobClient.from_blob_url(source_sas, **options)
         if target.uri:  # a SAS in the URI, else the operator's own identity
-            credential = None if "?" in target.uri else (await self.clients(ctx.spec)).credential
+            credential = (
+                None
+                if "?" in target.uri
+                else (await self.clients(ctx.spec, ctx.template.namespace)).credential
+            )
             destination = BlobClient.from_blob_url(target.uri, credential=credential, **options)
         else:
             service = await self._staging_blobs(ctx)

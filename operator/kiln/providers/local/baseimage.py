@@ -1,9 +1,12 @@
 """Platform images for the local provider, built offline from Debian packages.
 
-No cloud image can be downloaded here, so Debian 12 is assembled with mmdebstrap and
-named like Azure's marketplace image (Debian / debian-12 / 12 or 12-gen2 / 0.YYYYMMDD.N),
-so templates written for Azure resolve unchanged. The disk is a whole-disk ext4 file
-system without a bootloader; VMs boot it with the kernel and initrd kept beside it.
+No cloud image can be downloaded here, so Debian 11, 12 and 13 are assembled with
+mmdebstrap and named like Azure's marketplace images (Debian / debian-12 / 12 or 12-gen2 /
+0.YYYYMMDD.N), so templates written for Azure resolve unchanged. Each image is a real
+disk, as Debian's own cloud images are: GPT with a BIOS boot partition (Gen1 SKUs boot
+through SeaBIOS) and an EFI system partition (Gen2 SKUs boot through OVMF), GRUB from
+Debian's packages, the console on tty0 and ttyS0, cloud-init with the NoCloud and Azure
+datasources, and the Azure Linux agent, so the same disk boots anywhere by firmware alone.
 """
 
 from __future__ import annotations
@@ -12,29 +15,39 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import shlex
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kiln.providers.local.disks import run_tool, sha256_file, virtual_size
+from kiln.providers.local import gptdisk
+from kiln.providers.local.disks import ToolError, run_tool, sha256_file, virtual_size
 from kiln.versions import version_key
 
 PUBLISHER = "Debian"
-OFFER = "debian-12"
-SKUS = ["12", "12-gen2"]
-CMDLINE = "root=/dev/vda rw console=ttyS0"
-DISK_SIZE = "4G"
+RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
+DEFAULT_RELEASE = "12"
+DISK_SIZE = 4 << 30
 MANIFEST = "manifest.json"
-# The host's own Debian sources (its mirror or proxy); without them mmdebstrap uses
-# Debian's default mirror with the updates and security suites.
+# A new cache key for GPT disks: "images/" holds the old whole-disk ext4 images, which
+# boot only with their kernel beside them.
+IMAGES_DIR = "disk-images"
+ROOT_LABEL = "rootfs"
+# The consoles Azure's serial console and Debian's cloud images use.
+KERNEL_ARGS = "console=tty0 console=ttyS0,115200n8 earlyprintk=ttyS0,115200"
+# The host's own Debian sources (its mirror or proxy), with the suites renamed for the
+# release built; without them mmdebstrap uses Debian's default mirror.
 HOST_DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+HOST_OS_RELEASE = Path("/etc/os-release")
 PACKAGES = [
-    "linux-image-cloud-amd64",
+    "linux-image-cloud-amd64",  # with the Hyper-V drivers Azure needs
     "openssh-server",
     "systemd-sysv",
     "udev",
@@ -42,11 +55,19 @@ PACKAGES = [
     "sudo",
     "iproute2",
     "cloud-init",
+    "cloud-guest-utils",  # growpart: cloud-init grows the root partition into a bigger disk
+    "fdisk",  # sfdisk, which growpart uses on GPT
     "ca-certificates",
     "e2fsprogs",  # resize2fs for cloud-init's resizefs, fsck for the root file system
-    "systemd-resolved",  # networkd alone leaves /etc/resolv.conf without name servers
+    "grub-pc-bin",  # GRUB for BIOS (Gen1) ...
+    "grub-efi-amd64-bin",  # ... and for UEFI (Gen2): the binaries, no grub-install hook
+    "grub2-common",  # update-grub, should an image's owner want it
+    "waagent",  # the Azure Linux agent; runs only on Hyper-V (see FILES)
 ]
-# Units that only cost boot time on a short-lived build VM (or its image).
+# networkd alone leaves /etc/resolv.conf without name servers; before Debian 12 resolved
+# is part of systemd.
+RESOLVED_PACKAGE = {"bookworm": "systemd-resolved", "trixie": "systemd-resolved"}
+# Units that only cost boot time on a short-lived build VM (or its image), where present.
 DISABLED_UNITS = [
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
@@ -54,33 +75,89 @@ DISABLED_UNITS = [
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
-    "getty@tty1.service",
     "remote-fs.target",
 ]
 # A small initrd unpacks much faster under TCG than MODULES=most; gzip because zstd is
-# only a recommended package.
+# only a recommended package. virtio for QEMU, Hyper-V's storage and network and NVMe
+# for Azure.
+INITRAMFS_MODULES = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "hv_vmbus",
+    "hv_storvsc",
+    "hv_netvsc",
+    "nvme",
+    "sd_mod",
+    "ext4",
+]
 INITRAMFS_FILES = {
     "etc/initramfs-tools/conf.d/kiln.conf": "MODULES=list\nCOMPRESS=gzip\n",
-    "usr/share/initramfs-tools/modules.d/kiln": "virtio_pci\nvirtio_blk\nvirtio_scsi\n",
+    "usr/share/initramfs-tools/modules.d/kiln": "".join(f"{m}\n" for m in INITRAMFS_MODULES),
 }
 FILES = {
-    "etc/fstab": "LABEL=rootfs / ext4 rw,discard,errors=remount-ro 0 1\n",
     "etc/hostname": "localhost\n",
     # Already what the seed's `ssh_pwauth: false` writes here, so sshd is not restarted.
     "etc/ssh/sshd_config.d/50-cloud-init.conf": "PasswordAuthentication no\n",
+    # QEMU names its NICs en*, Hyper-V's synthetic NIC is eth0; Azure's accelerated
+    # networking VFs are bonded to it by the kernel and must not get their own DHCP.
     "etc/systemd/network/50-kiln-dhcp.network": (
-        "[Match]\nName=en*\n\n[Network]\nDHCP=ipv4\nIPv6AcceptRA=no\nLinkLocalAddressing=no\n"
+        "[Match]\nName=en* eth*\nDriver=!mlx4_core mlx4_en mlx5_core mana\n\n"
+        "[Network]\nDHCP=ipv4\nIPv6AcceptRA=no\nLinkLocalAddressing=no\n"
     ),
     "etc/cloud/cloud.cfg.d/91-kiln.cfg": (
-        "# Only a NoCloud seed (or nothing): never probe other clouds and wait.\n"
-        "datasource_list: [ NoCloud, None ]\n"
+        "# A NoCloud seed (Kiln's build VMs), Azure, or nothing: no other cloud is probed.\n"
+        "datasource_list: [ NoCloud, Azure, None ]\n"
         "# The image's own systemd-networkd file configures DHCP.\n"
         "network: {config: disabled}\n"
         "# No locales package: C.UTF-8 is built into glibc, other locales would fail.\n"
         "locale: C.UTF-8\n"
     ),
+    # The agent does Azure's extensions and reporting; cloud-init provisions.
+    "etc/systemd/system/walinuxagent.service.d/50-kiln.conf": (
+        "[Unit]\n# Azure's agent has nothing to talk to outside Hyper-V.\n"
+        "ConditionVirtualization=microsoft\n"
+    ),
+    "etc/default/grub.d/50-kiln.cfg": (
+        "# update-grub keeps what the image was built with.\n"
+        "GRUB_TIMEOUT=0\n"
+        f'GRUB_CMDLINE_LINUX="{KERNEL_ARGS}"\n'
+        'GRUB_CMDLINE_LINUX_DEFAULT=""\n'
+        'GRUB_TERMINAL="console serial"\n'
+        'GRUB_SERIAL_COMMAND="serial --speed=115200"\n'
+    ),
+}
+# Azure's guide for images provisioned by cloud-init.
+WAAGENT_SETTINGS = {
+    "Provisioning.Agent": "cloud-init",
+    "ResourceDisk.Format": "n",
+    "ResourceDisk.EnableSwap": "n",
+}
+GRUB_PLATFORMS = {"bios": "i386-pc", "uefi": "x86_64-efi"}
+# What grub-install embeds: enough to find the root file system; the rest is loaded from
+# /boot/grub/<platform>/ there.
+GRUB_EMBEDDED = {
+    "i386-pc": ["biosdisk", "part_gpt", "ext2", "search"],
+    "x86_64-efi": ["part_gpt", "ext2", "search"],
 }
 _VERSION = re.compile(r"^0\.(\d{8})\.(\d+)$")
+_GRUB_CFG = """\
+set default=0
+set timeout=0
+serial --unit=0 --speed=115200
+terminal_input console serial
+terminal_output console serial
+menuentry 'Debian GNU/Linux' {{
+    insmod gzio
+    insmod part_gpt
+    insmod ext2
+    search --no-floppy --fs-uuid --set=root {uuid}
+    linux /vmlinuz root=UUID={uuid} ro {args}
+    initrd /initrd.img
+}}
+"""
+# Embedded in GRUB's core image: the root file system holds /boot/grub.
+_GRUB_EARLY_CFG = "search --no-floppy --fs-uuid --set=root {uuid}\nset prefix=($root)/boot/grub\n"
 
 
 class ImageNotFound(LookupError):
@@ -95,9 +172,7 @@ class BaseImage(BaseModel):
     skus: list[str]
     version: str
     disk: str = "disk.qcow2"
-    kernel: str = "vmlinuz"
-    initrd: str = "initrd.img"
-    cmdline: str = CMDLINE
+    root_uuid: str
     disk_sha256: str
     disk_virtual_size: int
     created: datetime
@@ -107,13 +182,28 @@ class BaseImage(BaseModel):
     def disk_path(self) -> Path:
         return self.directory / self.disk
 
-    @property
-    def kernel_path(self) -> Path:
-        return self.directory / self.kernel
 
-    @property
-    def initrd_path(self) -> Path:
-        return self.directory / self.initrd
+def generation(sku: str) -> Literal["V1", "V2"]:
+    """Azure's naming: a -gen2 SKU boots by UEFI (V2), the others by BIOS (V1)."""
+    return "V2" if sku.lower().endswith("-gen2") else "V1"
+
+
+def skus(release: str) -> list[str]:
+    return [release, f"{release}-gen2"]
+
+
+def offer(release: str) -> str:
+    return f"debian-{release}"
+
+
+def release_of(publisher: str, offer_name: str, sku: str) -> str | None:
+    """The Debian release ("12") a marketplace reference names, if Kiln builds it."""
+    if publisher.lower() != PUBLISHER.lower():
+        return None
+    release = offer_name.lower().removeprefix("debian-")
+    if release not in RELEASES or sku.lower() not in skus(release):
+        return None
+    return release
 
 
 def default_cache_root() -> Path:
@@ -121,8 +211,8 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
 
 
-def _offer_dir(cache_root: Path, publisher: str, offer: str) -> Path:
-    return cache_root / "images" / publisher / offer
+def _offer_dir(cache_root: Path, publisher: str, offer_name: str) -> Path:
+    return cache_root / IMAGES_DIR / publisher / offer_name
 
 
 def _load(directory: Path) -> BaseImage | None:
@@ -133,9 +223,9 @@ def _load(directory: Path) -> BaseImage | None:
     return image.model_copy(update={"directory": directory})
 
 
-def list_images(cache_root: Path, publisher: str, offer: str, sku: str) -> list[BaseImage]:
+def list_images(cache_root: Path, publisher: str, offer_name: str, sku: str) -> list[BaseImage]:
     """Complete cached images for publisher/offer/sku (case-insensitive), oldest first."""
-    images_root = cache_root / "images"
+    images_root = cache_root / IMAGES_DIR
     if not images_root.is_dir():
         return []
     found = []
@@ -143,94 +233,152 @@ def list_images(cache_root: Path, publisher: str, offer: str, sku: str) -> list[
         if pub.name.lower() != publisher.lower() or not pub.is_dir():
             continue
         for off in pub.iterdir():
-            if off.name.lower() != offer.lower() or not off.is_dir():
+            if off.name.lower() != offer_name.lower() or not off.is_dir():
                 continue
             images = (_load(d) for d in off.iterdir() if not d.name.startswith("."))
             found += [i for i in images if i and sku.lower() in (s.lower() for s in i.skus)]
     return sorted(found, key=lambda i: version_key(i.version))
 
 
-def resolve(cache_root: Path, publisher: str, offer: str, sku: str, version: str) -> BaseImage:
+def resolve(cache_root: Path, publisher: str, offer_name: str, sku: str, version: str) -> BaseImage:
     """Find the cached image for a marketplace reference; `latest` means the newest."""
-    images = list_images(cache_root, publisher, offer, sku)
+    images = list_images(cache_root, publisher, offer_name, sku)
     if version.lower() == "latest" and images:
         return images[-1]
     for image in images:
         if image.version == version:
             return image
     available = ", ".join(i.version for i in images) or "none"
+    releases = ", ".join(f"{PUBLISHER}:{offer(r)}:{'|'.join(skus(r))}" for r in RELEASES)
     raise ImageNotFound(
-        f"no cached image {publisher}:{offer}:{sku}:{version} under {cache_root}/images "
-        f"(available versions: {available}); build one with ensure_debian12()"
+        f"no cached image {publisher}:{offer_name}:{sku}:{version} under "
+        f"{cache_root / IMAGES_DIR} (available versions: {available}); Kiln builds "
+        f"{releases} (`kiln images ensure --release N`)"
     )
 
 
 @contextlib.contextmanager
 def _build_lock(cache_root: Path) -> Iterator[None]:
     """One image build at a time per cache, across processes."""
-    lock_path = cache_root / "images" / ".build.lock"
+    lock_path = cache_root / IMAGES_DIR / ".build.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
 
 
-def ensure_debian12(cache_root: Path | None = None) -> BaseImage:
-    """The newest cached Debian 12 image, built first if there is none."""
+def ensure_image(release: str = DEFAULT_RELEASE, cache_root: Path | None = None) -> BaseImage:
+    """The newest cached image of a Debian release, built first if there is none."""
     root = cache_root or default_cache_root()
     with _build_lock(root):
-        images = list_images(root, PUBLISHER, OFFER, SKUS[0])
-        return images[-1] if images else _build(root)
+        images = list_images(root, PUBLISHER, offer(release), release)
+        return images[-1] if images else _build(root, release)
 
 
-def build_debian12(cache_root: Path | None = None) -> BaseImage:
-    """Build a new Debian 12 image version into the cache (about a minute with a fast mirror)."""
+def build_image(release: str = DEFAULT_RELEASE, cache_root: Path | None = None) -> BaseImage:
+    """Build a new image version of a Debian release into the cache (a few minutes)."""
     root = cache_root or default_cache_root()
     with _build_lock(root):
-        return _build(root)
+        return _build(root, release)
 
 
-def _build(cache_root: Path) -> BaseImage:
+def _build(cache_root: Path, release: str) -> BaseImage:
     """Build in a hidden temp dir, then rename it to its version: never a half image."""
+    if release not in RELEASES:
+        raise ImageNotFound(f"Debian {release} is not one of {', '.join(RELEASES)}")
     if os.geteuid() != 0:
         raise PermissionError("building a base image needs root (mmdebstrap --mode=root)")
-    offer_dir = _offer_dir(cache_root, PUBLISHER, OFFER)
+    offer_dir = _offer_dir(cache_root, PUBLISHER, offer(release))
     offer_dir.mkdir(parents=True, exist_ok=True)
     for stale in offer_dir.glob(".build-*"):  # left by a killed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=offer_dir))
     try:
-        rootfs = work / "rootfs"
-        _bootstrap(rootfs, work)
-        _customize(rootfs)
-        _copy_boot_files(rootfs, work)
-        _make_disk(rootfs, work)
-        shutil.rmtree(rootfs)
-        return _publish(work, offer_dir)
+        scratch = work / "scratch"  # everything but the disk and its manifest
+        rootfs = scratch / "rootfs"
+        scratch.mkdir()
+        layout = gptdisk.hybrid_layout(DISK_SIZE)
+        root_uuid, esp_id = str(uuid.uuid4()), secrets.token_hex(4).upper()
+        _bootstrap(RELEASES[release], rootfs, scratch)
+        _customize(rootfs, root_uuid, f"{esp_id[:4]}-{esp_id[4:]}")
+        grub = _grub_images(rootfs, scratch, root_uuid)
+        _make_disk(rootfs, scratch, layout, root_uuid, esp_id, grub)
+        os.rename(scratch / "disk.qcow2", work / "disk.qcow2")
+        shutil.rmtree(scratch)
+        return _publish(work, offer_dir, release, root_uuid)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _bootstrap(rootfs: Path, work: Path) -> None:
+def debian_sources(host_sources: str, host_codename: str, codename: str) -> str:
+    """The host's deb822 Debian sources with its release's suites renamed to codename
+    (bookworm-security becomes trixie-security): the same mirror for every release."""
+    suite = re.compile(rf"(?<![\w-]){re.escape(host_codename)}(?=-|\s|$)")
+    lines = []
+    for line in host_sources.splitlines():
+        if line.lower().startswith("suites:"):
+            key, _, value = line.partition(":")
+            line = f"{key}:{suite.sub(codename, value)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _host_codename() -> str:
+    for line in HOST_OS_RELEASE.read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise ToolError(f"{HOST_OS_RELEASE} names no VERSION_CODENAME")
+
+
+def _bootstrap(codename: str, rootfs: Path, work: Path) -> None:
     """mmdebstrap the root file system; the initramfs config must exist before the kernel."""
     overlay = work / "initramfs"  # files merged into the root before the kernel is installed
     for rel, text in INITRAMFS_FILES.items():
         (overlay / rel).parent.mkdir(parents=True, exist_ok=True)
         (overlay / rel).write_text(text)
     hook = f'cp -a {shlex.quote(str(overlay))}/. "$1/"'
+    packages = [*PACKAGES, *([RESOLVED_PACKAGE[codename]] if codename in RESOLVED_PACKAGE else [])]
     argv = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory"]
-    argv += [f"--include={','.join(PACKAGES)}", f"--essential-hook={hook}"]
-    mirrors = [HOST_DEBIAN_SOURCES] if HOST_DEBIAN_SOURCES.is_file() else []
-    run_tool([*argv, "bookworm", rootfs, *mirrors], timeout=1800)
+    argv += [f"--include={','.join(packages)}", f"--essential-hook={hook}"]
+    mirrors = []
+    if HOST_DEBIAN_SOURCES.is_file():
+        sources = work / "debian.sources"
+        sources.write_text(
+            debian_sources(HOST_DEBIAN_SOURCES.read_text(), _host_codename(), codename)
+        )
+        mirrors.append(sources)
+    run_tool([*argv, codename, rootfs, *mirrors], timeout=1800)
     shutil.rmtree(overlay)
 
 
-def _customize(rootfs: Path) -> None:
-    """Network, cloud-init, boot-time trimming, and no per-machine identity in the image."""
-    for rel, text in FILES.items():
+def _unit_exists(rootfs: Path, unit: str) -> bool:
+    """Before Debian 12 /lib is not always merged into /usr/lib."""
+    return any(
+        (rootfs / d / unit).exists() for d in ("lib/systemd/system", "usr/lib/systemd/system")
+    )
+
+
+def _customize(rootfs: Path, root_uuid: str, esp_uuid: str) -> None:
+    """Boot loader, network, cloud-init, Azure's agent, and no per-machine identity."""
+    files = {
+        **FILES,
+        "etc/fstab": (
+            f"UUID={root_uuid} / ext4 rw,discard,errors=remount-ro 0 1\n"
+            f"UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 0\n"
+        ),
+        "boot/grub/grub.cfg": _GRUB_CFG.format(uuid=root_uuid, args=KERNEL_ARGS),
+    }
+    for rel, text in files.items():
         target = rootfs / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
+    (rootfs / "boot/efi").mkdir(exist_ok=True)
+    for platform in GRUB_PLATFORMS.values():  # what grub-install copies next to grub.cfg
+        modules = rootfs / "usr/lib/grub" / platform
+        (rootfs / "boot/grub" / platform).mkdir(exist_ok=True)
+        for module in [*modules.glob("*.mod"), *modules.glob("*.lst")]:
+            shutil.copy2(module, rootfs / "boot/grub" / platform / module.name)
+    _configure_waagent(rootfs / "etc/waagent.conf")
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()  # each VM gets its own host key from its seed
     (rootfs / "etc/machine-id").write_text("")
@@ -239,21 +387,61 @@ def _customize(rootfs: Path) -> None:
     resolv.unlink(missing_ok=True)
     resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
     run_tool(["systemctl", f"--root={rootfs}", "enable", "systemd-networkd", "systemd-resolved"])
-    run_tool(["systemctl", f"--root={rootfs}", "disable", *DISABLED_UNITS])
+    disabled = [u for u in DISABLED_UNITS if _unit_exists(rootfs, u)]
+    run_tool(["systemctl", f"--root={rootfs}", "disable", *disabled])
 
 
-def _copy_boot_files(rootfs: Path, work: Path) -> None:
-    """Keep the kernel and initrd beside the disk: there is no bootloader."""
-    (kernel,) = sorted((rootfs / "boot").glob("vmlinuz-*"))
-    initrd = kernel.with_name(kernel.name.replace("vmlinuz", "initrd.img"))
-    shutil.copyfile(kernel, work / "vmlinuz")
-    shutil.copyfile(initrd, work / "initrd.img")
+def _configure_waagent(conf: Path) -> None:
+    """Set WAAGENT_SETTINGS in waagent.conf, in place of the package's own values."""
+    lines = [
+        line
+        for line in conf.read_text().splitlines()
+        if line.split("=", 1)[0].strip() not in WAAGENT_SETTINGS
+    ]
+    lines += [f"{key}={value}" for key, value in WAAGENT_SETTINGS.items()]
+    conf.write_text("\n".join(lines) + "\n")
 
 
-def _make_disk(rootfs: Path, work: Path) -> None:
-    """Whole-disk ext4 made from the directory (no mounts needed), converted to qcow2."""
+class GrubImages(BaseModel):
+    """GRUB's boot code for both firmwares, made by the image's own grub-mkimage."""
+
+    boot_img: bytes  # the MBR boot code (BIOS)
+    core_img: bytes  # for the BIOS boot partition
+    efi: Path  # EFI/BOOT/BOOTX64.EFI
+
+
+def _grub_images(rootfs: Path, work: Path, root_uuid: str) -> GrubImages:
+    early = rootfs / "tmp/kiln-grub-early.cfg"
+    early.write_text(_GRUB_EARLY_CFG.format(uuid=root_uuid))
+    outputs = {}
+    for platform in GRUB_PLATFORMS.values():
+        out, modules = f"/tmp/kiln-grub-{platform}.img", GRUB_EMBEDDED[platform]
+        mkimage = ["chroot", rootfs, "grub-mkimage", "-O", platform, "-o", out]
+        run_tool([*mkimage, "-p", "/boot/grub", "-c", "/tmp/kiln-grub-early.cfg", *modules])
+        outputs[platform] = work / Path(out).name
+        shutil.move(rootfs / out.lstrip("/"), outputs[platform])
+    early.unlink()
+    return GrubImages(
+        boot_img=(rootfs / "usr/lib/grub/i386-pc/boot.img").read_bytes(),
+        core_img=outputs["i386-pc"].read_bytes(),
+        efi=outputs["x86_64-efi"],
+    )
+
+
+def _make_disk(
+    rootfs: Path,
+    work: Path,
+    layout: gptdisk.DiskLayout,
+    root_uuid: str,
+    esp_id: str,
+    grub: GrubImages,
+) -> None:
+    """The GPT disk in a sparse raw file (no mounts), converted to qcow2."""
     raw = work / "disk.raw"
-    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "rootfs", "-d", rootfs, raw, DISK_SIZE])
+    gptdisk.create(raw, layout)
+    gptdisk.write_ext4(raw, layout.root, rootfs, fs_uuid=root_uuid, label=ROOT_LABEL)
+    gptdisk.write_fat(raw, layout.esp, {"EFI/BOOT/BOOTX64.EFI": grub.efi}, volume_id=esp_id)
+    gptdisk.install_bios_boot(raw, layout, grub.boot_img, grub.core_img)
     run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, work / "disk.qcow2"])
     raw.unlink()
 
@@ -264,16 +452,17 @@ def _next_version(offer_dir: Path, now: datetime) -> str:
     return f"0.{day}.{max((int(m[2]) for m in taken), default=0) + 1}"
 
 
-def _publish(work: Path, offer_dir: Path) -> BaseImage:
+def _publish(work: Path, offer_dir: Path, release: str, root_uuid: str) -> BaseImage:
     """Write the manifest last, then rename the directory to its version atomically."""
     now = datetime.now(UTC)
     version = _next_version(offer_dir, now)
     disk = work / "disk.qcow2"
     image = BaseImage(
         publisher=PUBLISHER,
-        offer=OFFER,
-        skus=SKUS,
+        offer=offer(release),
+        skus=skus(release),
         version=version,
+        root_uuid=root_uuid,
         disk_sha256=sha256_file(disk),
         disk_virtual_size=virtual_size(disk, "qcow2"),
         created=now,

@@ -1,18 +1,22 @@
 """Disk files for the local provider: host tool runs, captures to qcow2 and Azure fixed VHD.
 
 Every output is written under a temporary name and renamed into place, so a crash never
-leaves a truncated artifact that looks complete.
+leaves a truncated artifact that looks complete. Captures run at the speed of the plain
+qemu-img commands: one pass per output, sparse files stay sparse, and checksums are taken
+while another output is written or while a file is copied, never in a pass of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import struct
 import subprocess
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +51,18 @@ def run_tool(argv: Sequence[str | os.PathLike[str]], *, timeout: float | None = 
 
 
 @contextlib.contextmanager
-def atomic_output(dst: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of dst; rename it to dst only if the block succeeds."""
+def atomic_output(dst: Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of dst; rename it to dst only if the block succeeds.
+
+    fsync=False for files qemu-img wrote: it flushes its output when it closes it.
+    """
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -69,8 +77,14 @@ def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
 
 
 def image_format(path: Path) -> str:
-    """The format qemu-img detects (a fixed VHD is reported as raw)."""
-    return str(image_info(path)["format"])
+    """The format qemu-img detects, but vpc for a fixed VHD (which qemu-img calls raw:
+    read as raw, its footer would be a last sector of the disk)."""
+    detected = str(image_info(path)["format"])
+    if detected == "raw" and path.stat().st_size >= VHD_FOOTER_SIZE:
+        with contextlib.suppress(VhdError):
+            check_fixed_vhd(path)
+            return "vpc"
+    return detected
 
 
 def virtual_size(path: Path, fmt: str | None = None) -> int:
@@ -88,24 +102,35 @@ def to_qcow2(src: Path, dst: Path, *, compressed: bool = False) -> None:
     argv = ["qemu-img", "convert", "-f", image_format(src), "-O", "qcow2"]
     if compressed:
         argv.append("-c")
-    with atomic_output(dst) as tmp:
+    with atomic_output(dst, fsync=False) as tmp:
         run_tool([*argv, src, tmp])
 
 
 def to_fixed_vhd(src: Path, dst: Path) -> None:
-    """Write the fixed VHD Azure accepts: raw, grown to whole MiB, then vpc fixed."""
-    raw = dst.with_name(f".{dst.name}.raw-{os.getpid()}")
-    try:
-        run_tool(["qemu-img", "convert", "-f", image_format(src), "-O", "raw", src, raw])
-        size = virtual_size(raw, "raw")
-        if size % MIB:
-            run_tool(["qemu-img", "resize", "-f", "raw", raw, str(round_up_mib(size))])
-        with atomic_output(dst) as tmp:
-            fixed = ["-O", "vpc", "-o", "subformat=fixed,force_size"]
-            run_tool(["qemu-img", "convert", "-f", "raw", *fixed, raw, tmp])
-            check_fixed_vhd(tmp)
-    finally:
-        raw.unlink(missing_ok=True)
+    """Write the fixed VHD Azure accepts in one pass: an empty (sparse) fixed VHD of the
+    size rounded up to whole MiB, then the source converted into it, zeros skipped."""
+    info = image_info(src)
+    size = round_up_mib(int(info["virtual-size"]))
+    with atomic_output(dst, fsync=False) as tmp:
+        fixed = ["-f", "vpc", "-o", "subformat=fixed,force_size"]
+        run_tool(["qemu-img", "create", "-q", *fixed, tmp, str(size)])
+        into = ["-n", "--target-is-zero", "-f", str(info["format"]), "-O", "vpc"]
+        run_tool(["qemu-img", "convert", *into, src, tmp])
+        check_fixed_vhd(tmp)
+
+
+def capture_disk(src: Path, qcow2: Path, vhd: Path | None) -> str:
+    """The captured image: a standalone qcow2, optionally a fixed VHD; returns the qcow2's
+    sha256, read while the VHD is being written (the two passes overlap)."""
+    if not qcow2.exists():
+        to_qcow2(src, qcow2)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_file, qcow2)
+        if vhd is not None and not vhd.exists():
+            to_fixed_vhd(src, vhd)
+        if vhd is not None:
+            check_fixed_vhd(vhd)
+        return digest.result()
 
 
 class VhdFooter(BaseModel):
@@ -170,10 +195,75 @@ def check_fixed_vhd(path: Path) -> VhdFooter:
     return footer
 
 
+_CHUNK = 4 * MIB
+_ZEROS = memoryview(bytes(_CHUNK))
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs covering the file, from SEEK_DATA/SEEK_HOLE; a file
+    system without them reports one data run."""
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # only a hole is left
+                data = size
+            elif error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                data = offset
+            else:
+                raise
+        if data > offset:
+            yield offset, data - offset, False
+        if data >= size:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, hole - data, True
+        offset = hole
+
+
+def _hash_zeros(digest: Any, length: int) -> None:
+    while length > 0:
+        step = min(length, _CHUNK)
+        digest.update(_ZEROS[:step])
+        length -= step
+
+
+def _hash_sparse(path: Path, digest: Any) -> Iterator[tuple[int, memoryview]]:
+    """Feed every byte of the file to digest (holes as zeros, without reading them) and
+    yield the data read, with its offset. A chunk is only valid until the next one."""
+    buffer = memoryview(bytearray(_CHUNK))
+    with open(path, "rb", buffering=0) as fh:
+        fd = fh.fileno()
+        for offset, length, is_data in _extents(fd, os.fstat(fd).st_size):
+            if not is_data:
+                _hash_zeros(digest, length)
+                continue
+            position, end = offset, offset + length
+            while position < end:
+                got = os.preadv(fd, [buffer[: min(end - position, _CHUNK)]], position)
+                if not got:
+                    raise OSError(f"{path} shrank while it was read")
+                digest.update(buffer[:got])
+                yield position, buffer[:got]
+                position += got
+
+
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (disks are large)."""
+    """Hex sha256 of a file, read in chunks (disks are large); holes are not read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * MIB):
-            digest.update(chunk)
+    for _ in _hash_sparse(path, digest):
+        pass
+    return digest.hexdigest()
+
+
+def copy_sparse(src: Path, dst: Path) -> str:
+    """Copy src to dst keeping its holes (a fixed VHD is mostly holes) and return the
+    sha256 of what was copied, computed in the same pass."""
+    digest = hashlib.sha256()
+    with open(dst, "wb") as out:
+        for offset, chunk in _hash_sparse(src, digest):
+            if os.pwrite(out.fileno(), chunk, offset) != len(chunk):
+                raise OSError(f"short write to {dst} (is the disk full?)")
+        out.truncate(src.stat().st_size)
     return digest.hexdigest()

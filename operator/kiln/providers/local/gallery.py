@@ -3,7 +3,7 @@
 It mirrors Azure's resource IDs, so the same template distributes to Azure or here:
   images/<subscription>/<group>/<name>/                          a managed image
   galleries/<subscription>/<group>/<gallery>/<definition>/<version>/
-      image.json, disk.qcow2, vmlinuz, initrd.img                 the version
+      image.json, disk.qcow2 (boots by firmware alone)             the version
       replicas/<region>/<n>/                                      its replicas
 IDs are case-insensitive in Azure, so paths use lower case. Every artifact is written
 under a temporary name and renamed, so a crash never leaves a half image that looks done.
@@ -16,12 +16,13 @@ import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from kiln.versions import version_key
 
-IMAGE_FILES = ("disk.qcow2", "vmlinuz", "initrd.img")
+IMAGE_FILES = ("disk.qcow2",)
 MANIFEST = "image.json"
 
 _MANAGED = re.compile(
@@ -50,6 +51,9 @@ class ImageManifest(BaseModel):
     source: str = Field(description="The exact source the build started from.")
     run: str = Field(description="namespace/name of the run that made it.")
     disk_sha256: str
+    hyper_v_generation: Literal["V1", "V2"] = Field(
+        default="V2", description="The firmware the disk was built with: V1 BIOS, V2 UEFI."
+    )
     tags: dict[str, str] = Field(default_factory=dict)
     exclude_from_latest: bool = False
     regions: dict[str, int] = Field(default_factory=dict, description="region -> replicas")
@@ -121,6 +125,10 @@ class LocalGallery:
                 f"managed image {image_id} is not in the local gallery ({self.root})"
             )
         return directory
+
+    @staticmethod
+    def manifest(directory: Path) -> ImageManifest:
+        return ImageManifest.model_validate_json((directory / MANIFEST).read_text())
 
     def version_names(self, gallery_image_id: str) -> list[str]:
         return [m.id.rsplit("/", 1)[-1] for m in self.versions(gallery_image_id)]

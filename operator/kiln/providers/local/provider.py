@@ -22,6 +22,7 @@ from kiln.api.template import (
     SharedImageVersionSource,
     VhdDistributor,
 )
+from kiln.api.tenancy import Refused
 from kiln.communicators.ssh import SshCommunicator
 from kiln.naming import staging_group_name
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
@@ -29,10 +30,9 @@ from kiln.providers.local import baseimage, qemu
 from kiln.providers.local.disks import (
     ToolError,
     VhdError,
+    capture_disk,
     check_fixed_vhd,
-    sha256_file,
-    to_fixed_vhd,
-    to_qcow2,
+    copy_sparse,
 )
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
@@ -42,8 +42,8 @@ from kiln.versions import VersioningError, next_version
 BUILD_USER = "packer"
 OWNER_MARKER = ".kiln-template"
 IMAGE_DIR = "image"
+DISK = "disk.qcow2"
 STOP_GRACE_SECONDS = 180
-BOOT_FILES = {"/vmlinuz": "vmlinuz", "/initrd.img": "initrd.img"}
 
 
 class LocalProvider:
@@ -84,7 +84,12 @@ class LocalProvider:
         return str(staging)
 
     async def delete_staging(
-        self, template: TemplateIdentity, staging: str, *, keep_group: bool
+        self,
+        template: TemplateIdentity,
+        staging: str,
+        *,
+        keep_group: bool,
+        service_account: str | None = None,
     ) -> None:
         directory = Path(staging)
         marker = directory / OWNER_MARKER
@@ -109,43 +114,34 @@ class LocalProvider:
         try:
             if isinstance(source, PlatformImageSource):
                 image = await asyncio.to_thread(self._platform_image, source)
-                boot = {
-                    "disk": image.disk_path,
-                    "kernel": image.kernel_path,
-                    "initrd": image.initrd_path,
-                }
+                disk, generation = image.disk_path, baseimage.generation(source.sku)
                 exact = ":".join((source.publisher, source.offer, source.sku, image.version))
             elif isinstance(source, ManagedImageSource):
                 directory = self.gallery.resolve_managed_image(source.image_id)
-                boot, exact = self._gallery_boot(directory), source.image_id
+                disk, generation = self._gallery_disk(directory)
+                exact = source.image_id
             else:
                 exact, directory = self.gallery.resolve_version(source.image_version_id)
-                boot = self._gallery_boot(directory)
+                disk, generation = self._gallery_disk(directory)
         except (baseimage.ImageNotFound, GalleryError) as error:
             raise ProviderError(str(error)) from error
-        ctx.checkpoint["source"] = {key: str(path) for key, path in boot.items()}
+        ctx.checkpoint["source"] = {"disk": str(disk), "hyperVGeneration": generation}
         ctx.checkpoint["sourceVersion"] = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
         return exact
 
     def _platform_image(self, source: PlatformImageSource) -> baseimage.BaseImage:
+        """Debian images Kiln builds itself are built on first use of `latest`."""
         cache = self.settings.cache_root
-        known = (source.publisher.lower(), source.offer.lower()) == (
-            baseimage.PUBLISHER.lower(),
-            baseimage.OFFER.lower(),
-        )
-        if known and source.sku in baseimage.SKUS and source.version.lower() == "latest":
-            baseimage.ensure_debian12(cache)
+        release = baseimage.release_of(source.publisher, source.offer, source.sku)
+        if release and source.version.lower() == "latest":
+            baseimage.ensure_image(release, cache)
         return baseimage.resolve(cache, source.publisher, source.offer, source.sku, source.version)
 
-    @staticmethod
-    def _gallery_boot(directory: Path) -> dict[str, Path]:
-        return {
-            "disk": directory / "disk.qcow2",
-            "kernel": directory / "vmlinuz",
-            "initrd": directory / "initrd.img",
-        }
+    def _gallery_disk(self, directory: Path) -> tuple[Path, str]:
+        """The disk of a gallery artifact and the firmware generation it was built for."""
+        return directory / DISK, self.gallery.manifest(directory).hyper_v_generation
 
-    async def latest_source_version(self, spec: ImageTemplateSpec) -> str | None:
+    async def latest_source_version(self, spec: ImageTemplateSpec, namespace: str) -> str | None:
         source = spec.source
         try:
             if isinstance(source, PlatformImageSource):
@@ -205,19 +201,14 @@ class LocalProvider:
             state_dir=directory,
             disk=overlay,
             seed_iso=seed,
-            kernel=Path(source["kernel"]),
-            initrd=Path(source["initrd"]),
+            generation=source["hyperVGeneration"],
             memory_mb=self.settings.vm_memory_mb,
-            accel=qemu.accelerator(self.settings.cache_root, Path(source["kernel"])),
+            accel=qemu.accelerator(self.settings.cache_root, Path(source["disk"])),
         )
         return qemu.start(spec)
 
     async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
-        """The disk has no boot loader, so its own kernel and initrd travel with it."""
-        image_dir = ctx.run_dir / IMAGE_DIR
-        image_dir.mkdir(parents=True, exist_ok=True)
-        for remote, local in BOOT_FILES.items():
-            await communicator.download(remote, image_dir / local, elevated=True)
+        """The disk boots by firmware alone: nothing to fetch beside it."""
 
     async def stop_vm(self, ctx: RunContext) -> bool:
         handle = qemu.find(self.vm_dir(ctx))
@@ -235,7 +226,7 @@ class LocalProvider:
             return "the build VM is not running"
         return (
             f"the build VM is kept running: ssh -p {handle.ssh_port} {BUILD_USER}@127.0.0.1 "
-            f"with the key in Secret {ctx.namespace}/{ctx.run_name}-ssh (ssh-privatekey); "
+            f"with the key in the operator's Secret {ctx.key_secret} (ssh-privatekey); "
             f"serial log {handle.serial_log}; delete the run to remove it"
         )
 
@@ -264,15 +255,9 @@ class LocalProvider:
     def _capture(self, ctx: RunContext) -> None:
         overlay = self.vm_dir(ctx) / "os.qcow2"
         image_dir = ctx.run_dir / IMAGE_DIR
-        qcow2 = image_dir / "disk.qcow2"
-        if not qcow2.exists():
-            to_qcow2(overlay, qcow2)
-        if any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute):
-            vhd = image_dir / "disk.vhd"
-            if not vhd.exists():
-                to_fixed_vhd(overlay, vhd)
-            check_fixed_vhd(vhd)
-        ctx.checkpoint["diskSha256"] = sha256_file(qcow2)
+        wants_vhd = any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute)
+        vhd = image_dir / "disk.vhd" if wants_vhd else None
+        ctx.checkpoint["diskSha256"] = capture_disk(overlay, image_dir / DISK, vhd)
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         try:
@@ -290,6 +275,7 @@ class LocalProvider:
                 "source": ctx.checkpoint.get("exactSource", ""),
                 "run": f"{ctx.namespace}/{ctx.run_name}",
                 "disk_sha256": ctx.checkpoint["diskSha256"],
+                "hyper_v_generation": ctx.checkpoint["source"]["hyperVGeneration"],
                 **extra,
             }
         )
@@ -351,17 +337,22 @@ class LocalProvider:
         self, ctx: RunContext, target: VhdDistributor, image_dir: Path
     ) -> RunOutput:
         if target.uri:
-            destination = Path(target.uri.removeprefix("file://"))
+            try:  # validated with the template; checked again as symlinks may have moved
+                destination = self.settings.tenancy_policy.check_output_path(
+                    target.uri.removeprefix("file://")
+                )
+            except Refused as refusal:
+                raise ProviderError(f"VHD uri {target.uri}: {refusal}") from None
         else:
             destination = ctx.run_dir / f"{target.run_output_name}.vhd"
         checksum_file = destination.with_name(destination.name + ".sha256")
         if not checksum_file.is_file():
             destination.parent.mkdir(parents=True, exist_ok=True)
             tmp = destination.with_name(f".{destination.name}.tmp")
-            shutil.copyfile(image_dir / "disk.vhd", tmp)
+            digest = copy_sparse(image_dir / "disk.vhd", tmp)
             check_fixed_vhd(tmp)
             tmp.rename(destination)
-            checksum_file.write_text(f"{sha256_file(destination)}  {destination.name}\n")
+            checksum_file.write_text(f"{digest}  {destination.name}\n")
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=str(destination),

@@ -1,5 +1,8 @@
 """QEMU build VMs: overlays, daemonized VMs that outlive the operator, QMP shutdown.
 
+VMs boot their disk by firmware, as on Azure: Gen2 (V2) through OVMF, Gen1 (V1) through
+SeaBIOS; nothing but the disk is needed.
+
 A VM is identified by its state directory: the pid file there, checked against
 /proc/PID/cmdline, lets a restarted operator find its VM again instead of starting a
 second one. Everything a VmHandle holds can be recovered from the running process.
@@ -14,12 +17,14 @@ import logging
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -42,6 +47,13 @@ PIDFILE = "qemu.pid"
 QMP_SOCKET = "qmp.sock"
 SERIAL_LOG = "serial.log"
 ACCEL_VERDICT = "accel.json"
+UEFI_VARS = "efivars.fd"
+# Debian's ovmf package; the code is shared read-only, each VM gets its own variables.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+KVM_PROBE_MARKER = "Run /init as init process"
+# No option ROM: the firmware never tries a network boot, which only costs time.
+NIC_ARGS = ["-device", "virtio-net-pci,netdev=net0,romfile="]
 _UNIX_PATH_MAX = 107
 _HOSTFWD = re.compile(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22")
 
@@ -57,9 +69,7 @@ class VmSpec(BaseModel):
     state_dir: Path
     disk: Path
     seed_iso: Path | None = None
-    kernel: Path | None = None
-    initrd: Path | None = None
-    append: str = baseimage.CMDLINE
+    generation: Literal["V1", "V2"] = "V2"
     memory_mb: int = Field(default=1024, ge=256)
     cpus: int = Field(default=2, ge=1)
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
@@ -109,7 +119,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def accelerator(cache_root: Path | None = None, kernel: Path | None = None) -> list[str]:
+def accelerator(cache_root: Path | None = None, disk: Path | None = None) -> list[str]:
     """KVM args if a test boot under KVM works here, else TCG; the verdict is cached."""
     root = cache_root or baseimage.default_cache_root()
     verdict_path = root / ACCEL_VERDICT
@@ -121,10 +131,10 @@ def accelerator(cache_root: Path | None = None, kernel: Path | None = None) -> l
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         kvm = False
     else:
-        kernel = kernel or _cached_kernel(root)
-        if kernel is None:
+        disk = disk or _cached_disk(root)
+        if disk is None:
             return list(TCG_ARGS)  # nothing to test-boot yet; decide next time
-        kvm = _kvm_boots(kernel, root)
+        kvm = _kvm_boots(disk, root)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_output(verdict_path) as tmp:
         tmp.write_text(
@@ -134,26 +144,53 @@ def accelerator(cache_root: Path | None = None, kernel: Path | None = None) -> l
     return list(KVM_ARGS if kvm else TCG_ARGS)
 
 
-def _cached_kernel(cache_root: Path) -> Path | None:
+def _cached_disk(cache_root: Path) -> Path | None:
+    release = baseimage.DEFAULT_RELEASE
     images = baseimage.list_images(
-        cache_root, baseimage.PUBLISHER, baseimage.OFFER, baseimage.SKUS[0]
+        cache_root, baseimage.PUBLISHER, baseimage.offer(release), release
     )
-    return images[-1].kernel_path if images else None
+    return images[-1].disk_path if images else None
 
 
-def _kvm_boots(kernel: Path, cache_root: Path) -> bool:
-    """Boot the kernel under KVM with no root disk: a working KVM ends in the VFS panic."""
+def _kvm_boots(disk: Path, cache_root: Path) -> bool:
+    """Boot the disk (unchanged: -snapshot) under KVM: a working KVM runs its kernel to init."""
     serial = cache_root / ".kvm-probe.log"
-    argv = [QEMU, *KVM_ARGS, "-m", "256", "-nodefaults", "-display", "none", "-no-reboot"]
-    argv += ["-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"]
+    serial.unlink(missing_ok=True)
+    argv = [QEMU, *KVM_ARGS, "-m", "512", "-nodefaults", "-display", "none", "-no-reboot"]
+    argv += ["-snapshot", "-drive", f"file={disk},if=virtio,format={image_format(disk)}"]
     argv += ["-serial", f"file:{serial}"]
     try:
-        subprocess.run(argv, capture_output=True, timeout=60, check=False)
-        return "Unable to mount root fs" in serial.read_text(errors="replace")
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if KVM_PROBE_MARKER in serial.read_text(errors="replace"):
+                    return True
+            time.sleep(0.5)
         return False
     finally:
+        proc.kill()
+        proc.wait(timeout=30)
         serial.unlink(missing_ok=True)
+
+
+def firmware_args(generation: Literal["V1", "V2"], state_dir: Path) -> list[str]:
+    """V2: OVMF with this VM's own UEFI variables (kept in state_dir); V1: SeaBIOS."""
+    if generation == "V1":
+        return []  # SeaBIOS is QEMU's default firmware
+    variables = state_dir / UEFI_VARS
+    if not variables.exists():
+        with atomic_output(variables) as tmp:
+            shutil.copyfile(OVMF_VARS, tmp)
+    return [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={variables}",
+    ]
 
 
 def _qemu_argv(spec: VmSpec, port: int) -> list[str]:
@@ -161,15 +198,12 @@ def _qemu_argv(spec: VmSpec, port: int) -> list[str]:
     argv = [QEMU, "-name", spec.name, "-machine", "q35", *spec.accel]
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.cpus)]
     argv += ["-nodefaults", "-display", "none", "-vga", "none"]
-    if spec.kernel:
-        argv += ["-kernel", str(spec.kernel), "-append", spec.append]
-    if spec.initrd:
-        argv += ["-initrd", str(spec.initrd)]
+    argv += firmware_args(spec.generation, d)
     argv += ["-drive", f"file={spec.disk},if=virtio,format=qcow2,discard=unmap"]
     if spec.seed_iso:
         argv += ["-drive", f"file={spec.seed_iso},if=virtio,format=raw,readonly=on"]
     argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"]
-    argv += ["-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci"]
+    argv += [*NIC_ARGS, "-device", "virtio-rng-pci"]
     argv += ["-serial", f"file:{d / SERIAL_LOG}"]
     argv += ["-qmp", f"unix:{d / QMP_SOCKET},server=on,wait=off"]
     argv += ["-pidfile", str(d / PIDFILE), "-daemonize"]

@@ -1109,6 +1109,7 @@ class Disks(ComputeType):
     ) -> dict[str, Any]:
         res.body["properties"]["diskState"] = "ActiveSAS"
         url = diskaccess.grant(emu, res, op.params["access"], op.params["seconds"])
+        emu.granted_sas.append(url)
         return {"accessSAS": url}
 
     async def revoke_access(self, ctx: Ctx, res: StoredResource) -> Reply:
