@@ -94,7 +94,7 @@ def test_a_template_invalid_at_runtime_gets_an_event(
     api: client.ApiClient, ops_operator: OperatorProcess
 ) -> None:
     kiln = Kiln(api, NAMESPACE)
-    bad_cron = [{"kind": "Schedule", "schedule": "every monday"}]
+    bad_cron = [{"kind": "Schedule", "schedule": "61 * * * *"}]  # only croniter knows
     kiln.create("imagetemplates", template("badcron", triggers=bad_cron))
     kiln.wait_for(
         "imagetemplates", "badcron", lambda _: "InvalidSpec" in reasons_of(api, "badcron")
