@@ -22,9 +22,10 @@ from kiln.naming import run_secret_name
 class ProviderError(Exception):
     """A failure in the provider's world; fatal ones stop the run, others are retried.
 
-    code is the cloud's error code: a non-fatal error with a code is a retry (counted
-    against the run's retry budget and shown in its conditions); one without a code is
-    ordinary waiting (an operation still running)."""
+    code is the cloud's error code (for the reason a retry shows); retry_kind is set for
+    an error that is retried (counted against the run's retry budget, shown in its
+    conditions and counted by the metrics), unset for ordinary waiting (an operation
+    still running)."""
 
     def __init__(
         self,
@@ -33,11 +34,13 @@ class ProviderError(Exception):
         fatal: bool = True,
         retry_after: float = 10.0,
         code: str | None = None,
+        retry_kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.fatal = fatal
         self.retry_after = retry_after
         self.code = code
+        self.retry_kind = retry_kind
 
 
 class RunContext(BaseModel):

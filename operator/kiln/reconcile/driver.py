@@ -27,7 +27,7 @@ import asyncssh
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kiln import reasons
+from kiln import metrics, reasons
 from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
@@ -54,6 +54,7 @@ MAX_CONNECTION_ERRORS = 10
 MAX_STEP_ERRORS = 3
 MAX_CLOUD_RETRIES = 12  # consecutive retryable cloud errors before the run fails
 LOG_PUBLISH_SECONDS = 30.0
+RETRYING = "retrying: "  # a step's unexpected or connection error, retried a few times
 
 
 def _status(run: Body) -> Body:
@@ -139,6 +140,7 @@ class RunDriver:
             status = _status(run)
             if not admission.start:
                 if status.get("message") != admission.message:
+                    kopf.info(run, reason=reasons.EVENT_QUEUED, message=admission.message)
                     await self.write(
                         run,
                         {
@@ -208,23 +210,28 @@ class RunDriver:
                 await self.finish(fresh, RunState.Canceled, reasons.CANCELED, message)
                 return 0
         try:
-            while not self._halted(run["metadata"]["uid"]):
-                fresh = await self.get()
-                if fresh is None:
-                    raise Stopped
-                if decide.phase(_status(fresh)) not in (RunPhase.WaitingForSlot, RunPhase.Building):
-                    return 0
-                if not _status(fresh).get("startTime"):
-                    await self._start_building(fresh)
-                    continue
-                delay = await self.build_pass(fresh)
-                if delay is None:
-                    return 0
-                if delay:
-                    await self._pause(fresh, delay)
-            raise Stopped
+            with metrics.in_flight(_status(run).get("provider")).track_inprogress():
+                return await self._hold_slot(run)
         finally:
             slots.release()
+
+    async def _hold_slot(self, run: Body) -> float:
+        """Build passes, one after another, while the run has its slot."""
+        while not self._halted(run["metadata"]["uid"]):
+            fresh = await self.get()
+            if fresh is None:
+                raise Stopped
+            if decide.phase(_status(fresh)) not in (RunPhase.WaitingForSlot, RunPhase.Building):
+                return 0
+            if not _status(fresh).get("startTime"):
+                await self._start_building(fresh)
+                continue
+            delay = await self.build_pass(fresh)
+            if delay is None:
+                return 0
+            if delay:
+                await self._pause(fresh, delay)
+        raise Stopped
 
     async def _start_building(self, run: Body) -> None:
         template = _status(run)["checkpoint"]["template"]["name"]
@@ -240,7 +247,8 @@ class RunDriver:
                 "conditions": self._running_conditions(run, message),
             },
         )
-        kopf.info(run, reason="Started", message=message)
+        kopf.info(run, reason=reasons.EVENT_STARTED, message=message)
+        metrics.run_started(run["metadata"].get("creationTimestamp"), now)
 
     def _context(self, run: Body, spec: ImageTemplateSpec, checkpoint: Checkpoint) -> RunContext:
         provider = self.runtime.provider(spec.provider or "")
@@ -300,6 +308,8 @@ class RunDriver:
             return await self._interrupted(run, ctx, records, interrupted)
         assert outcome is not None
         await self._stream_logs(ctx)
+        if outcome.message.startswith(RETRYING) and outcome.message != record.get("message"):
+            kopf.warn(run, reason=reasons.EVENT_RETRYING, message=f"{step.name}: {outcome.message}")
         record["message"] = outcome.message
         if outcome.kind == "wait":
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
@@ -307,14 +317,14 @@ class RunDriver:
                 progress["conditions"] = self._running_conditions(
                     run, outcome.message, outcome.reason
                 )
-                kopf.warn(run, reason=outcome.reason, message=outcome.message)
+                kopf.warn(run, reason=reasons.EVENT_RETRYING, message=outcome.message)
             elif _reason(status, reasons.RECONCILING) != reasons.RUNNING:
                 progress["conditions"] = self._running_conditions(run, outcome.message)
             if any(status.get(key) != value for key, value in progress.items()):
                 await self.write(run, progress)  # polling a running job writes nothing new
             return outcome.delay
         record.update(endTime=now_rfc3339())
-        self._step_ended(ctx, step.name, outcome.kind)
+        self._step_ended(run, ctx, record, outcome)
         if outcome.kind == "done":
             record["state"] = StepState.Succeeded
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
@@ -408,10 +418,12 @@ class RunDriver:
         except ProviderError as error:
             if error.fatal:
                 return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
-            if error.code is None:  # an operation still running: plain waiting
+            if error.retry_kind is None:  # an operation still running: plain waiting
                 return Outcome.wait(str(error), error.retry_after)
+            metrics.reconcile_error(error.retry_kind)
             return _cloud_retry(ctx, name, error)
         except (CommunicatorError, asyncssh.Error, OSError) as error:
+            metrics.reconcile_error("connection")
             await self.env.disconnect(ctx)
             return _retry_or_fail(
                 ctx,
@@ -422,8 +434,10 @@ class RunDriver:
             )
         except Exception as error:  # retried a few times (an RBAC fix may come), never forever
             if isinstance(error, ApiException):
+                metrics.reconcile_error("kubernetes")
                 message = f"step {name}: Kubernetes refused: {refusal(error)}"
             else:  # a bug or an unforeseen failure
+                metrics.reconcile_error("unexpected")
                 log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
                 message = f"step {name} failed: {type(error).__name__}: {error}"
             return _retry_or_fail(ctx, "step_errors", MAX_STEP_ERRORS, message, delay=10)
@@ -431,8 +445,14 @@ class RunDriver:
     def _step_started(self, ctx: RunContext, step: str) -> None:
         log.info("run %s/%s: step %s started", self.namespace, self.name, step)
 
-    def _step_ended(self, ctx: RunContext, step: str, result: str) -> None:
-        log.info("run %s/%s: step %s %s", self.namespace, self.name, step, result)
+    def _step_ended(self, run: Body, ctx: RunContext, record: Body, outcome: Outcome) -> None:
+        log.info("run %s/%s: step %s %s", self.namespace, self.name, record["name"], outcome.kind)
+        metrics.step_ended(
+            ctx.spec.provider, record["name"], record.get("startTime"), record["endTime"]
+        )
+        if outcome.kind == "done":
+            message = f"{record['name']}: {outcome.message}"
+            kopf.info(run, reason=reasons.EVENT_STEP_SUCCEEDED, message=message)
 
     def _progress(
         self, ctx: RunContext, records: list[Body], sub_state: RunSubState, message: str
@@ -464,12 +484,8 @@ class RunDriver:
     ) -> float | None:
         assert self.env is not None
         message = outcome.message
-        if outcome.log_tail:
-            kopf.warn(
-                run,
-                reason=outcome.reason or reasons.FAILED,
-                message=f"{message}\n" + "\n".join(outcome.log_tail),
-            )
+        tail = "".join(f"\n{line}" for line in outcome.log_tail or [])
+        kopf.warn(run, reason=outcome.reason or reasons.FAILED, message=f"{message}{tail}")
         if keep_vm:
             message += f" errorHandling is abort, so {self.env.provider.describe_vm(ctx)}."
         reason = outcome.reason or reasons.FAILED
@@ -519,8 +535,15 @@ class RunDriver:
             log.warning("cleanup of run %s/%s failed: %s", self.namespace, self.name, error)
             attempt = ending.cleanup_attempts = ending.cleanup_attempts + 1
             ending.cleanup_error = str(error)[:500]
+            metrics.reconcile_error("cleanup")
             backoff = decide.cleanup_backoff(attempt)
             if backoff is not None:
+                kopf.warn(
+                    run,
+                    reason=reasons.EVENT_CLEANUP_FAILED,
+                    message=f"attempt {attempt}, retrying in {backoff:.0f}s: "
+                    f"{ending.cleanup_error}",
+                )
                 await self.write(
                     run,
                     {
@@ -607,6 +630,7 @@ class RunDriver:
             await self.env.disconnect(ctx)
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
+        metrics.run_ended(_status(run).get("provider"), str(state))
         template = run["spec"]["templateRef"]["name"]
         await refresh_template(self.runtime, self.namespace, template)
         try:
@@ -694,7 +718,7 @@ def _retry_or_fail(
     setattr(ctx.checkpoint, counter, errors)
     if errors > limit:
         return Outcome.failed(f"{message} ({errors} attempts)", reasons.PROVIDER_ERROR)
-    return Outcome.wait(f"retrying: {message}", delay=delay * errors)
+    return Outcome.wait(f"{RETRYING}{message}", delay=delay * errors)
 
 
 def _cloud_retry(ctx: RunContext, step: str, error: ProviderError) -> Outcome:

@@ -38,6 +38,7 @@ RETRYABLE_CODES = frozenset(
 )
 DEFAULT_RETRY_SECONDS = 15.0
 UNREACHABLE = "Unreachable"
+CLOUD_ERROR = "cloud"  # the kind kiln_reconcile_errors_total counts retried cloud errors as
 
 
 def _retry_after(error: HttpResponseError) -> float:
@@ -57,14 +58,21 @@ def is_retryable(status: int, code: str) -> bool:
 def classify(error: Exception) -> ProviderError:
     """A ProviderError that says whether to retry, with Azure's code and message."""
     if isinstance(error, ServiceRequestError | ServiceResponseError):
-        return ProviderError(f"Azure could not be reached: {error}", fatal=False, code=UNREACHABLE)
+        return ProviderError(
+            f"Azure could not be reached: {error}",
+            fatal=False,
+            code=UNREACHABLE,
+            retry_kind=CLOUD_ERROR,
+        )
     if not isinstance(error, HttpResponseError):
         return ProviderError(str(error))
     code = (error.error.code if error.error else None) or str(error.status_code or "")
     message = (error.error.message if error.error else None) or error.reason or str(error)
+    retryable = is_retryable(error.status_code or 0, code)
     return ProviderError(
         f"Azure {code}: {message}",
-        fatal=not is_retryable(error.status_code or 0, code),
+        fatal=not retryable,
         retry_after=_retry_after(error),
         code=code,
+        retry_kind=CLOUD_ERROR if retryable else None,
     )
