@@ -155,6 +155,21 @@ class Kube:
             if error.status != 404:
                 raise
 
+    async def read_config_map(self, namespace: str, name: str) -> Body | None:
+        try:
+            found = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self.core.api_client.sanitize_for_serialization(found)
+
+    async def create_config_map(self, namespace: str, body: Body) -> None:
+        await asyncio.to_thread(self.core.create_namespaced_config_map, namespace, body)
+
+    async def patch_config_map(self, namespace: str, name: str, body: Body) -> None:
+        await asyncio.to_thread(self.core.patch_namespaced_config_map, name, namespace, body)
+
 
 async def template_runs(kube: Kube, template: Body) -> list[Body]:
     """The runs in the template's namespace whose templateRef names it."""

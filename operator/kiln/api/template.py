@@ -748,6 +748,21 @@ _SOURCE_FOLLOWS_LATEST = (
 )
 
 
+class ExportOutputs(KubeModel):
+    """Where the latest run outputs go for tools that read ConfigMaps (CAPZ machine
+    templates, Terraform's kubernetes_config_map, Flux valuesFrom)."""
+
+    config_map_name: str = Field(
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="ConfigMap in the template's namespace that Kiln creates and keeps "
+        "current with the latest successful run's outputs: <runOutputName>_artifactId, "
+        "<runOutputName>_artifactUri, <runOutputName>_version (characters other than "
+        "letters, digits and _ become _), run and outputs.json. Kiln "
+        "never changes a ConfigMap of that name that it did not create.",
+    )
+
+
 class ImageTemplateSpec(KubeModel):
     """The desired image: AIB's imageTemplates properties plus where to build it."""
 
@@ -917,6 +932,9 @@ class ImageTemplateSpec(KubeModel):
     )
     triggers: list[Trigger] | None = Field(
         default=None, max_length=10, description="What starts runs besides you and autoRun."
+    )
+    export_outputs: ExportOutputs | None = Field(
+        default=None, description="Publish the latest run outputs in a ConfigMap."
     )
 
 

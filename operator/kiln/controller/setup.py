@@ -22,7 +22,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.INFO  # kopf.info() posts only at INFO or below
     settings.watching.server_timeout = 300
     runtime = memo.runtime = Runtime(load_settings(), Kube(load_client()))
     memo.key_sweeper = asyncio.create_task(

@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from kiln import GROUP, VERSION
+from kiln import GROUP, VERSION, reasons
 from kiln.api.template import ImageTemplateSpec
 from kiln.kube import RUNS, TEMPLATES, template_runs
 from kiln.reconcile import templates as decide
@@ -23,7 +23,10 @@ from kiln.runtime import Runtime
 async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     spec = decide.effective_spec(dict(body.spec), runtime.settings)
-    if decide.auto_run_enabled(spec) and not decide.problems_of(spec, runtime.settings):
+    problems = decide.problems_of(spec, runtime.settings)
+    if problems:
+        kopf.warn(body, reason=reasons.INVALID_SPEC, message=decide.describe_problems(problems))
+    elif decide.auto_run_enabled(spec):
         manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
         await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
     await refresh_template(runtime, body.metadata.namespace, body.metadata.name)

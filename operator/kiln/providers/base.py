@@ -21,10 +21,18 @@ from kiln.naming import run_secret_name
 class ProviderError(Exception):
     """A failure in the provider's world; fatal ones stop the run, others are retried."""
 
-    def __init__(self, message: str, *, fatal: bool = True, retry_after: float = 10.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        fatal: bool = True,
+        retry_after: float = 10.0,
+        retry_kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.fatal = fatal
         self.retry_after = retry_after
+        self.retry_kind = retry_kind  # set for an error retried (counted, an event), not a wait
 
 
 class TemplateIdentity(BaseModel):

@@ -17,7 +17,7 @@ import asyncssh
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kiln import reasons
+from kiln import metrics, reasons
 from kiln.api.run import TERMINAL_RUN_STATES, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
@@ -42,6 +42,7 @@ MAX_CONNECTION_ERRORS = 10
 MAX_STEP_ERRORS = 3
 LOG_PUBLISH_SECONDS = 30.0
 CLEANUP_RETRY_SECONDS = 15.0
+RETRYING = "retrying: "
 
 
 def _status(run: Body) -> Body:
@@ -86,6 +87,7 @@ class RunDriver:
             status = _status(run)
             if not admission.start:
                 if status.get("message") != admission.message:
+                    kopf.info(run, reason=reasons.EVENT_QUEUED, message=admission.message)
                     await self.write(
                         run,
                         {
@@ -144,7 +146,8 @@ class RunDriver:
                 ),
             },
         )
-        kopf.info(run, reason="Started", message=message)
+        kopf.info(run, reason=reasons.EVENT_STARTED, message=message)
+        metrics.run_started(run["metadata"].get("creationTimestamp"), now)
 
     # --- build ---------------------------------------------------------------------------
 
@@ -213,6 +216,8 @@ class RunDriver:
             record.update(state=StepState.Running, startTime=now_rfc3339())
         outcome = await self._reconcile_step(step.name, ctx)
         await self._stream_logs(ctx)
+        if outcome.message.startswith(RETRYING) and outcome.message != record.get("message"):
+            kopf.warn(run, reason=reasons.EVENT_RETRYING, message=f"{step.name}: {outcome.message}")
         record["message"] = outcome.message
         if outcome.kind == "wait":
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
@@ -220,8 +225,12 @@ class RunDriver:
                 await self.write(run, progress)  # polling a running job writes nothing new
             return outcome.delay
         record.update(endTime=now_rfc3339())
+        metrics.step_ended(ctx.spec.provider, step.name, record.get("startTime"), record["endTime"])
         if outcome.kind == "done":
             record["state"] = StepState.Succeeded
+            kopf.info(
+                run, reason=reasons.EVENT_STEP_SUCCEEDED, message=f"{step.name}: {outcome.message}"
+            )
             await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
             return 0
         record.update(state=StepState.Failed, exitCode=outcome.exit_code, logTail=outcome.log_tail)
@@ -243,8 +252,12 @@ class RunDriver:
         except ProviderError as error:
             if error.fatal:
                 return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
+            if error.retry_kind:
+                metrics.reconcile_error(error.retry_kind)
+                return Outcome.wait(f"{RETRYING}{error}", error.retry_after)
             return Outcome.wait(str(error), error.retry_after)
         except (CommunicatorError, asyncssh.Error, OSError) as error:
+            metrics.reconcile_error("connection")
             await self.env.disconnect(ctx)
             return _retry_or_fail(
                 ctx,
@@ -255,8 +268,10 @@ class RunDriver:
             )
         except Exception as error:  # retried a few times (an RBAC fix may come), never forever
             if isinstance(error, ApiException):
+                metrics.reconcile_error("kubernetes")
                 message = f"step {name}: Kubernetes refused: {refusal(error)}"
             else:  # a bug or an unforeseen failure
+                metrics.reconcile_error("unexpected")
                 log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
                 message = f"step {name} failed: {type(error).__name__}: {error}"
             return _retry_or_fail(ctx, "stepErrors", MAX_STEP_ERRORS, message, delay=10)
@@ -300,12 +315,8 @@ class RunDriver:
     ) -> float | None:
         assert self.env is not None
         message = outcome.message
-        if outcome.log_tail:
-            kopf.warn(
-                run,
-                reason=outcome.reason or reasons.FAILED,
-                message=f"{message}\n" + "\n".join(outcome.log_tail),
-            )
+        tail = "".join(f"\n{line}" for line in outcome.log_tail or [])
+        kopf.warn(run, reason=outcome.reason or reasons.FAILED, message=f"{message}{tail}")
         if keep_vm:
             message += f" errorHandling is abort, so {self.env.provider.describe_vm(ctx)}."
         reason = outcome.reason or reasons.FAILED
@@ -341,6 +352,8 @@ class RunDriver:
             await self.clean_up(run, ctx, records, keep_vm=ending["keepVm"])
         except Exception as error:  # the build's resources must not leak: try again later
             log.exception("cleanup of run %s/%s failed", self.namespace, self.name)
+            metrics.reconcile_error("cleanup")
+            kopf.warn(run, reason=reasons.EVENT_CLEANUP_FAILED, message=f"retrying: {error}")
             await self.write(
                 run, {"message": f"{ending['message']} Cleanup failed, retrying: {error}"}
             )
@@ -399,6 +412,7 @@ class RunDriver:
             await self.env.disconnect(ctx)
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
+        metrics.run_ended(status.get("provider"), str(state))
         await refresh_template(self.runtime, self.namespace, run["spec"]["templateRef"]["name"])
 
     async def _stream_logs(self, ctx: RunContext) -> None:
@@ -426,6 +440,7 @@ class RunDriver:
 
     async def drive(self, stopped: kopf.DaemonStopped) -> None:
         """Queue until admitted, then build holding one of the operator's build slots."""
+        run: Body | None = None
         while not stopped:
             run = await self.get()
             if run is None or _status(run).get("runState") in TERMINAL_RUN_STATES:
@@ -440,15 +455,17 @@ class RunDriver:
         if slots.locked() and (run := await self.get()):
             limit = self.runtime.settings.max_active_runs
             await self.write(run, {"message": f"waiting for a build slot ({limit} at a time)"})
+        provider = _status(run).get("provider") if run else None
         async with slots:
-            while not stopped:
-                run = await self.get()
-                if run is None or _status(run).get("runState") in TERMINAL_RUN_STATES:
-                    return
-                delay = await self.build_pass(run)
-                if delay is None:
-                    return
-                await stopped.wait(delay)
+            with metrics.in_flight(provider).track_inprogress():
+                while not stopped:
+                    run = await self.get()
+                    if run is None or _status(run).get("runState") in TERMINAL_RUN_STATES:
+                        return
+                    delay = await self.build_pass(run)
+                    if delay is None:
+                        return
+                    await stopped.wait(delay)
 
     async def delete(self, run: Body) -> None:
         """The run is being deleted: remove whatever of its build is left (a kept VM too)."""
@@ -467,7 +484,7 @@ def _retry_or_fail(
     ctx.checkpoint[counter] = errors
     if errors > limit:
         return Outcome.failed(f"{message} ({errors} attempts)", reasons.PROVIDER_ERROR)
-    return Outcome.wait(f"retrying: {message}", delay=delay * errors)
+    return Outcome.wait(f"{RETRYING}{message}", delay=delay * errors)
 
 
 def _outputs(ctx: RunContext) -> list[Body] | None:

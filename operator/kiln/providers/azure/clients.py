@@ -9,9 +9,12 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity.aio import (
     ClientAssertionCredential,
     ClientSecretCredential,
@@ -23,6 +26,7 @@ from azure.mgmt.network.aio import NetworkManagementClient
 from azure.mgmt.resource.resources.aio import ResourceManagementClient
 from azure.mgmt.storage.aio import StorageManagementClient
 
+from kiln import metrics
 from kiln.kube import Kube
 from kiln.providers.base import ProviderError
 from kiln.settings import OperatorSettings
@@ -66,6 +70,21 @@ async def make_credential(settings: OperatorSettings, kube: Kube) -> AsyncTokenC
     )
 
 
+class CloudRequestMetrics(SansIOHTTPPolicy[Any, Any]):
+    """Counts every ARM request (each retry too) by operation and status code."""
+
+    def on_response(
+        self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]
+    ) -> None:
+        http = request.http_request
+        operation = metrics.arm_operation(http.method, urlparse(http.url).path)
+        metrics.cloud_request(operation, str(response.http_response.status_code))
+
+    def on_exception(self, request: PipelineRequest[Any]) -> None:
+        http = request.http_request
+        metrics.cloud_request(metrics.arm_operation(http.method, urlparse(http.url).path), "error")
+
+
 @dataclass
 class AzureClients:
     credential: AsyncTokenCredential
@@ -88,6 +107,7 @@ def make_clients(
     options = {
         "base_url": endpoint,
         "credential_scopes": [f"{endpoint}/.default"],
+        "per_retry_policies": [CloudRequestMetrics()],
         **transport_options(settings),
     }
     return AzureClients(

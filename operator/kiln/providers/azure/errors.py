@@ -29,6 +29,7 @@ RETRYABLE_CODES = frozenset(
 # 409s that no amount of waiting fixes.
 FATAL_CONFLICTS = frozenset({"SkuNotAvailable", "OperationNotAllowed", "QuotaExceeded"})
 DEFAULT_RETRY_SECONDS = 15.0
+CLOUD_ERROR = "cloud"  # the kind kiln_reconcile_errors_total counts retried cloud errors as
 
 
 def _retry_after(error: HttpResponseError) -> float:
@@ -43,7 +44,9 @@ def _retry_after(error: HttpResponseError) -> float:
 def classify(error: Exception) -> ProviderError:
     """A ProviderError that says whether to retry, with Azure's code and message."""
     if isinstance(error, ServiceRequestError | ServiceResponseError):
-        return ProviderError(f"Azure could not be reached: {error}", fatal=False)
+        return ProviderError(
+            f"Azure could not be reached: {error}", fatal=False, retry_kind=CLOUD_ERROR
+        )
     if not isinstance(error, HttpResponseError):
         return ProviderError(str(error))
     code = (error.error.code if error.error else None) or str(error.status_code or "")
@@ -53,5 +56,8 @@ def classify(error: Exception) -> ProviderError:
     if status == 409 and code not in FATAL_CONFLICTS:
         retryable = True
     return ProviderError(
-        f"Azure {code}: {message}", fatal=not retryable, retry_after=_retry_after(error)
+        f"Azure {code}: {message}",
+        fatal=not retryable,
+        retry_after=_retry_after(error),
+        retry_kind=CLOUD_ERROR if retryable else None,
     )
