@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes import client, config
+from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import localcluster
 from kiln.commands.demo import EXAMPLES_ROOT
@@ -75,17 +76,18 @@ class OperatorProcess:
         self.settings = {"KILN_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE, **settings}
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0
         self.file_root: Path | None = None  # a directory its templates may read, if any
 
     def start(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port, self.metrics_port = free_port(), free_port()
         env = dict(
             os.environ,
             KUBECONFIG=str(self.kubeconfig),
             KILN_DATA=str(self.data_dir),
             KILN_LIVENESS_PORT=str(self.port),
+            KILN_METRICS_PORT=str(self.metrics_port),
+            KILN_HTTP_ADDRESS=f"127.0.0.1:{self.metrics_port}",  # where a standby forwards to
             **self.settings,
         )
         with self.log_path.open("ab") as log:
@@ -123,6 +125,33 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def http(self, path: str) -> str:
+        """GET path on the operator's HTTP port (metrics, run logs, health)."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample on /metrics, keyed by name and labels."""
+        families = text_string_to_metric_families(self.http("/metrics"))
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in families
+            for sample in family.samples
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sample(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture(scope="session")

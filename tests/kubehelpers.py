@@ -214,6 +214,26 @@ def wait_ended(kiln: Kiln, name: str, timeout: float = 1500) -> Body:
     return body
 
 
+def token_kubeconfig(admin_kubeconfig: Path, user: str, token: str, path: Path) -> Path:
+    """The admin kubeconfig's cluster, signed in with a bearer token (a ServiceAccount's)."""
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [{"name": user, "context": {"cluster": cluster["name"], "user": user}}],
+                "current-context": user,
+            }
+        )
+    )
+    return path
+
+
 def cluster_ca_file(kubeconfig: Path, directory: Path) -> Path:
     """The CA of the API server's serving certificate, as a file (from the kubeconfig)."""
     cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,29 +26,26 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    import kopf
+    import asyncio
 
     import kiln.controller  # noqa: F401  (registers the handlers)
+    from kiln.commands import serve
     from kiln.settings import load_settings
 
     settings = load_settings()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    kopf.run(
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
-        standalone=True,
-    )
-    return 0
+    serve.configure_logging(settings, args.verbose)
+    return asyncio.run(serve.serve(settings))
 
 
 def _crds(args: argparse.Namespace) -> int:
     from kiln.api.crd import write_crds
+    from kiln.api.reference import write_reference
 
     for directory in args.out:
         for path in write_crds(Path(directory)):
             print(path)
+    if args.reference:
+        print(write_reference(Path(args.reference)))
     return 0
 
 
@@ -65,12 +62,23 @@ def _demo(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from kiln.commands import logs
 
+    operator = logs.OperatorService(namespace=args.operator_namespace, name=args.operator_service)
     try:
-        logs.show(args.run, args.namespace, args.follow)
+        logs.show(args.run, args.namespace, args.follow, operator, args.remote)
     except logs.LogsError as error:
         print(f"kiln logs: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.commands import run
+
+    try:
+        return run.run(args.template, args.namespace, args.wait, args.timeout)
+    except run.RunError as error:
+        print(f"kiln run: {error}", file=sys.stderr)
+        return 1
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -139,7 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("run", help="ImageBuildRun name")
     logs.add_argument("-n", "--namespace", default="default")
     logs.add_argument("-f", "--follow", action="store_true", help="follow while the run is active")
+    logs.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("KILN_OPERATOR_NAMESPACE", "kiln-system"),
+        help="where Kiln is installed, when this is not the operator's machine "
+        "(the log is read through the API server's proxy to the operator's Service)",
+    )
+    logs.add_argument(
+        "--operator-service",
+        default=os.environ.get("KILN_OPERATOR_SERVICE", "kiln"),
+        help="the operator's Service (the Helm release name)",
+    )
+    logs.add_argument(
+        "--remote",
+        action="store_true",
+        help="read through the API server even where the operator's files are at hand",
+    )
     logs.set_defaults(func=_logs)
+
+    runs = commands.add_parser("run", help="start a build of a template (an ImageBuildRun)")
+    runs.add_argument("template", help="ImageTemplate name")
+    runs.add_argument("-n", "--namespace", default="default")
+    runs.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it succeeds")
+    runs.add_argument(
+        "--timeout", type=float, default=300, help="minutes --wait waits at most (300)"
+    )
+    runs.set_defaults(func=_run)
 
     imports = commands.add_parser(
         "import",
@@ -183,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument(
         "--out", nargs="+", default=["crds", "charts/kiln/crds"], help="directories to write to"
+    )
+    crds.add_argument(
+        "--reference",
+        default="docs/api-reference.md",
+        help="the API reference generated from the CRDs ('' to skip)",
     )
     crds.set_defaults(func=_crds)
 

@@ -27,3 +27,17 @@ CUSTOMIZER_FAILED = "CustomizerFailed"
 VALIDATION_FAILED = "ValidationFailed"
 DISTRIBUTION_FAILED = "DistributionFailed"
 PROVIDER_ERROR = "ProviderError"
+WAITING_FOR_SLOT = "WaitingForBuildSlot"
+RETRYING = "Retrying"  # + the cloud's error code, e.g. RetryingTooManyRequests
+CLEANUP_FAILED = "CleanupFailed"  # also a condition type: what cleanup could not remove
+
+# Event reasons (besides the run reasons above, which failed steps also post, and the
+# final runState, which the run-ended event carries): a stable set, documented in
+# docs/troubleshooting.md.
+EVENT_QUEUED = "Queued"
+EVENT_STARTED = "Started"
+EVENT_STEP_SUCCEEDED = "StepSucceeded"
+EVENT_RETRYING = "Retrying"
+EVENT_CLEANUP_FAILED = "CleanupFailed"
+EVENT_OUTPUTS_EXPORTED = "OutputsExported"
+EVENT_EXPORT_FAILED = "ExportFailed"

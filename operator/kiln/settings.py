@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -90,6 +92,28 @@ class OperatorSettings(BaseModel):
     max_active_runs: int = Field(default=2, ge=1, description="Builds at once, operator-wide.")
     vm_memory_mb: int = Field(default=1024, ge=256)
     liveness_port: int = 8080
+    metrics_port: int = Field(
+        default=8081, description="/metrics, and run logs for `kiln logs` through the API server."
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="text or json.")
+    leader_election: bool = Field(
+        default=False,
+        description="Run as one of several replicas: only the holder of a Lease works, the "
+        "others stand by and take over when it stops renewing.",
+    )
+    leader_election_namespace: str | None = Field(
+        default=None, description="Namespace of the Lease; unset: the operator's own."
+    )
+    leader_election_name: str = Field(default="kiln", description="Name of the Lease.")
+    identity: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="This replica's name in the Lease (the pod name).",
+    )
+    http_address: str | None = Field(
+        default=None,
+        description="host:port where the other replicas reach this one's HTTP port (the "
+        "pod IP); a standby forwards log requests to the active replica there.",
+    )
 
     @field_validator("file_source_roots", mode="before")
     @classmethod
@@ -158,6 +182,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         "azure_ca_bundle": "KILN_AZURE_CA_BUNDLE",
         "azure_credentials_secret": "KILN_AZURE_CREDENTIALS_SECRET",
         "azure_communicator_source": "KILN_AZURE_COMMUNICATOR_SOURCE",
+        "metrics_port": "KILN_METRICS_PORT",
+        "log_format": "KILN_LOG_FORMAT",
+        "leader_election": "KILN_LEADER_ELECTION",
+        "leader_election_namespace": "KILN_LEADER_ELECTION_NAMESPACE",
+        "leader_election_name": "KILN_LEADER_ELECTION_NAME",
+        "identity": "KILN_POD_NAME",
+        "http_address": "KILN_HTTP_ADDRESS",
         "azure_operator_identity": "KILN_AZURE_OPERATOR_IDENTITY",
         "azure_tenant_id": "KILN_AZURE_TENANT_ID",
         "operator_namespace": "KILN_OPERATOR_NAMESPACE",

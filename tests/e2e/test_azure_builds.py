@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,10 +30,12 @@ from azurehelpers import (
     create_gallery,
     managed_image_target,
     operator_settings,
+    windows_template,
 )
-from conftest import OPERATOR_NAMESPACE, OperatorProcess
+from conftest import OPERATOR_NAMESPACE, OperatorProcess, sample
 from fakes.arm import ArmEmulator
 from fakes.azurite import Azurite
+from kiln.metrics import arm_operation
 from kubehelpers import Kiln, condition, ended, run, template, wait_ended
 from secretscan import RunRecorder
 
@@ -248,7 +251,7 @@ def test_faults_and_an_operator_killed_during_vm_create(
         arm_qemu.set_lro_duration(0.1, VM_TYPE, "create")
     assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
     assert any(r.status in (429, 500, 503) for r in arm_qemu.requests)
-    vm_id = body["status"]["checkpoint"]["vmId"]
+    vm_id = body["status"]["checkpoint"]["azure"]["vmId"]
     assert arm_qemu.creation_count(vm_id) == 1
     assert all(count == 1 for count in arm_qemu.creations().values())
     assert leftovers(arm_qemu) == []
@@ -296,7 +299,7 @@ def test_an_operator_killed_during_gallery_replication_resumes_it(
         r for r in arm_qemu.requests if r.method == "PUT" and r.path.lower() == version_id.lower()
     ]
     assert creates, "the version was created through ARM"
-    assert arm_qemu.creation_count(body["status"]["checkpoint"]["vmId"]) == 1
+    assert arm_qemu.creation_count(body["status"]["checkpoint"]["azure"]["vmId"]) == 1
     assert leftovers(arm_qemu) == []
 
 
@@ -331,7 +334,7 @@ def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
     assert found["image"]["artifactId"] == ids["image"]
     assert found["gallery"]["artifactId"] == f"{ids['gallery']}/versions/2.0.0"
     assert found["vhd"]["artifactUri"].endswith("/vhds/win-1-vhd.vhd")
-    vm_id = status["checkpoint"]["vmId"]
+    vm_id = status["checkpoint"]["azure"]["vmId"]
     guest = arm_qemu.backend.guest(vm_id)
     assert any("Sysprep.exe /oobe /generalize" in script for script in guest.scripts)
     password = guest.vm.admin_password
@@ -375,6 +378,57 @@ def test_deleting_a_template_removes_its_staging_group(kiln: Kiln, arm_qemu: Arm
     kiln.wait_for("imagetemplates", "app", lambda b: b is None, 120, "deleted")
     assert not resource.resource_groups.check_existence(staging)
     assert arm_qemu.client(ComputeManagementClient).images.get("outputs", "app")  # outputs stay
+
+
+def cloud_requests(operator: OperatorProcess) -> Counter[tuple[str, str]]:
+    """kiln_cloud_api_requests_total as the operator exposes it, by operation and code."""
+    return Counter(
+        {
+            (dict(labels)["operation"], dict(labels)["code"]): int(value)
+            for (name, labels), value in operator.metrics().items()
+            if name == "kiln_cloud_api_requests_total"
+        }
+    )
+
+
+def test_cloud_requests_and_throttling_are_counted_as_the_emulator_saw_them(
+    kiln: Kiln, arm_qemu: ArmEmulator, azure_operator: OperatorProcess
+) -> None:
+    """Every ARM request the emulator answered during a build is counted once, by
+    operation and status code; the SDK retries a 429 and each attempt counts."""
+    kiln.create(
+        "imagetemplates", windows_template(arm_qemu, "counted", "countout", "kilncount", LOCATION)
+    )
+    before, throttled = cloud_requests(azure_operator), azure_operator.metrics()
+    arm_qemu.clear_requests()  # from here on, only the operator talks to the emulator
+    vnet_put = r"/providers/Microsoft\.Network/virtualNetworks/[^/]+$"
+    arm_qemu.fail_next("PUT", vnet_put, 429, "TooManyRequests", times=2, retry_after=1)
+    try:
+        kiln.create("imagebuildruns", run("counted-1", "counted"))
+        body = wait_ended(kiln, "counted-1", timeout=900)
+    finally:
+        arm_qemu.clear_faults()
+    assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
+    seen = Counter(
+        (arm_operation(r.method, r.path), str(r.status))
+        for r in arm_qemu.requests
+        if r.path.lower().startswith("/subscriptions")
+    )
+    after = azure_operator.metrics()
+    assert cloud_requests(azure_operator) - before == seen
+    assert seen[("PUT Microsoft.Network/virtualNetworks", "429")] == 2
+    assert (
+        sample(after, "kiln_cloud_api_throttled_total")
+        - sample(throttled, "kiln_cloud_api_throttled_total")
+        == 2
+    )
+    succeeded = {"provider": "azure", "result": "Succeeded"}
+    assert (
+        sample(after, "kiln_build_runs_total", **succeeded)
+        - sample(throttled, "kiln_build_runs_total", **succeeded)
+        == 1
+    )
+    assert sample(after, "kiln_build_runs_in_flight", provider="azure") == 0
 
 
 def test_no_secret_in_status_events_or_the_operator_log(

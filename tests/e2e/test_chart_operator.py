@@ -13,18 +13,12 @@ from typing import Any
 
 import helm_python
 import pytest
-import yaml
 from kubernetes import client, config
 
-from azurehelpers import (
-    WINDOWS_SERVER_2022,
-    create_gallery,
-    managed_image_target,
-    operator_settings,
-)
+from azurehelpers import operator_settings, windows_template
 from conftest import REPO_ROOT, ControlPlane, OperatorProcess
 from fakes.arm import ArmEmulator
-from kubehelpers import Kiln, argocd_health, run, template, wait_ended
+from kubehelpers import Kiln, argocd_health, run, token_kubeconfig, wait_ended
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azure]
 
@@ -40,24 +34,7 @@ def service_account_kubeconfig(control_plane: ControlPlane, path: Path) -> Path:
         token = client.CoreV1Api(api).create_namespaced_service_account_token(
             RELEASE, RELEASE, {"spec": {"expirationSeconds": 7200}}
         )
-    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
-    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [cluster],
-                "users": [{"name": RELEASE, "user": {"token": token.status.token}}],
-                "contexts": [
-                    {"name": RELEASE, "context": {"cluster": cluster["name"], "user": RELEASE}}
-                ],
-                "current-context": RELEASE,
-            }
-        )
-    )
-    return path
+    return token_kubeconfig(control_plane.kubeconfig, RELEASE, token.status.token, path)
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +67,6 @@ def chart_operator(
         cfg.close()
 
 
-def windows_template(arm: ArmEmulator, name: str) -> dict[str, Any]:
-    """The quickest whole build: a Windows VM (a WinRM guest) to a managed image."""
-    ids = create_gallery(arm, "chartout", "kilnchart", name, LOCATION, os_type="Windows")
-    manifest = template(
-        name,
-        source=WINDOWS_SERVER_2022,
-        customize=[],
-        distribute=[managed_image_target(ids["image"], LOCATION)],
-    )
-    manifest["spec"]["provider"] = "azure"
-    return manifest
-
-
 def last_run_succeeded(body: dict[str, Any] | None) -> bool:
     last_run = ((body or {}).get("status") or {}).get("lastRun") or {}
     return last_run.get("runState") == "Succeeded"
@@ -113,7 +77,9 @@ def test_the_charts_permissions_are_enough_for_a_whole_build(
 ) -> None:
     with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
         kiln = Kiln(api, WATCHED)
-        kiln.create("imagetemplates", windows_template(arm_qemu, "win"))
+        kiln.create(
+            "imagetemplates", windows_template(arm_qemu, "win", "chartout", "kilnchart", LOCATION)
+        )
         kiln.create("imagebuildruns", run("win-1", "win"))
         body = wait_ended(kiln, "win-1", timeout=600)
         assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
@@ -142,7 +108,10 @@ def test_a_permission_missing_from_the_chart_is_named_in_the_run(
         rbac.patch_namespaced_role(SECRETS_ROLE, RELEASE, {"rules": [_camel(r) for r in reduced]})
         try:
             kiln = Kiln(api, WATCHED)
-            kiln.create("imagetemplates", windows_template(arm_qemu, "norbac"))
+            kiln.create(
+                "imagetemplates",
+                windows_template(arm_qemu, "norbac", "chartout", "kilnchart", LOCATION),
+            )
             kiln.create("imagebuildruns", run("norbac-1", "norbac"))
             body = wait_ended(kiln, "norbac-1", timeout=600)
         finally:

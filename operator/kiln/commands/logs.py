@@ -7,13 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client import CustomObjectsApi
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel
 
 from kiln import GROUP, VERSION
 from kiln.api.run import TERMINAL_RUN_STATES
 from kiln.kube import RUNS, load_client
 
 FOLLOW_POLL_SECONDS = 2.0
+PROXY_TIMEOUT_SECONDS = 30.0
+RUN_STATE_HEADER = "X-Kiln-Run-State"
 
 
 class LogsError(Exception):
@@ -53,8 +57,13 @@ def _started(run: dict[str, Any]) -> bool:
     return "staging" in ((run.get("status") or {}).get("checkpoint") or {})
 
 
-def show(name: str, namespace: str, follow: bool) -> None:
-    api = CustomObjectsApi(load_client())
+def show(
+    name: str, namespace: str, follow: bool, operator: OperatorService, remote: bool = False
+) -> None:
+    """Read the log where it is written when this is the operator's machine, else through
+    the API server's proxy to the operator's Service."""
+    client = load_client()
+    api = CustomObjectsApi(client)
 
     def fetch() -> dict[str, Any]:
         return api.get_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name)
@@ -65,7 +74,15 @@ def show(name: str, namespace: str, follow: bool) -> None:
             break
         time.sleep(FOLLOW_POLL_SECONDS)
         run = fetch()
-    path = log_path(run)
+    try:
+        path = log_path(run)
+    except LogsError:
+        if not _started(run):
+            raise
+        remote = True
+    if remote:
+        _show_remote(client, operator, namespace, name, follow, run)
+        return
     offset = 0
     while True:
         if path.exists():
@@ -80,3 +97,78 @@ def show(name: str, namespace: str, follow: bool) -> None:
                 continue
             return
         time.sleep(FOLLOW_POLL_SECONDS)
+
+
+class OperatorService(BaseModel):
+    """The operator's Service, whose HTTP port serves run logs."""
+
+    namespace: str
+    name: str
+    port: str = "http"
+
+
+def proxy_path(operator: OperatorService, namespace: str, name: str) -> str:
+    return (
+        f"/api/v1/namespaces/{operator.namespace}/services/{operator.name}:{operator.port}"
+        f"/proxy/logs/{namespace}/{name}"
+    )
+
+
+def read_through_proxy(
+    client: ApiClient, operator: OperatorService, namespace: str, name: str, offset: int
+) -> tuple[bytes, str]:
+    """One chunk of the log from offset, and the run's state, as the operator sees them.
+    The API server decides by RBAC (get services/proxy) whether the caller may ask."""
+    request = client.param_serialize(
+        "GET",
+        proxy_path(operator, namespace, name),
+        query_params=[("offset", str(offset))],
+        auth_settings=["BearerToken"],
+    )
+    try:
+        response = client.call_api(*request, _request_timeout=PROXY_TIMEOUT_SECONDS)
+        status, body, state = (
+            response.status,
+            response.read() or b"",
+            response.headers.get(RUN_STATE_HEADER) or "",
+        )
+    except ApiException as error:
+        status, body, state = error.status, (error.body or "").encode(), ""
+    if status != 200:
+        text = body.decode(errors="replace").strip()
+        raise LogsError(
+            f"the operator's Service {operator.namespace}/{operator.name} answered "
+            f"{status}: {text} (set --operator-namespace/--operator-service to where "
+            "Kiln is installed)"
+        )
+    return body, state
+
+
+def _show_remote(
+    client: ApiClient,
+    operator: OperatorService,
+    namespace: str,
+    name: str,
+    follow: bool,
+    run: dict[str, Any],
+) -> None:
+    offset = 0
+    try:
+        while True:
+            chunk, state = read_through_proxy(client, operator, namespace, name, offset)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+            offset += len(chunk)
+            if chunk:
+                continue
+            if not follow or state in TERMINAL_RUN_STATES:
+                return
+            time.sleep(FOLLOW_POLL_SECONDS)
+    except LogsError as error:
+        if offset:
+            raise
+        raise LogsError(f"{error}; {not_here(run, Path(log_path_of(run)))}") from None
+
+
+def log_path_of(run: dict[str, Any]) -> str:
+    return str(((run.get("status") or {}).get("checkpoint") or {}).get("logPath") or "")

@@ -67,6 +67,10 @@ def auto_run_enabled(spec: Body) -> bool:
     return ((spec.get("autoRun") or {}).get("state")) == "Enabled"
 
 
+def has_ended(run: Body) -> bool:
+    return _run_state(run) in TERMINAL_RUN_STATES
+
+
 def is_building(run: Body) -> bool:
     """Started (it has its snapshot) and not ended: it still needs the staging."""
     started = bool((run.get("status") or {}).get("templateSnapshot"))
@@ -168,9 +172,17 @@ def template_status(
     if ordered:
         last = ordered[-1]
         status["lastRun"] = {"name": last["metadata"]["name"], "runState": _run_state(last)}
-    succeeded = [
-        r for r in ordered if _run_state(r) in (RunState.Succeeded, RunState.PartiallySucceeded)
-    ]
-    if succeeded:
-        status["latestOutputs"] = (succeeded[-1].get("status") or {}).get("runOutputs")
+    latest = latest_successful_run(runs)
+    if latest is not None:
+        status["latestOutputs"] = (latest.get("status") or {}).get("runOutputs")
     return status
+
+
+def latest_successful_run(runs: list[Body]) -> Body | None:
+    """The newest run that distributed something: its outputs are the template's latest."""
+    succeeded = [
+        r
+        for r in sorted(runs, key=_created)
+        if _run_state(r) in (RunState.Succeeded, RunState.PartiallySucceeded)
+    ]
+    return succeeded[-1] if succeeded else None

@@ -9,9 +9,12 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity.aio import (
     ClientAssertionCredential,
     ClientSecretCredential,
@@ -23,13 +26,21 @@ from azure.mgmt.network.aio import NetworkManagementClient
 from azure.mgmt.resource.resources.aio import ResourceManagementClient
 from azure.mgmt.storage.aio import StorageManagementClient
 
+from kiln import metrics
 from kiln.kube import Kube
 from kiln.providers.base import ProviderError
 from kiln.settings import OperatorSettings
 
+# Every call is bounded: connecting, reading, and the SDK's own retries (a few, quickly;
+# a fault that persists surfaces to the run as a visible, budgeted retry).
+TIMEOUTS = {"connection_timeout": 20, "read_timeout": 120, "retry_total": 2, "timeout": 300}
+
 
 def transport_options(settings: OperatorSettings) -> dict[str, Any]:
-    return {"connection_verify": str(settings.azure_ca_bundle)} if settings.azure_ca_bundle else {}
+    verify = (
+        {"connection_verify": str(settings.azure_ca_bundle)} if settings.azure_ca_bundle else {}
+    )
+    return {**TIMEOUTS, **verify}
 
 
 def _authority_options(settings: OperatorSettings) -> dict[str, Any]:
@@ -66,6 +77,21 @@ async def make_credential(settings: OperatorSettings, kube: Kube) -> AsyncTokenC
     )
 
 
+class CloudRequestMetrics(SansIOHTTPPolicy[Any, Any]):
+    """Counts every ARM request (each retry too) by operation and status code."""
+
+    def on_response(
+        self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]
+    ) -> None:
+        http = request.http_request
+        operation = metrics.arm_operation(http.method, urlparse(http.url).path)
+        metrics.cloud_request(operation, str(response.http_response.status_code))
+
+    def on_exception(self, request: PipelineRequest[Any]) -> None:
+        http = request.http_request
+        metrics.cloud_request(metrics.arm_operation(http.method, urlparse(http.url).path), "error")
+
+
 @dataclass
 class AzureClients:
     credential: AsyncTokenCredential
@@ -88,6 +114,7 @@ def make_clients(
     options = {
         "base_url": endpoint,
         "credential_scopes": [f"{endpoint}/.default"],
+        "per_retry_policies": [CloudRequestMetrics()],
         **transport_options(settings),
     }
     return AzureClients(
