@@ -360,6 +360,9 @@ def _unit_exists(rootfs: Path, unit: str) -> bool:
 
 def _customize(rootfs: Path, root_uuid: str, esp_uuid: str) -> None:
     """Boot loader, network, cloud-init, Azure's agent, and no per-machine identity."""
+    for link in ("vmlinuz", "initrd.img"):  # what grub.cfg boots; kernel upgrades move them
+        if not (rootfs / link).exists():
+            raise ToolError(f"the kernel package left no /{link} in the image (kernel-img.conf)")
     files = {
         **FILES,
         "etc/fstab": (
