@@ -94,7 +94,7 @@ def machine() -> dict[str, Any]:
 def _capture_disk(sizes: Sizes, work: Path) -> Path:
     if sizes.capture_disk:
         return sizes.capture_disk
-    base = baseimage.ensure_debian12()
+    base = baseimage.ensure_image()
     overlay = work / "capture-overlay.qcow2"
     overlay.unlink(missing_ok=True)
     qemu.create_overlay(base.disk_path, overlay)

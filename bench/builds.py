@@ -13,7 +13,7 @@ import yaml
 from bench import packer
 from bench.env import Body, Cluster, Watcher, vm_lock, wait_until
 from bench.report import Figure, Goal, median, seconds
-from kiln.api.template import ImageTemplateSpec
+from kiln.api.template import ImageTemplateSpec, PlatformImageSource
 from kiln.kube import RUNS, TEMPLATES
 from kiln.providers.local import baseimage
 
@@ -104,7 +104,8 @@ def run(
     wait_until(lambda: name not in cluster.names(TEMPLATES), 300, f"old {name} gone")
     cluster.create(TEMPLATES, {**body, "metadata": {"name": name}})
     spec = ImageTemplateSpec.model_validate(body["spec"])
-    base = baseimage.ensure_debian12(cache_root)
+    assert isinstance(spec.source, PlatformImageSource)
+    base = packer.base_image(spec.source, cache_root)
     samples: dict[str, list[dict[str, Any]]] = {"kiln": [], "packer": []}
     for rep in range(repeats):
         with vm_lock(lock):

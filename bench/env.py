@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -23,28 +24,32 @@ from kiln.commands import demo
 from kiln.providers.local import qemu
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 NAMESPACE = "kiln-bench"
 Body = dict[str, Any]
 _REQUESTS = re.compile(r"^apiserver_request_total\{[^}]*\} (\S+)$", re.MULTILINE)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _lock_timed_out(_signum: int, _frame: object) -> None:
+    raise TimeoutError("the VM lock stayed taken for an hour")
+
+
 @contextlib.contextmanager
-def vm_lock(path: Path | None) -> Iterator[None]:
-    """Hold the machine's VM lock (flock) while VMs boot, if one is configured."""
+def vm_lock(path: Path | None, timeout: int = 3600) -> Iterator[None]:
+    """Hold the machine's VM lock (flock, queued like `flock -w`) while VMs boot, if one
+    is configured; an alarm bounds the wait."""
     if path is None:
         yield
         return
     with open(path, "a") as fh:
-        deadline = time.monotonic() + 3600
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path} stayed locked for an hour") from None
-                time.sleep(1)
+        previous = signal.signal(signal.SIGALRM, _lock_timed_out)
+        signal.alarm(timeout)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         try:
             yield
         finally:
@@ -64,7 +69,7 @@ class Operator:
         saved = dict(os.environ)
         os.environ.update(self.settings, KILN_LIVENESS_PORT=str(self.port))
         try:
-            self.pid = demo.start_operator(self.state_dir)
+            self.pid = demo.start_operator(self.state_dir, EXAMPLES)
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -101,11 +106,8 @@ class Cluster:
         self.kubeconfig = localcluster.up(state_dir, crds_dir=REPO / "crds")
         self.client: ApiClient = config.new_client_from_config(str(self.kubeconfig))
         self.api = CustomObjectsApi(self.client)
-        try:
-            CoreV1Api(self.client).create_namespace({"metadata": {"name": NAMESPACE}})
-        except ApiException as error:
-            if error.status != 409:
-                raise
+        for namespace in (NAMESPACE, demo.OPERATOR_NAMESPACE):
+            demo.ensure_namespace(CoreV1Api(self.client), namespace)
 
     def close(self) -> None:
         self.client.close()

@@ -1,7 +1,7 @@
 """Packer 1.6.6's qemu builder doing the same job as Kiln's local build.
 
 Nothing about the VM is written here: the QEMU arguments come from Kiln's own
-`qemu._qemu_argv` (firmware or kernel, accelerator, machine, VM size, disk and seed
+`qemu._qemu_argv` (firmware, accelerator, machine, VM size, disk and seed
 drives), the provisioners from the ImageTemplate's own steps, the deprovisioning and the
 shutdown from Kiln's Linux customizer, the seed ISO from Kiln's seed writer. Packer gets
 only what it must substitute itself: the disk path and the forwarded SSH port.
@@ -20,7 +20,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from bench.capture import FIXED_VHD
-from kiln.api.template import FileStep, ImageTemplateSpec, ShellStep
+from bench.env import EXAMPLES
+from kiln.api.template import FileStep, ImageTemplateSpec, PlatformImageSource, ShellStep
+from kiln.api.tenancy import FileRoot, TenancyPolicy
+from kiln.commands import demo
 from kiln.communicators.ssh import generate_keypair
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.providers.local import baseimage, disks, qemu
@@ -40,7 +43,12 @@ MARKS = (STARTED, CONNECTED, HALTING, POST_PROCESSING)
 
 
 def vm_spec(
-    base: baseimage.BaseImage, state_dir: Path, seed: Path, memory_mb: int, cache_root: Path
+    source: PlatformImageSource,
+    base: baseimage.BaseImage,
+    state_dir: Path,
+    seed: Path,
+    memory_mb: int,
+    cache_root: Path,
 ) -> qemu.VmSpec:
     """The VmSpec the local provider boots for this source (LocalProvider._start_vm)."""
     return qemu.VmSpec(
@@ -48,11 +56,22 @@ def vm_spec(
         state_dir=state_dir,
         disk=state_dir / DISK_NAME,
         seed_iso=seed,
-        kernel=base.kernel_path,
-        initrd=base.initrd_path,
+        generation=baseimage.generation(source.sku),
         memory_mb=memory_mb,
-        accel=qemu.accelerator(cache_root, base.kernel_path),
+        accel=qemu.accelerator(cache_root, base.disk_path),
     )
+
+
+def base_image(source: PlatformImageSource, cache_root: Path) -> baseimage.BaseImage:
+    """The cached base image the local provider resolves the platform source to."""
+    release = baseimage.release_of(source.publisher, source.offer, source.sku)
+    if release is None:
+        raise ValueError(f"Kiln builds no base image for {source.offer} {source.sku}")
+    if source.version.lower() != "latest":
+        return baseimage.resolve(
+            cache_root, source.publisher, source.offer, source.sku, source.version
+        )
+    return baseimage.ensure_image(release, cache_root)
 
 
 def baseimage_format(base: baseimage.BaseImage) -> str:
@@ -81,6 +100,13 @@ def qemuargs(spec: qemu.VmSpec) -> list[list[str]]:
     return pairs
 
 
+def file_sources() -> TenancyPolicy:
+    """Where the bench's operator reads file:// sources (as `make demo` maps them)."""
+    return TenancyPolicy(
+        file_source_roots=[FileRoot.parse(f"{demo.EXAMPLES_ROOT}={EXAMPLES.absolute()}")]
+    )
+
+
 def provisioners(spec: ImageTemplateSpec, deprovision_script: Path) -> list[dict[str, Any]]:
     """The template's customize and validate steps, then Kiln's deprovisioning."""
     steps = list(spec.customize or [])
@@ -91,7 +117,7 @@ def provisioners(spec: ImageTemplateSpec, deprovision_script: Path) -> list[dict
         if isinstance(step, ShellStep) and step.inline:
             out.append({"type": "shell", "inline": step.inline})
         elif isinstance(step, FileStep) and step.source_uri.startswith("file://"):
-            source = step.source_uri.removeprefix("file://")
+            source = str(file_sources().open_file_uri(step.source_uri))
             out.append({"type": "file", "source": source, "destination": step.destination})
         else:
             raise ValueError(f"the Packer peer has no equivalent of step {step.name!r}")
@@ -150,7 +176,8 @@ def write_template(
     out = work / "output"
     state = work / "vm"
     state.mkdir(exist_ok=True)
-    vm = vm_spec(base, state, seed, memory_mb, cache_root)
+    assert isinstance(spec.source, PlatformImageSource)
+    vm = vm_spec(spec.source, base, state, seed, memory_mb, cache_root)
     builder = {
         "type": "qemu",
         "iso_url": str(base.disk_path),

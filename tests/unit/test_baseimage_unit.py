@@ -148,3 +148,16 @@ def test_other_releases_come_from_the_hosts_mirror(codename: str) -> None:
 def test_unknown_release_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageNotFound, match="not one of 11, 12, 13"):
         baseimage.build_image("10", tmp_path)
+
+
+def test_waagent_leaves_provisioning_to_cloud_init(tmp_path: Path) -> None:
+    conf = tmp_path / "waagent.conf"
+    conf.write_text("# comment\nProvisioning.Agent=auto\nResourceDisk.Format=y\nLogs.Verbose=n\n")
+    baseimage._configure_waagent(conf)
+    lines = conf.read_text().splitlines()
+    assert lines[:2] == ["# comment", "Logs.Verbose=n"]
+    assert sorted(lines[2:]) == [
+        "Provisioning.Agent=cloud-init",
+        "ResourceDisk.EnableSwap=n",
+        "ResourceDisk.Format=n",
+    ]
