@@ -44,68 +44,70 @@ def load_client() -> ApiClient:
     return ApiClient()
 
 
+REQUEST_TIMEOUT = (10, 60)  # (connect, read) seconds for every API server call
+
+
 class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.custom = CustomObjectsApi(client)
         self.core = CoreV1Api(client)
 
+    async def _custom(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A CustomObjectsApi call for Kiln's group, in a thread, with a timeout."""
+        call = getattr(self.custom, method)
+        return await asyncio.to_thread(
+            call, GROUP, VERSION, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs
+        )
+
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
         try:
-            return await asyncio.to_thread(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
-            )
+            return await self._custom("get_namespaced_custom_object", namespace, plural, name)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
     async def list(self, plural: str, namespace: str, label_selector: str = "") -> list[Body]:
-        result = await asyncio.to_thread(
-            self.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            label_selector=label_selector,
+        result = await self._custom(
+            "list_namespaced_custom_object", namespace, plural, label_selector=label_selector
         )
+        return list(result.get("items", []))
+
+    async def list_all(self, plural: str) -> list[Body]:
+        """Every object of the kind in every namespace (the orphan sweeper's view)."""
+        result = await self._custom("list_cluster_custom_object", plural)
         return list(result.get("items", []))
 
     async def create(self, plural: str, namespace: str, body: Body) -> Body | None:
         """Create; None when an object of that name exists already (creation is idempotent)."""
         try:
-            return await asyncio.to_thread(
-                self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural, body
-            )
+            return await self._custom("create_namespaced_custom_object", namespace, plural, body)
         except ApiException as error:
             if error.status == 409:
                 return None
             raise
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: Body) -> Body:
-        return await asyncio.to_thread(
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            name,
-            {"status": status},
+        return await self._custom(
+            "patch_namespaced_custom_object_status", namespace, plural, name, {"status": status}
         )
 
     async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        return await asyncio.to_thread(
-            self.custom.patch_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            name,
-            patch,
-        )
+        return await self._custom("patch_namespaced_custom_object", namespace, plural, name, patch)
+
+    async def delete(self, plural: str, namespace: str, name: str) -> None:
+        """Delete a Kiln object; one that is gone already is fine."""
+        try:
+            await self._custom("delete_namespaced_custom_object", namespace, plural, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+            secret = await asyncio.to_thread(
+                self.core.read_namespaced_secret, name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -114,7 +116,12 @@ class Kube:
 
     async def create_secret(self, namespace: str, body: Body) -> None:
         try:
-            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+            await asyncio.to_thread(
+                self.core.create_namespaced_secret,
+                namespace,
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as error:
             if error.status != 409:
                 raise
@@ -150,7 +157,12 @@ class Kube:
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
+            await asyncio.to_thread(
+                self.core.delete_namespaced_secret,
+                name,
+                namespace,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as error:
             if error.status != 404:
                 raise

@@ -27,6 +27,9 @@ CUSTOMIZER_FAILED = "CustomizerFailed"
 VALIDATION_FAILED = "ValidationFailed"
 DISTRIBUTION_FAILED = "DistributionFailed"
 PROVIDER_ERROR = "ProviderError"
+WAITING_FOR_SLOT = "WaitingForBuildSlot"
+RETRYING = "Retrying"  # + the cloud's error code, e.g. RetryingTooManyRequests
+CLEANUP_FAILED = "CleanupFailed"  # also a condition type: what cleanup could not remove
 
 # Event reasons (besides the run reasons above, which failed steps also post, and the
 # final runState, which the run-ended event carries): a stable set, documented in

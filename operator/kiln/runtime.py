@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kiln.api.template import Provider
-from kiln.kube import Kube
+from kiln.kube import Kube, template_runs
 from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import BuildProvider, ProviderError
 from kiln.providers.local.provider import LocalProvider
@@ -23,6 +25,13 @@ class Runtime:
         }
         self.template_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.build_slots = asyncio.Semaphore(settings.max_active_runs)
+        # The step pass in flight of each run (by uid), and runs being deleted: deleting a
+        # run stops its step first, and no new step starts after that.
+        self.steps_in_flight: dict[str, asyncio.Future[object]] = {}
+        self.deleting_runs: set[str] = set()
+        # kopf's runs_by_template index, (namespace, template) -> slim run views; set by the
+        # run daemon (kopf hands indices to handlers), None until then.
+        self.runs_index: Mapping[tuple[str, str], Iterable[dict[str, Any]]] | None = None
 
     def provider(self, name: str) -> BuildProvider:
         try:
@@ -32,6 +41,14 @@ class Runtime:
                 f"the {name} provider is not available in this operator; "
                 f"available: {', '.join(sorted(self.providers))}"
             ) from None
+
+    async def runs_of(self, namespace: str, template: str) -> list[dict[str, Any]]:
+        """The runs of a template: from the index (no API call), else one LIST."""
+        if self.runs_index is not None:
+            return [dict(run) for run in self.runs_index.get((namespace, template), [])]
+        return await template_runs(
+            self.kube, {"metadata": {"namespace": namespace, "name": template}}
+        )
 
     async def close(self) -> None:
         for provider in self.providers.values():

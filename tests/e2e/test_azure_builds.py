@@ -251,7 +251,7 @@ def test_faults_and_an_operator_killed_during_vm_create(
         arm_qemu.set_lro_duration(0.1, VM_TYPE, "create")
     assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
     assert any(r.status in (429, 500, 503) for r in arm_qemu.requests)
-    vm_id = body["status"]["checkpoint"]["vmId"]
+    vm_id = body["status"]["checkpoint"]["azure"]["vmId"]
     assert arm_qemu.creation_count(vm_id) == 1
     assert all(count == 1 for count in arm_qemu.creations().values())
     assert leftovers(arm_qemu) == []
@@ -299,7 +299,7 @@ def test_an_operator_killed_during_gallery_replication_resumes_it(
         r for r in arm_qemu.requests if r.method == "PUT" and r.path.lower() == version_id.lower()
     ]
     assert creates, "the version was created through ARM"
-    assert arm_qemu.creation_count(body["status"]["checkpoint"]["vmId"]) == 1
+    assert arm_qemu.creation_count(body["status"]["checkpoint"]["azure"]["vmId"]) == 1
     assert leftovers(arm_qemu) == []
 
 
@@ -334,7 +334,7 @@ def test_a_windows_template_builds_over_winrm_and_is_sysprepped(
     assert found["image"]["artifactId"] == ids["image"]
     assert found["gallery"]["artifactId"] == f"{ids['gallery']}/versions/2.0.0"
     assert found["vhd"]["artifactUri"].endswith("/vhds/win-1-vhd.vhd")
-    vm_id = status["checkpoint"]["vmId"]
+    vm_id = status["checkpoint"]["azure"]["vmId"]
     guest = arm_qemu.backend.guest(vm_id)
     assert any("Sysprep.exe /oobe /generalize" in script for script in guest.scripts)
     password = guest.vm.admin_password

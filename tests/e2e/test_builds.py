@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -405,6 +408,61 @@ def test_deleting_an_active_run_removes_its_vm(kiln: Kiln, kiln_operator: Any) -
     kiln.wait_for("imagebuildruns", "gone-1", lambda b: b is None, 120, "deleted")
     assert not qemu.is_running(vm)
     assert_cleaned(kiln, kiln_operator, body)
+
+
+def _seconds(rfc3339: str) -> float:
+    return time.mktime(time.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def test_a_frozen_build_vm_ends_at_the_timeout_and_a_run_behind_it_still_builds(
+    kiln: Kiln, kiln_operator: Any
+) -> None:
+    """The issue's reproduction: a build VM frozen (SIGSTOP) mid-step used to keep its run
+    Running until the VM was resumed, and a run queued behind it failed TimedOut without
+    building. Now the step in flight is interrupted at the timeout and the VM killed."""
+    kiln.create(
+        "imagetemplates",
+        template(
+            "frozen",
+            customize=[{"type": "Shell", "inline": ["sleep 900"]}],
+            buildTimeoutInMinutes=4,
+        ),
+    )
+    kiln.create("imagebuildruns", run("frozen-1", "frozen"))
+    body = kiln.wait_for(
+        "imagebuildruns",
+        "frozen-1",
+        lambda b: "running customize-00" in ((b or {}).get("status") or {}).get("message", ""),
+        BUILD_TIMEOUT,
+        "customizing",
+    )
+    kiln.create("imagebuildruns", run("frozen-2", "frozen"))  # queued behind frozen-1
+    vm = qemu.find(build_vm_dir(kiln_operator, body))
+    assert vm is not None
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        body = wait_ended(kiln, "frozen-1", timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vm.pid, signal.SIGCONT)
+    status = body["status"]
+    assert status["runState"] == "Failed" and condition(body, "Stalled")["reason"] == "TimedOut"
+    overran = _seconds(status["endTime"]) - _seconds(status["startTime"]) - 4 * 60
+    assert overran < 60, f"the run ended {overran:.0f}s after its timeout"
+    assert not qemu.is_running(vm), "the frozen VM is killed"
+    assert_cleaned(kiln, kiln_operator, body)
+    second = kiln.wait_for(
+        "imagebuildruns",
+        "frozen-2",
+        lambda b: bool(((b or {}).get("status") or {}).get("startTime")),
+        120,
+        "started",
+    )
+    assert second["status"]["startTime"] >= status["endTime"]  # its timeout counts from here
+    kiln.patch("imagebuildruns", "frozen-2", {"spec": {"cancel": True}})
+    second = wait_ended(kiln, "frozen-2", timeout=600)
+    assert second["status"]["runState"] == "Canceled"
+    assert_cleaned(kiln, kiln_operator, second)
 
 
 def test_no_secret_in_status_events_or_the_operator_log(

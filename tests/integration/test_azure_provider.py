@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,13 +21,17 @@ import yaml
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
+from azure.storage.blob import BlobServiceClient
 
 from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
+from fakes.azurite import Azurite
+from kiln.api.run import Checkpoint
 from kiln.api.template import ImageTemplateSpec
 from kiln.api.tenancy import TenancyPolicy
-from kiln.communicators.ssh import generate_keypair
+from kiln.communicators import winrm
+from kiln.communicators.ssh import CommunicatorError, generate_keypair
 from kiln.communicators.winrm import (
     CertificateMismatch,
     WinRmCommunicator,
@@ -34,6 +40,7 @@ from kiln.communicators.winrm import (
 from kiln.naming import BUILD_COMPUTER_NAME
 from kiln.pipeline.base import StepEnv
 from kiln.pipeline.image import DeprovisionStep
+from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import ConnectStep
 from kiln.providers.azure import operations
 from kiln.providers.azure.provider import AzureProvider
@@ -84,14 +91,14 @@ def context(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> RunContext:
         "subscriptionId": arm.subscription_id,
         **spec,
     }
-    uid = str(uuid.uuid4())
+    template = TemplateIdentity(namespace="default", name="tmpl", uid=str(uuid.uuid4()))
     return RunContext(
         namespace="default",
         run_name="run-1",
         run_uid=str(uuid.uuid4()),
-        template=TemplateIdentity(namespace="default", name="tmpl", uid=uid),
+        template=template,
         spec=ImageTemplateSpec.model_validate(body),
-        checkpoint={},
+        checkpoint=Checkpoint(template=template),
         run_dir=tmp_path / "run-1",
         key_namespace="kiln-system",
         client_private_key=client.private_key.get_secret_value(),
@@ -159,7 +166,7 @@ async def test_a_build_leaves_only_staging_and_outputs(
     endpoint = await until_done(lambda: provider.create_vm(ctx))
     assert endpoint.host.startswith("127.0.2.") and endpoint.port == 22
     assert endpoint.user == "packer"
-    vm = arm.vm_info(ctx.checkpoint["vmId"])
+    vm = arm.vm_info(ctx.checkpoint.azure.vm_id)
     user_data = yaml.safe_load(base64.b64decode(vm.custom_data or ""))
     assert user_data["ssh_keys"]["ed25519_public"] == ctx.host_public_key
     assert vm.ssh_public_keys == [ctx.client_public_key]
@@ -179,16 +186,119 @@ async def test_a_build_leaves_only_staging_and_outputs(
     assert regions == {LOCATION: 1, "northeurope": 2}
     await provider.delete_vm(ctx)
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
-    assert arm.creation_count(ctx.checkpoint["vmId"]) == 1
+    assert arm.creation_count(ctx.checkpoint.azure.vm_id) == 1
     await provider.delete_staging(ctx.template, staging, keep_group=False)
     assert arm.client(ResourceManagementClient).resource_groups.check_existence(group) is False
     assert arm.client(ComputeManagementClient).images.get("outputs", "base").id == image_id
+
+
+async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_first(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    ids = create_gallery(arm, "again", "kiln", "base", LOCATION)
+    distribute = [
+        {"type": "ManagedImage", "runOutputName": "img", "imageId": ids["image"]}
+        | {"location": LOCATION},
+        {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": ids["gallery"]}
+        | {"versioning": {"scheme": "Latest", "major": 1}},
+    ]
+    first = context(arm, tmp_path / "1", distribute=distribute)
+    second = context(arm, tmp_path / "2", distribute=distribute)
+    second.template = first.template  # two runs of one template
+    second.checkpoint.template = first.template
+    versions = arm.client(ComputeManagementClient).gallery_image_versions
+    for ctx in (first, second):
+        await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+        await provider.resolve_source(ctx)
+        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+        assert await until_done(lambda ctx=ctx: provider.stop_vm(ctx))
+        # the managed image exists after the first build: the second overwrites it (AIB)
+        await until_done(lambda ctx=ctx: provider.distribute(ctx, 0), limit=100)
+        image = arm.client(ComputeManagementClient).images.get("again", "base")
+        assert image.source_virtual_machine.id.lower() == ctx.checkpoint.azure.vm_id.lower()
+        # the gallery version is decided and saved (a pass ends) before anything is PUT
+        existing = {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")}
+        with pytest.raises(ProviderError, match="recording gallery version"):
+            await provider.distribute(ctx, 1)
+        decided = ctx.checkpoint.azure.gallery_versions["1"]
+        assert decided not in existing
+        assert {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")} == (
+            existing
+        )
+        with contextlib.suppress(ProviderError):
+            await provider.distribute(ctx, 1)  # the PUT goes out
+        ctx.checkpoint.azure.operations.pop("distribute-1", None)  # crash before the token
+        output = await until_done(lambda ctx=ctx: provider.distribute(ctx, 1))
+        assert output.artifact_id.endswith(f"/versions/{decided}")
+    names = sorted(v.name for v in versions.list_by_gallery_image("again", "kiln", "base"))
+    assert names == ["1.0.0", "1.0.1"]  # one version per run, never a second one
+    for ctx in (first, second):
+        await provider.delete_vm(ctx)
+
+
+async def test_the_log_goes_to_an_append_blob_that_gets_only_what_it_lacks(
+    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ArmEmulator(
+        lro_duration=0.2,
+        retry_after=0.05,
+        blob_endpoint=azurite.blob_endpoint,
+        storage_account_key=azurite.account_key,
+    ) as arm:
+        for name, value in arm.environment().items():
+            if name.startswith("AZURE_"):
+                monkeypatch.setenv(name, value)
+        azure = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+        try:
+            ctx = context(arm, tmp_path)
+            await until_done(lambda: azure.ensure_staging(ctx))
+            log = ctx.run_dir / COMBINED
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_bytes(b"==> customize[0]\nfirst\n")
+            await azure.publish_logs(ctx)
+            with log.open("ab") as handle:
+                handle.write(b"second\n" * 1000)
+            await azure.publish_logs(ctx)
+            await azure.publish_logs(ctx)  # nothing new: nothing sent
+            assert ctx.checkpoint.log_uri and "?" not in ctx.checkpoint.log_uri
+            service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+            blob = service.get_blob_client("packerlogs", f"{ctx.run_name}/{COMBINED}")
+            assert blob.get_blob_properties().blob_type == "AppendBlob"
+            assert blob.download_blob().readall() == log.read_bytes()
+            listings = [r for r in arm.requests if r.path.endswith("/listKeys")]
+            assert len(listings) == 1  # once per account, not per upload
+        finally:
+            await azure.close()
+
+
+async def test_the_sweeper_removes_what_runs_that_are_gone_left_by_their_tag(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    live, gone = context(arm, tmp_path / "live"), context(arm, tmp_path / "gone")
+    gone.template = gone.checkpoint.template = live.template  # one staging group
+    for ctx in (live, gone):
+        staging = await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+        await provider.resolve_source(ctx)
+        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+    leftovers = await provider.leftovers(gone)
+    assert any("/virtualMachines/" in item for item in leftovers)
+    assert any("/networkInterfaces/" in item for item in leftovers)
+    removed = await provider.sweep({live.run_uid})
+    assert sorted(removed) == sorted(leftovers)
+    assert await provider.leftovers(gone) == []
+    kept = await provider.leftovers(live)
+    assert any("/virtualMachines/" in item for item in kept)  # an owner's resources stay
+    assert "Microsoft.Storage/storageAccounts" in kinds(
+        arm, staging.rsplit("/", 1)[-1]
+    )  # not a run's resource
+    await provider.delete_vm(live)
 
 
 async def test_transient_failures_are_retried_without_duplicates(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
     ctx = context(arm, tmp_path)
+    before = arm.creations()  # the module's emulator: other tests' resources are there
     arm.set_failure_rate(0.1, statuses=(429, 500, 503), retry_after=0.05, seed=7)
     staging = await until_done(lambda: provider.ensure_staging(ctx))
     await until_done(lambda: provider.resolve_source(ctx))
@@ -197,7 +307,8 @@ async def test_transient_failures_are_retried_without_duplicates(
     await until_done(lambda: provider.delete_vm(ctx))
     arm.clear_faults()
     assert any(r.status in (429, 500, 503) for r in arm.requests)
-    created = arm.creations()
+    created = {k: v - before.get(k, 0) for k, v in arm.creations().items()}
+    created = {k: v for k, v in created.items() if v}
     assert created and all(count == 1 for count in created.values()), created
     group = staging.rsplit("/", 1)[-1]
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
@@ -216,12 +327,12 @@ async def test_a_vm_create_resumes_from_its_continuation_token(
         with pytest.raises(ProviderError, match="creating the build VM"):
             for _ in range(20):
                 await first.create_vm(ctx)  # network first, then the VM: still running
-        token = ctx.checkpoint["operations"]["vm"]
+        token = ctx.checkpoint.azure.operations["vm"]
         assert token and token != operations.DONE
         await first.close()  # the operator dies here
         second = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
         await until_done(lambda: second.create_vm(ctx))
-        assert arm.creation_count(ctx.checkpoint["vmId"]) == 1
+        assert arm.creation_count(ctx.checkpoint.azure.vm_id) == 1
         await second.delete_vm(ctx)
         await second.close()
     finally:
@@ -318,7 +429,7 @@ async def test_a_marketplace_plan_goes_on_the_build_vm(
         "center-for-internet-security-inc:cis-ubuntu-linux-2204-l1:cis-ubuntu2204-l1-gen2:2.1.0"
     )
     await until_done(lambda: provider.create_vm(ctx))
-    vm = arm.vm_info(ctx.checkpoint["vmId"])
+    vm = arm.vm_info(ctx.checkpoint.azure.vm_id)
     assert vm.plan == {
         "name": plan["planName"],
         "product": plan["planProduct"],
@@ -333,7 +444,7 @@ async def test_windows_steps_on_a_linux_source_are_refused_clearly(
     ctx = context(arm, tmp_path, customize=[{"type": "PowerShell", "inline": ["Get-Date"]}])
     with pytest.raises(ProviderError, match="needs Windows, but the source image runs Linux"):
         await provider.resolve_source(ctx)
-    assert ctx.checkpoint["osType"] == "Linux"
+    assert ctx.checkpoint.os_type == "Linux"
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +477,7 @@ async def windows_vm(
     assert ctx.windows
     ctx.winrm = generate_winrm_credentials(BUILD_COMPUTER_NAME)
     endpoint = await until_done(lambda: provider.create_vm(ctx))
-    ctx.checkpoint["endpoint"] = endpoint.model_dump()
+    ctx.checkpoint.endpoint = endpoint
     return provider, ctx
 
 
@@ -376,9 +487,9 @@ async def test_a_windows_build_vm_is_reached_over_winrm_pinned_to_its_certificat
     arm = windows_arm
     provider, ctx = await windows_vm(arm, tmp_path)
     assert ctx.winrm is not None
-    endpoint = ctx.checkpoint["endpoint"]
-    assert endpoint["port"] == 5986 and endpoint["user"] == "packer"
-    vm = arm.resource(ctx.checkpoint["vmId"])
+    endpoint = ctx.checkpoint.endpoint
+    assert endpoint is not None and (endpoint.port, endpoint.user) == (5986, "packer")
+    vm = arm.resource(ctx.checkpoint.azure.vm_id)
     os_profile = vm["properties"]["osProfile"]
     assert "adminPassword" not in os_profile and "linuxConfiguration" not in os_profile
     listener = os_profile["windowsConfiguration"]["winRM"]["listeners"][0]
@@ -397,16 +508,28 @@ async def test_a_windows_build_vm_is_reached_over_winrm_pinned_to_its_certificat
     assert [rule.destination_port_range for rule in nsg.security_rules] == ["5986"]
 
     communicator = WinRmCommunicator()
-    await communicator.connect(endpoint["host"], 5986, "packer", ctx.winrm, timeout=10)
+    await communicator.connect(endpoint.host, 5986, "packer", ctx.winrm, timeout=10)
     result = await communicator.run_powershell("Write-Output 'hello from windows'")
     assert (result.exit_status, result.stdout.strip()) == (0, "hello from windows")
-    guest = arm.backend.guest(ctx.checkpoint["vmId"])
+    guest = arm.backend.guest(ctx.checkpoint.azure.vm_id)
     assert guest.scripts[-1].endswith("Write-Output 'hello from windows'")
+    # every command ends: at its deadline, or at once when its caller is cancelled
+    began = time.monotonic()
+    with pytest.raises(CommunicatorError, match="past its deadline"):
+        await communicator.run_powershell("Start-Sleep -Seconds 120", timeout=1)
+    assert time.monotonic() - began < winrm.POLL_SECONDS + 5
+    call = asyncio.ensure_future(communicator.run_powershell("Start-Sleep -Seconds 120"))
+    await asyncio.sleep(1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    result = await communicator.run_powershell("Write-Output 'still answering'")
+    assert result.stdout.strip() == "still answering"
     await communicator.close()
 
     stranger = generate_winrm_credentials(BUILD_COMPUTER_NAME)
     with pytest.raises(CertificateMismatch):
-        await WinRmCommunicator().connect(endpoint["host"], 5986, "packer", stranger, timeout=10)
+        await WinRmCommunicator().connect(endpoint.host, 5986, "packer", stranger, timeout=10)
 
     await provider.delete_vm(ctx)
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
@@ -425,14 +548,14 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     assert (await ConnectStep().reconcile(ctx, env)).kind == "done"
     outcome = await DeprovisionStep().reconcile(ctx, env)
     assert outcome.kind == "done", outcome.message
-    guest = arm.backend.guest(ctx.checkpoint["vmId"])
+    guest = arm.backend.guest(ctx.checkpoint.azure.vm_id)
     assert guest.image_state == "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
     assert "Sysprep.exe /oobe /generalize /quiet /quit /mode:vm" in guest.scripts[-1]
     log = (ctx.run_dir / "customization.log").read_text()
     assert ">>> Sysprepping VM ..." in log
     assert "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE\n>>> Sysprep complete" in log
     assert "$" not in log
-    del ctx.checkpoint["poweroffRequested"]  # as if the operator died before saving it
+    ctx.checkpoint.poweroff_requested = False  # as if the operator died before saving it
     scripts = len(guest.scripts)
     assert (await DeprovisionStep().reconcile(ctx, env)).kind == "done"
     assert not any("Sysprep.exe" in script for script in guest.scripts[scripts:])
@@ -444,7 +567,7 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     source = {"type": "ManagedImage", "imageId": ids["image"]}
     again = context(arm, tmp_path, source=source, customize=[])
     await provider.resolve_source(again)
-    assert again.windows and again.checkpoint["hyperVGeneration"] == "V2"
+    assert again.windows and again.checkpoint.azure.hyper_v_generation == "V2"
     await provider.close()
 
 
@@ -452,7 +575,7 @@ async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
     windows_arm: ArmEmulator, tmp_path: Path
 ) -> None:
     provider, ctx = await windows_vm(windows_arm, tmp_path)
-    guest = windows_arm.backend.guest(ctx.checkpoint["vmId"])
+    guest = windows_arm.backend.guest(ctx.checkpoint.azure.vm_id)
     guest.files["C:\\DeprovisioningScript.ps1"] = "Write-Output custom"
     env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
     outcome = await DeprovisionStep().reconcile(ctx, env)

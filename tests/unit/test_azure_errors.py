@@ -42,7 +42,12 @@ def error(status: int, code: str, retry_after: str | None = None) -> HttpRespons
         (500, "InternalServerError", False),
         (503, "ServiceUnavailable", False),
         (409, "AnotherOperationInProgress", False),
-        (409, "Conflict", False),
+        (409, "Conflict", True),
+        (409, "PropertyChangeNotAllowed", True),
+        (409, "SomeCodeAzureAddsNextYear", True),
+        (400, "SomeCodeAzureAddsNextYear", True),
+        (409, "StorageAccountIsNotProvisioned", False),
+        (502, "SomeCodeAzureAddsNextYear", False),
         (200, "AllocationFailed", False),
         (409, "SkuNotAvailable", True),
         (409, "OperationNotAllowed", True),
@@ -54,6 +59,7 @@ def error(status: int, code: str, retry_after: str | None = None) -> HttpRespons
 def test_classification(status: int, code: str, fatal: bool) -> None:
     classified = classify(error(status, code))
     assert classified.fatal is fatal
+    assert classified.code == code
     assert str(classified) == f"Azure {code}: {code} happened"
 
 
@@ -63,7 +69,8 @@ def test_retry_after_is_honoured() -> None:
 
 
 def test_unreachable_azure_is_retried() -> None:
-    assert classify(ServiceRequestError("connection refused")).fatal is False
+    unreachable = classify(ServiceRequestError("connection refused"))
+    assert (unreachable.fatal, unreachable.code) == (False, "Unreachable")
 
 
 def test_resource_ids_and_names() -> None:

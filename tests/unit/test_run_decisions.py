@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kiln.api.run import RunState, StepState
+from kiln.api.run import Checkpoint, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import find
 from kiln.reconcile.runs import admit, final_state, next_step, run_conditions, run_manifest
@@ -159,16 +159,22 @@ def test_next_step_accepts_plain_strings() -> None:
 # --- final_state ----------------------------------------------------------------------------
 
 
+def _checkpoint(wire: Body) -> Checkpoint:
+    """A checkpoint as status holds it (wire names), read back as the driver reads it."""
+    template = {"namespace": "images", "name": "debian", "uid": "tpl-uid-1"}
+    return Checkpoint.model_validate({"template": template, **wire})
+
+
 def test_final_state_succeeded() -> None:
     checkpoint = {"outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Succeeded"}}}
-    state, reason, message = final_state(checkpoint)
+    state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.Succeeded
     assert reason == "Succeeded"
     assert message
 
 
 def test_final_state_succeeded_without_outputs() -> None:
-    assert final_state({})[0] == RunState.Succeeded
+    assert final_state(_checkpoint({}))[0] == RunState.Succeeded
 
 
 def test_final_state_partially_succeeded_lists_failed_outputs() -> None:
@@ -179,7 +185,7 @@ def test_final_state_partially_succeeded_lists_failed_outputs() -> None:
             "mi": {"runOutputName": "mi", "provisioningState": "Failed", "message": "denied"},
         }
     }
-    state, reason, message = final_state(checkpoint)
+    state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.PartiallySucceeded
     assert reason == "PartiallySucceeded"
     assert "1 of 3 outputs distributed" in message
@@ -193,7 +199,7 @@ def test_final_state_failed_when_validation_failed() -> None:
         "validationFailure": "check.sh exited 3",
         "outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Succeeded"}},
     }
-    state, reason, message = final_state(checkpoint)
+    state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.Failed
     assert reason == "ValidationFailed"
     assert "check.sh exited 3" in message
@@ -204,7 +210,7 @@ def test_final_state_validation_failure_wins_over_failed_outputs() -> None:
         "validationFailure": "bad",
         "outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Failed"}},
     }
-    assert final_state(checkpoint)[0] == RunState.Failed
+    assert final_state(_checkpoint(checkpoint))[0] == RunState.Failed
 
 
 # --- run_conditions -------------------------------------------------------------------------

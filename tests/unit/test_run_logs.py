@@ -18,14 +18,34 @@ def combined(logs: RunLogs) -> bytes:
     return logs.combined.read_bytes()
 
 
-def test_combined_lists_jobs_in_start_order(logs: RunLogs) -> None:
+def test_combined_only_grows_and_marks_output_that_comes_late(logs: RunLogs) -> None:
     logs.start("job-b", "customize[0] Shell: first")
+    logs.append("job-b", b"hello\n")
     logs.start("job-a", "customize[1] File: second")
     logs.append("job-a", b"copied\n")
-    logs.append("job-b", b"hello\n")
+    logs.append("job-b", b"late\n")
     assert combined(logs) == (
         b"==> customize[0] Shell: first\nhello\n==> customize[1] File: second\ncopied\n"
+        b"==> customize[0] Shell: first (continued)\nlate\n"
     )
+
+
+def test_a_crash_between_the_two_logs_is_repaired_without_loss_or_repeat(
+    logs: RunLogs,
+) -> None:
+    logs.start("job-1", "one")
+    logs.append("job-1", b"a\n")
+    with logs.job_path("job-1").open("ab") as handle:  # the operator died here
+        handle.write(b"b\n")
+    assert logs.offset("job-1") == 4  # the next poll reads on from the job's own log
+    logs.append("job-1", b"c\n")
+    assert combined(logs) == b"==> one\na\nb\nc\n"
+
+
+def test_tail_reads_the_end_of_a_large_log(logs: RunLogs) -> None:
+    logs.start("job-1", "one")
+    logs.append("job-1", b"x" * (3 * 1024 * 1024) + b"\nsecond to last\nlast\n")
+    assert logs.tail("job-1", 2) == ["second to last", "last"]
 
 
 def test_starting_a_job_twice_records_it_once(logs: RunLogs) -> None:

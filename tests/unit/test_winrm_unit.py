@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from kiln.api.run import Checkpoint
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import CommunicatorError
 from kiln.communicators.winrm import (
@@ -93,12 +94,13 @@ def test_powershell_runs_as_an_encoded_command() -> None:
 
 
 def _context(os_type: str | None, **spec: object) -> RunContext:
-    checkpoint = {"osType": os_type} if os_type else {}
+    template = TemplateIdentity(namespace="default", name="t", uid="t-uid")
+    checkpoint = Checkpoint(template=template, os_type=os_type)
     return RunContext(
         namespace="default",
         run_name="run-1",
         run_uid="uid-1",
-        template=TemplateIdentity(namespace="default", name="t", uid="t-uid"),
+        template=template,
         spec=ImageTemplateSpec.model_validate({**valid_spec(), **spec}),
         checkpoint=checkpoint,
         run_dir=Path("/nonexistent"),

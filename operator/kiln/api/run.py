@@ -10,6 +10,8 @@ from pydantic import Field
 from kiln.api.base import KubeModel
 from kiln.api.status import Condition, RunOutput, conditions_field
 
+CHECKPOINT_VERSION = 1
+
 
 class RunState(StrEnum):
     Running = "Running"
@@ -23,6 +25,16 @@ class RunState(StrEnum):
 TERMINAL_RUN_STATES = frozenset(
     {RunState.Succeeded, RunState.PartiallySucceeded, RunState.Failed, RunState.Canceled}
 )
+
+
+class RunPhase(StrEnum):
+    """Where the run driver's state machine is; derived from the persisted status."""
+
+    Queued = "Queued"  # no snapshot yet: waiting for its template (admission)
+    WaitingForSlot = "WaitingForSlot"  # admitted, snapshot taken, no build slot yet
+    Building = "Building"  # holds a slot; startTime set; steps run in order
+    CleaningUp = "CleaningUp"  # the ending is recorded; cleanup runs outside the slot
+    Done = "Done"  # a terminal runState
 
 
 class RunSubState(StrEnum):
@@ -67,6 +79,111 @@ class StepRecord(KubeModel):
     log_tail: list[str] | None = Field(default=None, description="Last lines of the step's log.")
 
 
+def _f(description: str, default: Any = None, **kwargs: Any) -> Any:
+    return Field(default=default, description=description, **kwargs)
+
+
+def _map(description: str) -> Any:
+    return Field(default_factory=dict, description=description)
+
+
+class TemplateIdentity(KubeModel):
+    """The template a run was started from (its snapshot's origin)."""
+
+    namespace: str = Field(description="The template's namespace.")
+    name: str = Field(description="The template's name.")
+    uid: str = Field(description="The template's UID.")
+
+
+class Endpoint(KubeModel):
+    """How to reach a build VM's communicator."""
+
+    host: str = Field(description="Address of the build VM.")
+    port: int = Field(description="Port of its SSH or WinRM listener.")
+    user: str = Field(description="The login user.")
+
+
+class Ending(KubeModel):
+    """How the run ends, recorded before cleanup (persist intent, then act)."""
+
+    state: RunState = Field(description="The runState the run ends in.")
+    reason: str = Field(description="The condition reason it ends with.")
+    message: str = Field(description="The message it ends with.")
+    keep_vm: bool = _f("Keep the build VM (errorHandling abort).", False)
+    cleanup_attempts: int = _f("Cleanup attempts that failed so far.", 0)
+    cleanup_error: str | None = _f("The last cleanup error.")
+
+
+class BootFiles(KubeModel):
+    """The local source image: its disk, and the firmware generation it boots with."""
+
+    disk: str = Field(description="The source disk image.")
+    hyper_v_generation: str = Field(description="V1 (BIOS) or V2 (UEFI), as Azure says.")
+
+
+class LocalVm(KubeModel):
+    """The QEMU process of a local build VM."""
+
+    pid: int = Field(description="Process ID.")
+    ssh_port: int = Field(description="The loopback port forwarded to its SSH.")
+
+
+class LocalCheckpoint(KubeModel):
+    """What the local provider needs to resume: the source files and the QEMU VM."""
+
+    source: BootFiles | None = _f("The resolved source image files.")
+    vm_started: bool = _f("The build VM was started (a missing one is an error).", False)
+    vm: LocalVm | None = _f("The running build VM.")
+    stop_requested_at: float | None = _f("When the VM was asked to power off (epoch s).")
+    disk_sha256: str | None = _f("SHA-256 of the captured disk.")
+
+
+class AzureCheckpoint(KubeModel):
+    """What the azure provider needs to resume: operation tokens and decided names."""
+
+    operations: dict[str, str] = _map("Long-running operations: key -> token, or done.")
+    image_reference: dict[str, str] | None = _f("The build VM's imageReference.")
+    hyper_v_generation: str | None = _f("The source image's Hyper-V generation.")
+    vm_id: str | None = _f("The build VM's resource ID.")
+    winrm_certificate_url: str | None = _f("Key Vault secret URL of the WinRM certificate.")
+    generalized: bool = _f("The build VM was deallocated and generalized.", False)
+    gallery_versions: dict[str, str] = _map(
+        "distribute index -> the gallery version it publishes, saved before its PUT."
+    )
+    copied_vhds: dict[str, str] = _map("distribute index -> the VHD blob it copied.")
+
+
+class Checkpoint(KubeModel):
+    """The run driver's persisted state between passes; a restart resumes from it."""
+
+    version: int = _f("Version of this checkpoint's format.", CHECKPOINT_VERSION)
+    template: TemplateIdentity = Field(description="The template the run builds.")
+    log_path: str | None = _f("The customization log on the operator's machine.")
+    log_uri: str | None = _f("Where the provider published the log (no SAS).")
+    staging: str | None = _f("The staging resource group or directory.")
+    exact_source: str | None = _f("The exact source image version.")
+    source_version: str | None = _f("The source image's version number.")
+    os_type: str | None = _f("Linux or Windows, from the source image.")
+    endpoint: Endpoint | None = _f("How to reach the build VM.")
+    boot_deadline: float | None = _f("When waiting for the VM's login gives up (epoch s).")
+    collected: bool = _f("Boot files were fetched from the VM before shutdown.", False)
+    poweroff_requested: bool = _f("Deprovisioning ended and the VM powers off.", False)
+    script_index: dict[str, int] = _map("customize/validate -> index of the next step.")
+    outputs: dict[str, RunOutput] = _map("distribute index -> its output.")
+    validation_failure: str | None = _f("Why validation failed (continueDistributeOnFailure).")
+    vm_kept: bool = _f("The build VM was kept (errorHandling abort).", False)
+    ending: Ending | None = _f("How the run ends; cleanup follows.")
+    connection_errors: int = _f("Consecutive lost connections to the build VM.", 0)
+    step_errors: int = _f("Consecutive unexpected errors of the current step.", 0)
+    cloud_retries: int = _f("Consecutive retryable cloud errors (the retry budget).", 0)
+    local: LocalCheckpoint = Field(
+        default_factory=LocalCheckpoint, description="State of the local provider."
+    )
+    azure: AzureCheckpoint = Field(
+        default_factory=AzureCheckpoint, description="State of the azure provider."
+    )
+
+
 class ImageBuildRunStatus(KubeModel):
     """AIB's lastRunStatus plus per-step records, outputs and conditions."""
 
@@ -96,8 +213,7 @@ class ImageBuildRunStatus(KubeModel):
     )
     steps: list[StepRecord] | None = Field(default=None, description="Pipeline steps.")
     run_outputs: list[RunOutput] | None = Field(default=None, description="Distributed artifacts.")
-    checkpoint: dict[str, Any] | None = Field(
+    checkpoint: Checkpoint | None = Field(
         default=None,
-        description="Provider state needed to resume (resource names, operation tokens).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="The driver's state needed to resume (resource names, operation tokens).",
     )

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from kiln.api.base import CelRule, KubeModel
+from kiln.api.capabilities import CAPABILITIES, Provider, file_uri_provider, windows_provider
 from kiln.api.status import Condition, RunOutput, conditions_field
 
 RUN_OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9-_.]{1,64}$"
@@ -95,11 +96,6 @@ def _tags_rule() -> dict[str, object]:
 
 # The schema's bound only: the operator's own check words the message (validation.py).
 TagValue = Annotated[str, Field(json_schema_extra={"maxLength": MAX_TAG_VALUE})]
-
-
-class Provider(StrEnum):
-    azure = "azure"
-    local = "local"
 
 
 class OnError(StrEnum):
@@ -680,6 +676,12 @@ class Identity(KubeModel):
     )
 
 
+class ConcurrencyPolicy(StrEnum):
+    Allow = "Allow"
+    Forbid = "Forbid"
+    Replace = "Replace"
+
+
 class ScheduleTrigger(KubeModel):
     """Starts a run on a cron schedule (UTC)."""
 
@@ -697,6 +699,12 @@ class ScheduleTrigger(KubeModel):
     kind: Literal["Schedule"] = Field(description="Kind of trigger.")
     schedule: str = Field(
         max_length=MAX_NAME, description="Cron expression in UTC, e.g. '0 3 * * 1'."
+    )
+    concurrency_policy: ConcurrencyPolicy | None = Field(
+        default=None,
+        description="When the schedule fires while a run of the template is unfinished: "
+        "Allow queues another run (the default), Forbid skips this time, Replace cancels "
+        "the unfinished runs and starts a new one (as CronJob's concurrencyPolicy).",
     )
 
 
@@ -737,6 +745,74 @@ def _on_provider(provider: str, rule: str) -> str:
 
 def _vhd_uris(condition: str) -> str:
     return f"self.distribute.all(d, d.type != 'VHD' || !{_set('uri', on='d')} || ({condition}))"
+
+
+_VHD_URI_RULES = {
+    "file": (
+        "d.uri.startsWith('file:///') || d.uri.startsWith('/')",
+        "a VHD uri on the {provider} provider is an absolute file path or file:/// URL",
+    ),
+    "blob": (
+        "d.uri.startsWith('https://') && d.uri.lowerAscii().endsWith('.vhd')",
+        "a VHD uri must be an https:// blob URL ending in .vhd (or unset for the staging "
+        "storage account)",
+    ),
+}
+
+
+def _capability_rules() -> list[CelRule]:
+    """The CEL twins of what api/capabilities.py says each provider cannot do."""
+    rules = []
+    for provider, can in CAPABILITIES.items():
+        if not can.windows_build_vms:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(provider, _all_steps(f"!({_WINDOWS_STEP})")),
+                    message="PowerShell, WindowsRestart and WindowsUpdate (in customize or "
+                    f"validate.inVMValidations) need a Windows build VM, which the {provider} "
+                    f"provider cannot run; set spec.provider: {windows_provider()}",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        if can.windows_build_vms:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(
+                        provider, f"!({_any_step(_SHELL_STEP)} && {_any_step(_WINDOWS_STEP)})"
+                    ),
+                    message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
+                    "(Windows) steps; a build VM runs one OS, so keep the steps of one",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        if not can.file_uris:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(
+                        provider,
+                        _all_steps(
+                            "!(has(s.scriptUri) && s.scriptUri.startsWith('file://')) && "
+                            "!(has(s.sourceUri) && s.sourceUri.startsWith('file://'))"
+                        ),
+                    ),
+                    message="scriptUri and sourceUri must start with https:// or http:// for "
+                    f"the {provider} provider (file:// works only on the "
+                    f"{file_uri_provider()} provider)",
+                    field_path=".customize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
+        condition, message = _VHD_URI_RULES[can.vhd_destination]
+        rules.append(
+            CelRule(
+                rule=_on_provider(provider, _vhd_uris(condition)),
+                message=message.format(provider=provider),
+                field_path=".distribute",
+            )
+        )
+    return rules
 
 
 _SHELL_STEP = "s.type == 'Shell'"
@@ -813,50 +889,7 @@ class ImageTemplateSpec(KubeModel):
             "version latest, or a SharedImageVersion ID ending in /versions/latest)",
             field_path=".triggers",
         ),
-        CelRule(
-            rule=_on_provider("local", _all_steps(f"!({_WINDOWS_STEP})")),
-            message="PowerShell, WindowsRestart and WindowsUpdate (in customize or "
-            "validate.inVMValidations) need a Windows build VM, which the local provider "
-            "cannot run; set spec.provider: azure",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                f"!({_any_step(_SHELL_STEP)} && {_any_step(_WINDOWS_STEP)})",
-            ),
-            message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
-            "(Windows) steps; a build VM runs one OS, so keep the steps of one",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                _all_steps(
-                    "!(has(s.scriptUri) && s.scriptUri.startsWith('file://')) && "
-                    "!(has(s.sourceUri) && s.sourceUri.startsWith('file://'))"
-                ),
-            ),
-            message="scriptUri and sourceUri must start with https:// or http:// for the azure "
-            "provider (file:// works only on the local provider)",
-            field_path=".customize",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "local", _vhd_uris("d.uri.startsWith('file:///') || d.uri.startsWith('/')")
-            ),
-            message="a VHD uri on the local provider is an absolute file path or file:/// URL",
-            field_path=".distribute",
-        ),
-        CelRule(
-            rule=_on_provider(
-                "azure",
-                _vhd_uris("d.uri.startsWith('https://') && d.uri.lowerAscii().endsWith('.vhd')"),
-            ),
-            message="a VHD uri must be an https:// blob URL ending in .vhd (or unset for the "
-            "staging storage account)",
-            field_path=".distribute",
-        ),
+        *_capability_rules(),
     )
 
     source: Source = Field(description="The image to start from.")
@@ -893,6 +926,20 @@ class ImageTemplateSpec(KubeModel):
     )
     auto_run: AutoRun | None = Field(
         default=None, description="Build automatically when the template is created or changed."
+    )
+    successful_runs_history_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="How many succeeded runs of this template to keep; older ones are "
+        "deleted. Unset: 3.",
+    )
+    failed_runs_history_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="How many failed, partly succeeded or canceled runs of this template to "
+        "keep; older ones are deleted. Unset: 1.",
     )
     identity: Identity | None = Field(
         default=None, description="The template's user-assigned identity (Azure)."

@@ -16,8 +16,10 @@ from typing import Any
 
 from croniter import croniter
 from pydantic import ValidationError
+from pydantic.alias_generators import to_snake
 
 from kiln.api.base import KubeModel
+from kiln.api.capabilities import capabilities, windows_provider
 from kiln.api.template import (
     GALLERY_IMAGE_ID_PATTERN,
     GALLERY_IMAGE_VERSION_ID_PATTERN,
@@ -169,19 +171,13 @@ def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]
         )
     # No CEL twin: the operator's default location, resource group and subscription fill
     # these in, and the API server does not know them.
-    if provider == Provider.azure:
-        required = (
-            ("location", spec.location),
-            ("resourceGroup", spec.resource_group),
-            ("subscriptionId", spec.subscription_id),
-        )
-        for field, value in required:
-            if not value:
-                yield SpecProblem(
-                    path=f"spec.{field}",
-                    message="is required for the azure provider (or set the operator's "
-                    f"default {field}); add it",
-                )
+    for field in capabilities(provider).account_fields:
+        if not getattr(spec, to_snake(field)):
+            yield SpecProblem(
+                path=f"spec.{field}",
+                message=f"is required for the {provider} provider (or set the operator's "
+                f"default {field}); add it",
+            )
 
 
 def _source_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
@@ -209,11 +205,9 @@ def _source_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecP
 def _uri_rule(uri: str, path: str, provider: Provider) -> Iterator[SpecProblem]:
     # CEL twins: the scheme on each step; file:// on azure when spec.provider names it
     # (unset, the operator's default provider decides, which only the operator knows).
-    schemes = (
-        ("https://", "http://", "file://")
-        if provider == Provider.local
-        else ("https://", "http://")
-    )
+    schemes = ("https://", "http://", "file://")
+    if not capabilities(provider).file_uris:
+        schemes = schemes[:2]
     if not uri.startswith(schemes):
         yield SpecProblem(
             path=path,
@@ -260,11 +254,11 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
                 path=f"{path}.destination", message="must name a file, not a directory"
             )
     # CEL twin when spec.provider is local; the operator's default provider otherwise.
-    if provider == Provider.local and isinstance(step, _WINDOWS_STEPS):
+    if not capabilities(provider).windows_build_vms and isinstance(step, _WINDOWS_STEPS):
         yield SpecProblem(
             path=f"{path}.type",
-            message=f"{step.type} needs a Windows build VM, which the local provider cannot "
-            "run; set spec.provider: azure",
+            message=f"{step.type} needs a Windows build VM, which the {provider} provider "
+            f"cannot run; set spec.provider: {windows_provider()}",
         )
 
 
@@ -272,7 +266,7 @@ def _os_rules(steps: list[KubeModel], provider: Provider) -> Iterator[SpecProble
     # CEL twin when spec.provider is azure; the operator's default provider otherwise.
     linux = any(isinstance(s, ShellStep) for s in steps)
     windows = any(isinstance(s, _WINDOWS_STEPS) for s in steps)
-    if linux and windows and provider != Provider.local:
+    if linux and windows and capabilities(provider).windows_build_vms:
         yield SpecProblem(
             path="spec.customize",
             message="mixes Shell (Linux) with PowerShell/WindowsRestart/WindowsUpdate "
@@ -359,11 +353,11 @@ def _shared_image_rules(
 def _vhd_rules(target: VhdDistributor, path: str, provider: Provider) -> Iterator[SpecProblem]:
     # CEL twin when spec.provider names the provider; the operator's default otherwise.
     uri = target.uri or ""
-    if provider == Provider.local:
+    if capabilities(provider).vhd_destination == "file":
         if not (uri.startswith("file:///") or uri.startswith("/")):
             yield SpecProblem(
                 path=f"{path}.uri",
-                message="for the local provider give an absolute file path or file:/// URL",
+                message=f"for the {provider} provider give an absolute file path or file:/// URL",
             )
     elif not uri.startswith("https://") or not uri.lower().endswith(".vhd"):
         yield SpecProblem(

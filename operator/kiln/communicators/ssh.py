@@ -8,19 +8,29 @@ connection can read. That is what lets a level-based reconciler poll them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shlex
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 from pydantic import BaseModel, SecretStr
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOBS_DIR = "/var/lib/kiln/jobs"
 MAX_LOG_CHUNK = 1024 * 1024
+# A VM that stops answering is noticed within KEEPALIVE_SECONDS * KEEPALIVE_COUNT.
+KEEPALIVE_SECONDS = 10.0
+KEEPALIVE_COUNT = 3
+COMMAND_TIMEOUT = 120.0  # one remote command (jobs run detached, so commands are short)
+TRANSFER_TIMEOUT = 600.0  # one upload or download
+_CLOSE_TIMEOUT = 5.0
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RETRY_PAUSE = 2.0
 _ATTEMPT_TIMEOUT = 30.0
@@ -144,6 +154,9 @@ def _parse_poll(output: bytes, offset: int) -> JobStatus:
         running, exit_code = False, None
     else:
         raise CommunicatorError(f"unexpected job status line {header[:200]!r}")
+    if len(new_log) >= MAX_LOG_CHUNK:
+        running = True  # more log to read: the job's end is reported with its last chunk
+        exit_code = None
     return JobStatus(
         running=running, exit_code=exit_code, new_log=new_log, next_offset=offset + len(new_log)
     )
@@ -183,6 +196,8 @@ class SshCommunicator:
                     preferred_auth="publickey",
                     connect_timeout=min(_ATTEMPT_TIMEOUT, remaining),
                     login_timeout=min(_ATTEMPT_TIMEOUT, remaining),
+                    keepalive_interval=KEEPALIVE_SECONDS,
+                    keepalive_count_max=KEEPALIVE_COUNT,
                 )
                 log.info("ssh connected to %s@%s:%s", user, host, port)
                 return
@@ -202,9 +217,27 @@ class SshCommunicator:
             raise CommunicatorError("not connected")
         return self._conn
 
-    async def run(self, command: str, stdin: bytes | None = None) -> CommandResult:
+    async def _bounded(self, what: str, action: Awaitable[T], timeout: float) -> T:
+        """Every remote call ends: a VM that does not answer in time is an error."""
+        try:
+            return await asyncio.wait_for(action, timeout)
+        except TimeoutError:
+            raise CommunicatorError(f"{what} got no answer in {timeout:.0f}s") from None
+
+    async def _exec(
+        self, command: str, stdin: bytes | None, timeout: float
+    ) -> asyncssh.SSHCompletedProcess:
+        return await self._bounded(
+            "a remote command",
+            self.connection.run(command, input=stdin, encoding=None, check=False),
+            timeout,
+        )
+
+    async def run(
+        self, command: str, stdin: bytes | None = None, timeout: float = COMMAND_TIMEOUT
+    ) -> CommandResult:
         """Run a command; exit_status is -signal when it was killed by a signal."""
-        result = await self.connection.run(command, input=stdin, encoding=None, check=False)
+        result = await self._exec(command, stdin, timeout)
         return CommandResult(
             exit_status=result.returncode if result.returncode is not None else -1,
             stdout=(result.stdout or b"").decode(errors="replace"),
@@ -213,6 +246,11 @@ class SshCommunicator:
 
     async def upload(self, data: bytes | Path, remote_path: str, mode: int = 0o644) -> None:
         """Copy bytes or a local file to remote_path under a temp name, then rename."""
+        await self._bounded(
+            f"upload to {remote_path}", self._upload(data, remote_path, mode), TRANSFER_TIMEOUT
+        )
+
+    async def _upload(self, data: bytes | Path, remote_path: str, mode: int) -> None:
         tmp = f"{remote_path}.kiln-tmp"
         async with self.connection.start_sftp_client() as sftp:
             if isinstance(data, Path):
@@ -227,17 +265,21 @@ class SshCommunicator:
         """Copy a remote file here (under a temp name, then renamed); elevated reads as root."""
         tmp = local_path.with_name(f".{local_path.name}.tmp")
         if elevated:
-            result = await self.connection.run(
-                f"sudo -n cat {shlex.quote(remote_path)}", encoding=None, check=False
-            )
+            command = f"sudo -n cat {shlex.quote(remote_path)}"
+            result = await self._exec(command, None, TRANSFER_TIMEOUT)
             if result.exit_status != 0:
                 stderr = (result.stderr or b"").decode(errors="replace").strip()
                 raise CommunicatorError(f"could not read {remote_path}: {stderr}")
-            tmp.write_bytes(result.stdout or b"")
+            await asyncio.to_thread(tmp.write_bytes, result.stdout or b"")
         else:
-            async with self.connection.start_sftp_client() as sftp:
-                await sftp.get(remote_path, str(tmp))
-        tmp.replace(local_path)
+            await self._bounded(
+                f"download of {remote_path}", self._sftp_get(remote_path, tmp), TRANSFER_TIMEOUT
+            )
+        await asyncio.to_thread(tmp.replace, local_path)
+
+    async def _sftp_get(self, remote_path: str, local_path: Path) -> None:
+        async with self.connection.start_sftp_client() as sftp:
+            await sftp.get(remote_path, str(local_path))
 
     async def start_job(self, job_id: str, script: str, elevated: bool = False) -> None:
         """Start script detached under JOBS_DIR/job_id; a job id that exists is left alone."""
@@ -248,9 +290,11 @@ class SshCommunicator:
         log.info("job %s started (elevated=%s)", job_id, elevated)
 
     async def poll_job(self, job_id: str, log_offset: int = 0) -> JobStatus:
-        """State of a job and the log written since log_offset (at most 1 MiB at a time)."""
+        """State of a job and the log written since log_offset (at most 1 MiB at a time:
+        a job reported ended with a full chunk has more log, so it reads as running until
+        the rest is read)."""
         command = _poll_command(self._jobs_dir, job_id, log_offset)
-        result = await self.connection.run(command, encoding=None, check=False)
+        result = await self._exec(command, None, COMMAND_TIMEOUT)
         if result.exit_status != 0:
             stderr = (result.stderr or b"").decode(errors="replace").strip()
             raise CommunicatorError(f"could not poll job {job_id}: {stderr}")
@@ -260,7 +304,9 @@ class SshCommunicator:
             raise JobNotFound(f"job {job_id} was never started on this VM") from None
 
     async def close(self) -> None:
+        """Closes without waiting long for a VM that no longer answers."""
         if self._conn is not None:
-            self._conn.close()
-            await self._conn.wait_closed()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            conn.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.wait_closed(), _CLOSE_TIMEOUT)

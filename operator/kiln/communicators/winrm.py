@@ -7,7 +7,9 @@ address is an IP known only later, and only the build VM holds the private key. 
 Windows images accept Negotiate (NTLM) and refuse Basic; NTLM carries a channel binding
 to the TLS certificate, which pypsrp sends.
 
-pypsrp is synchronous (requests); every call runs in a worker thread.
+pypsrp is synchronous (requests); every call runs in a worker thread. A command is
+started and then polled, each poll bounded by the WSMan operation timeout, so the thread
+notices a deadline or a cancel between polls and terminates the remote process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import datetime
 import json
 import secrets
 import string
+import threading
+import time
 from typing import Any
 
 from cryptography import x509
@@ -27,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, SecretStr
 from pypsrp.exceptions import AuthenticationError, WinRMError
-from pypsrp.shell import Process, SignalCode, WinRS
+from pypsrp.shell import CommandState, Process, SignalCode, WinRS
 from pypsrp.wsman import WSMan
 from requests.exceptions import RequestException, SSLError
 
@@ -40,6 +44,8 @@ MAX_ENCODED_COMMAND = 30000
 _SPECIALS = "!@#%^*-_=+"
 POWERSHELL_FLAGS = ("-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass")
 _PREAMBLE = "$ProgressPreference = 'SilentlyContinue'\n"
+COMMAND_TIMEOUT = 600.0  # one PowerShell command, sysprep included
+POLL_SECONDS = 10  # one WSMan Receive: how soon a deadline or a cancel is noticed
 
 
 class CertificateMismatch(HostKeyMismatch):
@@ -183,8 +189,8 @@ class WinRmCommunicator:
             auth="ntlm",
             cert_validation=False,  # replaced by the fingerprint pin below
             connection_timeout=int(timeout),
-            read_timeout=int(timeout) + 30,
-            operation_timeout=int(timeout),
+            read_timeout=POLL_SECONDS + int(timeout),
+            operation_timeout=POLL_SECONDS,
             reconnection_retries=0,
         )
         # pypsrp builds its requests session lazily; build it now to pin the certificate
@@ -195,18 +201,36 @@ class WinRmCommunicator:
         wsman.transport.session = session
         return wsman
 
-    async def run_powershell(self, script: str) -> CommandResult:
-        """Runs the script to its end; output is decoded as UTF-8 (the console's OEM page
-        on older Windows may differ; scripts that print non-ASCII should set it)."""
+    async def run_powershell(self, script: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
+        """Runs the script to its end, at most timeout seconds; a cancelled call stops the
+        remote process. Output is decoded as UTF-8 (the console's OEM page on older
+        Windows may differ; scripts that print non-ASCII should set it)."""
         if self._wsman is None:
             raise CommunicatorError("not connected")
-        return await asyncio.to_thread(self._run, self._wsman, encoded_command(script))
+        stop = threading.Event()
+        deadline = time.monotonic() + timeout
+        call = asyncio.to_thread(self._run, self._wsman, encoded_command(script), deadline, stop)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            stop.set()  # the worker thread terminates the process at its next poll
+            raise
 
-    def _run(self, wsman: WSMan, arguments: list[str]) -> CommandResult:
+    def _run(
+        self, wsman: WSMan, arguments: list[str], deadline: float, stop: threading.Event
+    ) -> CommandResult:
         try:
             with WinRS(wsman) as shell:
                 process = Process(shell, "powershell.exe", arguments)
-                process.invoke()
+                process.begin_invoke()
+                while process.state != CommandState.DONE:
+                    if stop.is_set() or time.monotonic() > deadline:
+                        process.signal(SignalCode.TERMINATE)
+                        raise CommunicatorError(
+                            f"a PowerShell command on {self._host} was stopped: "
+                            + ("canceled" if stop.is_set() else "it ran past its deadline")
+                        )
+                    process.poll_invoke()
                 process.signal(SignalCode.TERMINATE)
         except SSLError as error:
             if "fingerprint" in str(error).lower():

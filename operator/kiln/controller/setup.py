@@ -10,7 +10,7 @@ import kopf
 
 from kiln import GROUP
 from kiln.kube import Kube, load_client
-from kiln.reconcile.keysweeper import sweep_forever
+from kiln.reconcile.sweeper import sweep_forever
 from kiln.runtime import Runtime
 from kiln.settings import load_settings
 
@@ -24,13 +24,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.posting.level = logging.INFO  # kopf.info() posts only at INFO or below
     settings.watching.server_timeout = 300
-    runtime = memo.runtime = Runtime(load_settings(), Kube(load_client()))
-    memo.key_sweeper = asyncio.create_task(
-        sweep_forever(runtime.kube, runtime.settings.secrets_namespace)
-    )
+    memo.runtime = Runtime(load_settings(), Kube(load_client()))
+    memo.sweeper = asyncio.create_task(sweep_forever(memo.runtime))
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-    memo.key_sweeper.cancel()
+    memo.sweeper.cancel()
     await memo.runtime.close()

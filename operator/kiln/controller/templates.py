@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
 from kiln import GROUP, VERSION, reasons
-from kiln.api.template import ImageTemplateSpec
+from kiln.api.template import ImageTemplateSpec, ScheduleTrigger
 from kiln.kube import RUNS, TEMPLATES, template_runs
 from kiln.reconcile import templates as decide
 from kiln.reconcile import triggers
 from kiln.reconcile.runs import run_manifest
 from kiln.reconcile.sync import refresh_template, template_identity
 from kiln.runtime import Runtime
+
+DELETE_WAIT = timedelta(minutes=20)
 
 
 @kopf.on.resume(GROUP, VERSION, TEMPLATES)
@@ -33,16 +35,30 @@ async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 
 
 @kopf.on.delete(GROUP, VERSION, TEMPLATES)
-async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Waits for active runs (they build from a snapshot), then removes the staging."""
-    runtime: Runtime = memo.runtime
-    active = [r for r in await template_runs(runtime.kube, dict(body)) if decide.is_building(r)]
-    if active:
-        names = ", ".join(r["metadata"]["name"] for r in active)
-        raise kopf.TemporaryError(f"waiting for run(s) {names} to finish", delay=15)
+async def delete_template(body: kopf.Body, memo: kopf.Memo, runtime: timedelta, **_: Any) -> None:
+    """Cancels the template's unfinished runs and waits while they end (a cancel stops a
+    step within seconds and cleanup retries are bounded), then removes the staging. After
+    DELETE_WAIT the staging goes regardless: deletion is never blocked for good."""
+    kiln: Runtime = memo.runtime
+    namespace = body.metadata.namespace
+    unfinished = [r for r in await template_runs(kiln.kube, dict(body)) if not decide.has_ended(r)]
+    for run in unfinished:
+        if not (run.get("spec") or {}).get("cancel"):
+            await kiln.kube.patch(
+                RUNS, namespace, run["metadata"]["name"], {"spec": {"cancel": True}}
+            )
+    if unfinished:
+        names = ", ".join(r["metadata"]["name"] for r in unfinished)
+        if runtime < DELETE_WAIT:
+            raise kopf.TemporaryError(f"waiting for canceled run(s) {names} to end", delay=10)
+        kopf.warn(
+            dict(body),
+            reason="DeletedWithActiveRuns",
+            message=f"run(s) {names} did not end in {DELETE_WAIT}; the staging is removed anyway",
+        )
     status = body.status or {}
     staging = status.get("exactStagingResourceGroup")
-    provider = runtime.providers.get(status.get("provider") or "")
+    provider = kiln.providers.get(status.get("provider") or "")
     if staging and provider:
         spec = body.spec or {}
         await provider.delete_staging(
@@ -51,6 +67,32 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             keep_group=bool(spec.get("stagingResourceGroup")),
             service_account=spec.get("serviceAccountName"),
         )
+
+
+async def _fire_schedule(
+    runtime: Runtime, body: kopf.Body, schedule: ScheduleTrigger, due: datetime
+) -> None:
+    """Create the scheduled run, as the trigger's concurrencyPolicy says."""
+    namespace, name = body.metadata.namespace, body.metadata.name
+    unfinished = [r for r in await runtime.runs_of(namespace, name) if not decide.has_ended(r)]
+    action = triggers.schedule_action(schedule.concurrency_policy, len(unfinished))
+    names = ", ".join(r["metadata"]["name"] for r in unfinished)
+    if action == "skip":
+        kopf.info(
+            dict(body),
+            reason="ScheduleSkipped",
+            message=f"the {due:%Y-%m-%d %H:%M} run was skipped (concurrencyPolicy Forbid): "
+            f"{names} not finished",
+        )
+        return
+    if action == "replace":
+        for run in unfinished:
+            await runtime.kube.patch(
+                RUNS, namespace, run["metadata"]["name"], {"spec": {"cancel": True}}
+            )
+        kopf.info(dict(body), reason="ScheduleReplaced", message=f"canceled {names}")
+    run = triggers.scheduled_run_name(name, due)
+    await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "Schedule"))
 
 
 def _has_triggers(spec: kopf.Spec, **_: Any) -> bool:
@@ -79,8 +121,7 @@ async def fire_triggers(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             now,
         )
         if due is not None:
-            run = triggers.scheduled_run_name(name, due)
-            await runtime.kube.create(RUNS, namespace, run_manifest(dict(body), run, "Schedule"))
+            await _fire_schedule(runtime, body, schedule, due)
             record["lastScheduledTime"] = due.strftime(triggers.TIME_FORMAT)
     if triggers.has_source_trigger(spec):
         provider = runtime.providers.get(spec.provider or "")

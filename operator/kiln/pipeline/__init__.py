@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kiln.api.run import RunSubState
-from kiln.pipeline.base import Outcome, Step, StepEnv
+from kiln.pipeline.base import DEFAULT_PASS_SECONDS, Outcome, Step, StepEnv
 from kiln.pipeline.image import CaptureStep, DeprovisionStep, DistributeStep
 from kiln.pipeline.machine import ConnectStep, SourceStep, StagingStep, VmStep
 from kiln.pipeline.scripts import CustomizeStep, ValidateStep
@@ -47,3 +47,8 @@ async def delete_all(ctx: RunContext, env: StepEnv, *, keep_vm: bool) -> None:
             await env.disconnect(ctx)
             continue
         await step.delete(ctx, env)
+
+
+def pass_deadline(step: Step) -> float:
+    """How long one reconcile() of the step may take before it is stopped."""
+    return float(getattr(step, "pass_seconds", DEFAULT_PASS_SECONDS))

@@ -17,7 +17,7 @@ from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WinRmCommunicator
 from kiln.kube import Kube
-from kiln.providers.base import BuildProvider, Endpoint, RunContext
+from kiln.providers.base import BuildProvider, RunContext
 
 
 class Outcome(BaseModel):
@@ -33,8 +33,9 @@ class Outcome(BaseModel):
         return cls(kind="done", message=message)
 
     @classmethod
-    def wait(cls, message: str, delay: float = 2.0) -> Outcome:
-        return cls(kind="wait", message=message, delay=delay)
+    def wait(cls, message: str, delay: float = 2.0, reason: str | None = None) -> Outcome:
+        """Come back after delay; a reason marks a retry that the run's conditions show."""
+        return cls(kind="wait", message=message, delay=delay, reason=reason)
 
     @classmethod
     def failed(cls, message: str, reason: str, **details: object) -> Outcome:
@@ -57,7 +58,9 @@ class StepEnv:
         existing = self.connections.get(ctx.run_uid)
         if existing is not None:
             return existing
-        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        endpoint = ctx.checkpoint.endpoint
+        if endpoint is None:
+            raise RuntimeError("no build VM endpoint recorded")
         communicator = SshCommunicator()
         await communicator.connect(
             endpoint.host,
@@ -77,7 +80,9 @@ class StepEnv:
             return existing
         if ctx.winrm is None:
             raise RuntimeError("a Windows run without WinRM credentials")
-        endpoint = Endpoint.model_validate(ctx.checkpoint["endpoint"])
+        endpoint = ctx.checkpoint.endpoint
+        if endpoint is None:
+            raise RuntimeError("no build VM endpoint recorded")
         communicator = WinRmCommunicator()
         await communicator.connect(
             endpoint.host, endpoint.port, endpoint.user, ctx.winrm, timeout=timeout
@@ -92,7 +97,12 @@ class StepEnv:
                 await communicator.close()
 
 
+DEFAULT_PASS_SECONDS = 600.0
+
+
 class Step(Protocol):
+    """pass_seconds (optional, default DEFAULT_PASS_SECONDS) bounds one reconcile()."""
+
     name: str
     sub_state: RunSubState
 

@@ -9,7 +9,7 @@ from kiln.customizers import windows
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import RunLogs
-from kiln.providers.base import Endpoint, ProviderError, RunContext
+from kiln.providers.base import ProviderError, RunContext
 
 DEPROVISION_JOB = "deprovision"
 
@@ -19,12 +19,12 @@ def builds_image(ctx: RunContext) -> bool:
     return not (validate and validate.source_validation_only)
 
 
-def _deprovisioning_failed(exit_code: int | None, logs: RunLogs) -> Outcome:
+async def _deprovisioning_failed(exit_code: int | None, logs: RunLogs) -> Outcome:
     return Outcome.failed(
         f"deprovisioning failed with exit code {exit_code}",
         reasons.CUSTOMIZER_FAILED,
         exit_code=exit_code,
-        log_tail=logs.tail(DEPROVISION_JOB),
+        log_tail=await logs.atail(DEPROVISION_JOB),
     )
 
 
@@ -34,31 +34,33 @@ class DeprovisionStep:
 
     name = "deprovision"
     sub_state = RunSubState.Customizing
+    pass_seconds = windows.SYSPREP_TIMEOUT_SECONDS + 60  # sysprep runs in one pass
 
     def applies(self, ctx: RunContext) -> bool:
         return builds_image(ctx)
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        if ctx.checkpoint.get("poweroffRequested"):
+        if ctx.checkpoint.poweroff_requested:
             return Outcome.done("deprovisioned and powered off")
         if ctx.windows:
             return await self._sysprep(ctx, env)
         communicator = await env.communicator(ctx)
-        if not ctx.checkpoint.get("collected"):
+        if not ctx.checkpoint.collected:
             await env.provider.collect_from_vm(ctx, communicator)
-            ctx.checkpoint["collected"] = True
+            ctx.checkpoint.collected = True
         logs = RunLogs(ctx.run_dir)
-        logs.start(DEPROVISION_JOB, "deprovision")
+        await logs.astart(DEPROVISION_JOB, "deprovision")
         await communicator.start_job(DEPROVISION_JOB, DEPROVISION_SCRIPT, elevated=True)
-        status = await communicator.poll_job(DEPROVISION_JOB, logs.offset(DEPROVISION_JOB))
-        logs.append(DEPROVISION_JOB, status.new_log)
+        status = await communicator.poll_job(DEPROVISION_JOB, await logs.aoffset(DEPROVISION_JOB))
+        await logs.aappend(DEPROVISION_JOB, status.new_log)
         if status.running:
             return Outcome.wait("deprovisioning", delay=3)
         if status.exit_code != 0:
-            return _deprovisioning_failed(status.exit_code, logs)
-        user = Endpoint.model_validate(ctx.checkpoint["endpoint"]).user
+            return await _deprovisioning_failed(status.exit_code, logs)
+        assert ctx.checkpoint.endpoint is not None
+        user = ctx.checkpoint.endpoint.user
         await communicator.run(final_shutdown_command(user))
-        ctx.checkpoint["poweroffRequested"] = True
+        ctx.checkpoint.poweroff_requested = True
         await env.disconnect(ctx)
         return Outcome.done("deprovisioned; powering off")
 
@@ -67,25 +69,25 @@ class DeprovisionStep:
         After a restart a VM already generalized is not sysprepped again."""
         communicator = await env.winrm(ctx)
         logs = RunLogs(ctx.run_dir)
-        logs.start(DEPROVISION_JOB, "deprovision")
+        await logs.astart(DEPROVISION_JOB, "deprovision")
         state = await communicator.run_powershell(windows.IMAGE_STATE)
         if state.stdout.strip() == windows.GENERALIZED_STATE:
-            logs.append(DEPROVISION_JOB, b"the VM is generalized already\n")
+            await logs.aappend(DEPROVISION_JOB, b"the VM is generalized already\n")
             return await self._deprovisioned(ctx, env)
         override = await communicator.run_powershell(windows.HAS_OVERRIDE)
+        script = windows.DEPROVISION_SCRIPT
         if override.stdout.strip() == "True":
-            logs.append(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
-            result = await communicator.run_powershell(windows.OVERRIDE_SCRIPT)
-        else:
-            result = await communicator.run_powershell(windows.DEPROVISION_SCRIPT)
-        logs.append(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
+            await logs.aappend(DEPROVISION_JOB, f"running {windows.OVERRIDE_PATH}\n".encode())
+            script = windows.OVERRIDE_SCRIPT
+        result = await communicator.run_powershell(script, windows.SYSPREP_TIMEOUT_SECONDS)
+        await logs.aappend(DEPROVISION_JOB, (result.stdout + result.stderr).encode())
         if result.exit_status != 0:
-            return _deprovisioning_failed(result.exit_status, logs)
+            return await _deprovisioning_failed(result.exit_status, logs)
         return await self._deprovisioned(ctx, env)
 
     @staticmethod
     async def _deprovisioned(ctx: RunContext, env: StepEnv) -> Outcome:
-        ctx.checkpoint["poweroffRequested"] = True
+        ctx.checkpoint.poweroff_requested = True
         await env.disconnect(ctx)
         return Outcome.done("sysprep done; capture deallocates the VM")
 
@@ -96,6 +98,7 @@ class DeprovisionStep:
 class CaptureStep:
     name = "capture"
     sub_state = RunSubState.Distributing
+    pass_seconds = 3600.0  # disk conversions of a large image (each tool call is bounded)
 
     def applies(self, ctx: RunContext) -> bool:
         return builds_image(ctx)
@@ -120,7 +123,7 @@ class DistributeStep:
         return builds_image(ctx)
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        outputs: dict[str, dict[str, object]] = ctx.checkpoint.setdefault("outputs", {})
+        outputs = ctx.checkpoint.outputs
         for index, target in enumerate(ctx.spec.distribute):
             if str(index) in outputs:
                 continue
@@ -128,16 +131,16 @@ class DistributeStep:
                 output = await env.provider.distribute(ctx, index)
             except ProviderError as error:
                 if not error.fatal:
-                    return Outcome.wait(f"distribute[{index}]: {error}", error.retry_after)
+                    raise  # waiting and retries are the driver's (budget, conditions)
                 output = RunOutput(
                     run_output_name=target.run_output_name,
                     provisioning_state="Failed",
                     message=str(error),
                 )
-            outputs[str(index)] = output.wire()
-        failed = [o for o in outputs.values() if o.get("provisioningState") == "Failed"]
+            outputs[str(index)] = output
+        failed = [o for o in outputs.values() if o.provisioning_state == "Failed"]
         if len(failed) == len(outputs):
-            detail = "; ".join(f"{o['runOutputName']}: {o.get('message')}" for o in failed)
+            detail = "; ".join(f"{o.run_output_name}: {o.message}" for o in failed)
             return Outcome.failed(
                 f"no target was distributed: {detail}", reasons.DISTRIBUTION_FAILED
             )

@@ -32,9 +32,9 @@ class StagingStep:
         return True
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        ctx.checkpoint["staging"] = await env.provider.ensure_staging(ctx)
+        ctx.checkpoint.staging = await env.provider.ensure_staging(ctx)
         ctx.run_dir.mkdir(parents=True, exist_ok=True)  # the log's home, from here on
-        return Outcome.done(ctx.checkpoint["staging"])
+        return Outcome.done(ctx.checkpoint.staging)
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """The staging group belongs to the template; it goes when the template goes."""
@@ -48,8 +48,8 @@ class SourceStep:
         return True
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        ctx.checkpoint["exactSource"] = await env.provider.resolve_source(ctx)
-        return Outcome.done(ctx.checkpoint["exactSource"])
+        ctx.checkpoint.exact_source = await env.provider.resolve_source(ctx)
+        return Outcome.done(ctx.checkpoint.exact_source)
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """Resolving a source creates nothing."""
@@ -135,7 +135,7 @@ class VmStep:
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         await self._ensure_keys(ctx, env)
         endpoint = await env.provider.create_vm(ctx)
-        ctx.checkpoint["endpoint"] = endpoint.model_dump()
+        ctx.checkpoint.endpoint = endpoint
         return Outcome.done(f"build VM at {endpoint.host}:{endpoint.port}")
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
@@ -155,7 +155,9 @@ class ConnectStep:
         return True
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        deadline = ctx.checkpoint.setdefault("bootDeadline", time.time() + BOOT_TIMEOUT_SECONDS)
+        if ctx.checkpoint.boot_deadline is None:
+            ctx.checkpoint.boot_deadline = time.time() + BOOT_TIMEOUT_SECONDS
+        deadline = ctx.checkpoint.boot_deadline
         login = "a WinRM login" if ctx.windows else "an SSH login"
         try:
             if ctx.windows:

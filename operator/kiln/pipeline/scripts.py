@@ -40,12 +40,12 @@ class ScriptPhase:
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
         steps = self.steps(ctx)
         logs = RunLogs(ctx.run_dir)
-        key = f"{self.name}Index"
-        while (index := ctx.checkpoint.get(key, 0)) < len(steps):
+        done = ctx.checkpoint.script_index
+        while (index := done.get(self.name, 0)) < len(steps):
             step = steps[index]
             title = _title(self.name, index, step)
             job_id = f"{self.name}-{index:02d}"
-            logs.start(job_id, title)
+            await logs.astart(job_id, title)
             try:
                 outcome = await self._run_step(ctx, env, logs, job_id, step)
             except FetchError as error:
@@ -54,7 +54,7 @@ class ScriptPhase:
                 if outcome.kind == "failed":
                     outcome.message = f"{title}: {outcome.message}"
                 return outcome
-            ctx.checkpoint[key] = index + 1
+            done[self.name] = index + 1
         return Outcome.done(f"{len(steps)} step(s) succeeded")
 
     async def _run_step(
@@ -70,13 +70,13 @@ class ScriptPhase:
         if isinstance(step, FileStep):
             data = await fetch(step.source_uri, env.policy, step.sha256_checksum)
             await communicator.upload(data, step.destination)
-            logs.append(
+            await logs.aappend(
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
         await communicator.start_job(job_id, await shell_script(step, env.policy))
-        status = await communicator.poll_job(job_id, logs.offset(job_id))
-        logs.append(job_id, status.new_log)
+        status = await communicator.poll_job(job_id, await logs.aoffset(job_id))
+        await logs.aappend(job_id, status.new_log)
         if status.running:
             return Outcome.wait(f"running {job_id}", delay=POLL_SECONDS)
         if status.exit_code == 0:
@@ -90,7 +90,7 @@ class ScriptPhase:
             f"failed with {code}",
             self.failure_reason,
             exit_code=status.exit_code,
-            log_tail=logs.tail(job_id),
+            log_tail=await logs.atail(job_id),
         )
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:

@@ -7,10 +7,11 @@ its world (QEMU on this machine, or an Azure subscription) and reports where the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kiln.api.run import Checkpoint, Endpoint, TemplateIdentity
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import SshCommunicator as Communicator
@@ -19,7 +20,12 @@ from kiln.naming import run_secret_name
 
 
 class ProviderError(Exception):
-    """A failure in the provider's world; fatal ones stop the run, others are retried."""
+    """A failure in the provider's world; fatal ones stop the run, others are retried.
+
+    code is the cloud's error code (for the reason a retry shows); retry_kind is set for
+    an error that is retried (counted against the run's retry budget, shown in its
+    conditions and counted by the metrics), unset for ordinary waiting (an operation
+    still running)."""
 
     def __init__(
         self,
@@ -27,26 +33,14 @@ class ProviderError(Exception):
         *,
         fatal: bool = True,
         retry_after: float = 10.0,
+        code: str | None = None,
         retry_kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.fatal = fatal
         self.retry_after = retry_after
-        self.retry_kind = retry_kind  # set for an error retried (counted, an event), not a wait
-
-
-class TemplateIdentity(BaseModel):
-    namespace: str
-    name: str
-    uid: str
-
-
-class Endpoint(BaseModel):
-    """How to reach a build VM's communicator."""
-
-    host: str
-    port: int
-    user: str
+        self.code = code
+        self.retry_kind = retry_kind
 
 
 class RunContext(BaseModel):
@@ -59,7 +53,7 @@ class RunContext(BaseModel):
     run_uid: str
     template: TemplateIdentity
     spec: ImageTemplateSpec
-    checkpoint: dict[str, Any]
+    checkpoint: Checkpoint
     run_dir: Path
     key_namespace: str = Field(description="The operator's namespace, home of the key Secret.")
     client_private_key: str = ""
@@ -80,7 +74,7 @@ class RunContext(BaseModel):
     @property
     def windows(self) -> bool:
         """The source image runs Windows (the provider records it when resolving)."""
-        return self.checkpoint.get("osType") == "Windows"
+        return self.checkpoint.os_type == "Windows"
 
 
 class BuildProvider(Protocol):
@@ -128,6 +122,12 @@ class BuildProvider(Protocol):
 
     async def delete_vm(self, ctx: RunContext) -> None:
         """Remove the build VM and everything made for it, keeping logs and outputs."""
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Remove build resources of runs not in keep (run UIDs); what was removed."""
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        """What of the run's build resources still exists (IDs, paths), for a report."""
 
     def describe_vm(self, ctx: RunContext) -> str:
         """How a person reaches a kept build VM (errorHandling abort)."""

@@ -1,16 +1,26 @@
-"""Drives one ImageBuildRun to its end, one pass at a time.
+"""Drives one ImageBuildRun to its end: an explicit state machine, one pass at a time.
 
-Each pass reads the run as it is in the API server, decides (with the pure functions in
-kiln.reconcile.runs) and does the next thing, and writes status. Nothing lives only in
-memory: the open SSH connection is a cache, so a restarted operator picks up where the
-status and the world say the run is.
+The states (kiln.api.run.RunPhase) are derived from what status persisted: Queued (no
+snapshot) -> WaitingForSlot (snapshot, no startTime) -> Building (holds one of the
+operator's build slots; startTime set, so the build timeout counts from here) ->
+CleaningUp (the ending is recorded, cleanup runs outside the slot with bounded retries)
+-> Done (a terminal runState). Each decision is written before the action it leads to,
+so a restarted operator picks up where the status and the world say the run is; the
+open SSH connection is only a cache.
+
+Every step pass runs as a task under a deadline, watched every WATCH_SECONDS: a cancel,
+the build timeout, the run's deletion or the operator stopping interrupts it in flight.
+Metrics and tracing hook in at _step_started/_step_ended and finish().
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -18,18 +28,18 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kiln import metrics, reasons
-from kiln.api.run import TERMINAL_RUN_STATES, RunState, RunSubState, StepState
+from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
-from kiln.kube import RUNS, TEMPLATES, refusal, template_runs
+from kiln.kube import RUNS, TEMPLATES, refusal
 from kiln.naming import run_secret_name
-from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all
+from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all, pass_deadline
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import decode_keys
-from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
+from kiln.providers.base import ProviderError, RunContext
 from kiln.reconcile import runs as decide
-from kiln.reconcile.conditions import now_rfc3339
+from kiln.reconcile.conditions import now_rfc3339, set_condition
 from kiln.reconcile.sync import refresh_template, template_identity
 from kiln.reconcile.templates import effective_spec, problems_of, spec_hash
 from kiln.runtime import Runtime
@@ -37,24 +47,37 @@ from kiln.runtime import Runtime
 log = logging.getLogger(__name__)
 Body = dict[str, Any]
 QUEUE_POLL_SECONDS = 5.0
-DEFAULT_TIMEOUT_MINUTES = 240
+WATCH_SECONDS = 5.0  # how often a step in flight checks for cancel, timeout and deletion
+STOP_GRACE_SECONDS = 20.0  # how long an interrupted step may take to unwind
+CLEANUP_PASS_SECONDS = 300.0
 MAX_CONNECTION_ERRORS = 10
 MAX_STEP_ERRORS = 3
+MAX_CLOUD_RETRIES = 12  # consecutive retryable cloud errors before the run fails
 LOG_PUBLISH_SECONDS = 30.0
-CLEANUP_RETRY_SECONDS = 15.0
-RETRYING = "retrying: "
+RETRYING = "retrying: "  # a step's unexpected or connection error, retried a few times
 
 
 def _status(run: Body) -> Body:
     return run.get("status") or {}
 
 
+class Stopped(Exception):
+    """The run is being deleted or the operator is stopping: leave the run as it is."""
+
+
 class RunDriver:
-    def __init__(self, runtime: Runtime, namespace: str, name: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        namespace: str,
+        name: str,
+        stopped: kopf.DaemonStopped | None = None,
+    ) -> None:
         self.runtime = runtime
         self.kube = runtime.kube
         self.namespace = namespace
         self.name = name
+        self.stopped = stopped
         self.env: StepEnv | None = None
         self._log_published = (0.0, -1)  # (monotonic time, size) of the last upload
 
@@ -68,21 +91,51 @@ class RunDriver:
         status["observedGeneration"] = run["metadata"].get("generation")
         await self.kube.patch_status(RUNS, self.namespace, self.name, status)
 
+    def _halted(self, uid: str) -> bool:
+        return bool(self.stopped) or uid in self.runtime.deleting_runs
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Each pass reads the run and does what its phase needs, until it is Done."""
+        while not (self.stopped or False):
+            run = await self.get()
+            if run is None:
+                return
+            phase = decide.phase(_status(run))
+            if phase == RunPhase.Done or run["metadata"]["uid"] in self.runtime.deleting_runs:
+                return
+            try:
+                if phase == RunPhase.Queued:
+                    delay = await self.queue_pass(run)
+                elif phase == RunPhase.CleaningUp:
+                    delay = await self.cleanup_pass(run)
+                else:
+                    delay = await self.build(run)
+            except Stopped:
+                return
+            if delay:
+                await self._sleep(delay)
+
+    async def _sleep(self, seconds: float) -> None:
+        if self.stopped is not None:
+            await self.stopped.wait(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
     # --- queue ---------------------------------------------------------------------------
 
-    async def queue_pass(self, run: Body) -> float | None:
+    async def queue_pass(self, run: Body) -> float:
         """Start the run if it may start; the seconds to wait before asking again if not."""
-        now = now_rfc3339()
-        generation = run["metadata"].get("generation")
         if (run.get("spec") or {}).get("cancel"):
             await self.finish(run, RunState.Canceled, reasons.CANCELED, "canceled before it began.")
-            return None
+            return 0
         template_name = run["spec"]["templateRef"]["name"]
         async with self.runtime.template_locks[f"{self.namespace}/{template_name}"]:
             template = await self.kube.get(TEMPLATES, self.namespace, template_name)
             spec = effective_spec((template or {}).get("spec") or {}, self.runtime.settings)
             problems = problems_of(spec, self.runtime.settings) if template else []
-            siblings = await template_runs(self.kube, template) if template else []
+            siblings = await self.runtime.runs_of(self.namespace, template_name) if template else []
             admission = decide.admit(run, template, siblings, problems)
             status = _status(run)
             if not admission.start:
@@ -94,13 +147,8 @@ class RunDriver:
                             "runState": RunState.Running,
                             "runSubState": RunSubState.Queued,
                             "message": admission.message,
-                            "conditions": decide.run_conditions(
-                                status.get("conditions"),
-                                RunState.Running,
-                                admission.reason,
-                                admission.message,
-                                generation,
-                                now,
+                            "conditions": self._running_conditions(
+                                run, admission.message, admission.reason
                             ),
                         },
                     )
@@ -108,70 +156,118 @@ class RunDriver:
                         await refresh_template(self.runtime, self.namespace, template_name)
                 return QUEUE_POLL_SECONDS
             assert template is not None
-            await self.start(run, template, spec, now)
+            await self.admit(run, template, spec)
         await refresh_template(self.runtime, self.namespace, template_name)
         return 0
 
-    async def start(self, run: Body, template: Body, spec: Body, now: str) -> None:
-        """Snapshot the template; from here on the run builds the snapshot, not the template."""
+    async def admit(self, run: Body, template: Body, spec: Body) -> None:
+        """Snapshot the template; from here on the run builds the snapshot, not the template.
+        startTime waits for the build slot."""
         parsed = ImageTemplateSpec.model_validate(spec)
         identity = template_identity(template)
-        ctx = self._context(run, parsed, identity, {"template": identity.model_dump()})
+        ctx = self._context(run, parsed, Checkpoint(template=identity))
+        ctx.checkpoint.log_path = str(ctx.log_path)
         steps = [
             {"name": s.name, "state": StepState.Pending if s.applies(ctx) else StepState.Skipped}
             for s in STEPS
         ]
-        message = f"building {template['metadata']['name']} (generation "
-        message += f"{template['metadata'].get('generation')})"
+        limit = self.runtime.settings.max_active_runs
+        message = f"waiting for a build slot ({limit} build(s) at a time)"
         await self.write(
             run,
             {
                 "runState": RunState.Running,
-                "runSubState": RunSubState.Building,
+                "runSubState": RunSubState.Queued,
                 "message": message,
-                "startTime": now,
                 "provider": spec["provider"],
                 "templateGeneration": template["metadata"].get("generation"),
                 "templateHash": spec_hash(spec),
                 "templateSnapshot": spec,
                 "steps": steps,
-                "checkpoint": {"template": identity.model_dump(), "logPath": str(ctx.log_path)},
-                "conditions": decide.run_conditions(
-                    _status(run).get("conditions"),
-                    RunState.Running,
-                    reasons.RUNNING,
-                    message,
-                    run["metadata"].get("generation"),
-                    now,
-                ),
+                "checkpoint": ctx.checkpoint.wire(),
+                "conditions": self._running_conditions(run, message, reasons.WAITING_FOR_SLOT),
+            },
+        )
+
+    # --- build ---------------------------------------------------------------------------
+
+    async def build(self, run: Body) -> float:
+        """Hold a build slot for as long as the run builds; cancel works while waiting."""
+        slots = self.runtime.build_slots
+        while True:
+            try:
+                await asyncio.wait_for(slots.acquire(), WATCH_SECONDS)
+                break
+            except TimeoutError:
+                pass
+            if self._halted(run["metadata"]["uid"]):
+                raise Stopped
+            fresh = await self.get()
+            if fresh is None:
+                raise Stopped
+            if (fresh.get("spec") or {}).get("cancel"):
+                message = "canceled while waiting for a build slot."
+                await self.finish(fresh, RunState.Canceled, reasons.CANCELED, message)
+                return 0
+        try:
+            with metrics.in_flight(_status(run).get("provider")).track_inprogress():
+                return await self._hold_slot(run)
+        finally:
+            slots.release()
+
+    async def _hold_slot(self, run: Body) -> float:
+        """Build passes, one after another, while the run has its slot."""
+        while not self._halted(run["metadata"]["uid"]):
+            fresh = await self.get()
+            if fresh is None:
+                raise Stopped
+            if decide.phase(_status(fresh)) not in (RunPhase.WaitingForSlot, RunPhase.Building):
+                return 0
+            if not _status(fresh).get("startTime"):
+                await self._start_building(fresh)
+                continue
+            delay = await self.build_pass(fresh)
+            if delay is None:
+                return 0
+            if delay:
+                await self._pause(fresh, delay)
+        raise Stopped
+
+    async def _start_building(self, run: Body) -> None:
+        template = _status(run)["checkpoint"]["template"]["name"]
+        generation = _status(run).get("templateGeneration")
+        message = f"building {template} (generation {generation})"
+        now = now_rfc3339()
+        await self.write(
+            run,
+            {
+                "runSubState": RunSubState.Building,
+                "message": message,
+                "startTime": now,
+                "conditions": self._running_conditions(run, message),
             },
         )
         kopf.info(run, reason=reasons.EVENT_STARTED, message=message)
         metrics.run_started(run["metadata"].get("creationTimestamp"), now)
 
-    # --- build ---------------------------------------------------------------------------
-
-    def _context(
-        self, run: Body, spec: ImageTemplateSpec, template: TemplateIdentity, checkpoint: Body
-    ) -> RunContext:
+    def _context(self, run: Body, spec: ImageTemplateSpec, checkpoint: Checkpoint) -> RunContext:
         provider = self.runtime.provider(spec.provider or "")
         return RunContext(
             namespace=self.namespace,
             run_name=self.name,
             run_uid=run["metadata"]["uid"],
-            template=template,
+            template=checkpoint.template,
             spec=spec,
             checkpoint=checkpoint,
-            run_dir=provider.run_dir(template, spec, self.name),
+            run_dir=provider.run_dir(checkpoint.template, spec, self.name),
             key_namespace=self.runtime.settings.secrets_namespace,
         )
 
     async def context(self, run: Body) -> RunContext:
         status = _status(run)
-        checkpoint = dict(status.get("checkpoint") or {})
+        checkpoint = Checkpoint.model_validate(status.get("checkpoint") or {})
         spec = ImageTemplateSpec.model_validate(status["templateSnapshot"])
-        template = TemplateIdentity.model_validate(checkpoint["template"])
-        ctx = self._context(run, spec, template, checkpoint)
+        ctx = self._context(run, spec, checkpoint)
         keys = await self.kube.read_secret(ctx.key_namespace, run_secret_name(ctx.run_uid))
         if keys:
             decode_keys(keys, ctx)
@@ -193,75 +289,145 @@ class RunDriver:
             return None
         assert self.env is not None
         records: list[Body] = [dict(r) for r in status["steps"]]
-        if ctx.checkpoint.get("ending"):
-            return await self.conclude(run, ctx, records)
-        if (run.get("spec") or {}).get("cancel"):
-            message = "canceled; build resources removed."
-            return await self.end(run, ctx, records, RunState.Canceled, reasons.CANCELED, message)
-        if self._timed_out(run, ctx):
-            minutes = ctx.spec.build_timeout_in_minutes or DEFAULT_TIMEOUT_MINUTES
-            message = (
-                f"the build took longer than buildTimeoutInMinutes ({minutes}); raise it or "
-                "make the build faster"
-            )
-            return await self.end(run, ctx, records, RunState.Failed, reasons.TIMED_OUT, message)
+        interrupted = decide.interruption(run, ctx.spec.build_timeout_in_minutes, _now())
+        if interrupted is not None:
+            return await self._interrupted(run, ctx, records, interrupted)
         index = decide.next_step(records)
         if index is None:
             state, reason, message = decide.final_state(ctx.checkpoint)
-            await self.finish(run, state, reason, message, ctx)
-            return None
+            return await self.end(run, ctx, records, state, reason, message, quiet=True)
         step = STEPS_BY_NAME[records[index]["name"]]
         record = records[index]
         if record["state"] == StepState.Pending:
             record.update(state=StepState.Running, startTime=now_rfc3339())
-        outcome = await self._reconcile_step(step.name, ctx)
+            self._step_started(ctx, step.name)
+        outcome, interrupted = await self._watched(
+            run, ctx, self._reconcile_step(step.name, ctx), pass_deadline(step)
+        )
+        if interrupted is not None:
+            return await self._interrupted(run, ctx, records, interrupted)
+        assert outcome is not None
         await self._stream_logs(ctx)
         if outcome.message.startswith(RETRYING) and outcome.message != record.get("message"):
             kopf.warn(run, reason=reasons.EVENT_RETRYING, message=f"{step.name}: {outcome.message}")
         record["message"] = outcome.message
         if outcome.kind == "wait":
             progress = self._progress(ctx, records, step.sub_state, outcome.message)
+            if outcome.reason:  # a retry: Reconciling says what is awaited and the code
+                progress["conditions"] = self._running_conditions(
+                    run, outcome.message, outcome.reason
+                )
+                kopf.warn(run, reason=reasons.EVENT_RETRYING, message=outcome.message)
+            elif _reason(status, reasons.RECONCILING) != reasons.RUNNING:
+                progress["conditions"] = self._running_conditions(run, outcome.message)
             if any(status.get(key) != value for key, value in progress.items()):
                 await self.write(run, progress)  # polling a running job writes nothing new
             return outcome.delay
         record.update(endTime=now_rfc3339())
-        metrics.step_ended(ctx.spec.provider, step.name, record.get("startTime"), record["endTime"])
+        self._step_ended(run, ctx, record, outcome)
         if outcome.kind == "done":
             record["state"] = StepState.Succeeded
-            kopf.info(
-                run, reason=reasons.EVENT_STEP_SUCCEEDED, message=f"{step.name}: {outcome.message}"
-            )
-            await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
+            progress = self._progress(ctx, records, step.sub_state, outcome.message)
+            if _reason(status, reasons.RECONCILING) != reasons.RUNNING:
+                progress["conditions"] = self._running_conditions(run, outcome.message)
+            await self.write(run, progress)
             return 0
         record.update(state=StepState.Failed, exitCode=outcome.exit_code, logTail=outcome.log_tail)
         validate = ctx.spec.validate_
         if step.name == "validate" and validate and validate.continue_distribute_on_failure:
-            ctx.checkpoint["validationFailure"] = outcome.message
+            ctx.checkpoint.validation_failure = outcome.message
             await self.write(run, self._progress(ctx, records, step.sub_state, outcome.message))
             return 0
         return await self.fail(run, ctx, records, outcome, self._keep_vm(ctx, step.name))
+
+    @staticmethod
+    def _running_conditions(run: Body, message: str, reason: str = reasons.RUNNING) -> list[Body]:
+        """The conditions of a run still under way (Reconciling True) with this reason."""
+        return decide.run_conditions(
+            _status(run).get("conditions"),
+            RunState.Running,
+            reason,
+            message,
+            run["metadata"].get("generation"),
+            now_rfc3339(),
+        )
+
+    async def _watched(
+        self, run: Body, ctx: RunContext, work: Awaitable[Outcome], deadline: float
+    ) -> tuple[Outcome | None, decide.Interruption | None]:
+        """Run one step pass as a task; stop it when the run is interrupted or the pass
+        runs past its deadline. The task is registered so that deleting the run stops it."""
+        uid = run["metadata"]["uid"]
+        if self._halted(uid):
+            raise Stopped
+        task = asyncio.ensure_future(work)
+        self.runtime.steps_in_flight[uid] = task
+        ends = time.monotonic() + deadline
+        try:
+            while True:
+                remaining = ends - time.monotonic()
+                await asyncio.wait({task}, timeout=max(0.0, min(WATCH_SECONDS, remaining)))
+                if task.cancelled():  # stopped from outside: the run is being deleted
+                    raise Stopped
+                if task.done():
+                    return task.result(), None
+                if self._halted(uid):
+                    await _stop(task)
+                    raise Stopped
+                if time.monotonic() >= ends:
+                    await _stop(task)
+                    message = f"a pass of the step ran past its deadline ({deadline:.0f}s)"
+                    return _retry_or_fail(ctx, "step_errors", MAX_STEP_ERRORS, message, 5), None
+                fresh = await self.kube.get(RUNS, self.namespace, self.name)
+                interrupted = decide.interruption(fresh, ctx.spec.build_timeout_in_minutes, _now())
+                if interrupted is not None:
+                    await _stop(task)
+                    return None, interrupted
+        finally:
+            self.runtime.steps_in_flight.pop(uid, None)
+
+    async def _pause(self, run: Body, seconds: float) -> None:
+        """Wait between passes, still answering a cancel or the build timeout promptly."""
+        ends = time.monotonic() + seconds
+        while (remaining := ends - time.monotonic()) > 0:
+            await self._sleep(min(WATCH_SECONDS, remaining))
+            if self._halted(run["metadata"]["uid"]):
+                raise Stopped
+            if remaining > WATCH_SECONDS:
+                fresh = await self.kube.get(RUNS, self.namespace, self.name)
+                timeout = (_status(run).get("templateSnapshot") or {}).get("buildTimeoutInMinutes")
+                if decide.interruption(fresh, timeout, _now()) is not None:
+                    return
+
+    async def _interrupted(
+        self, run: Body, ctx: RunContext, records: list[Body], why: decide.Interruption
+    ) -> float | None:
+        if why.state is None:
+            raise Stopped
+        return await self.end(run, ctx, records, why.state, why.reason, why.message)
 
     async def _reconcile_step(self, name: str, ctx: RunContext) -> Outcome:
         """A step's reconcile, with provider and connection errors turned into outcomes."""
         assert self.env is not None
         try:
             outcome = await STEPS_BY_NAME[name].reconcile(ctx, self.env)
-            ctx.checkpoint.pop("connectionErrors", None)
-            ctx.checkpoint.pop("stepErrors", None)
+            ctx.checkpoint.connection_errors = 0
+            ctx.checkpoint.step_errors = 0
+            ctx.checkpoint.cloud_retries = 0
             return outcome
         except ProviderError as error:
             if error.fatal:
                 return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
-            if error.retry_kind:
-                metrics.reconcile_error(error.retry_kind)
-                return Outcome.wait(f"{RETRYING}{error}", error.retry_after)
-            return Outcome.wait(str(error), error.retry_after)
+            if error.retry_kind is None:  # an operation still running: plain waiting
+                return Outcome.wait(str(error), error.retry_after)
+            metrics.reconcile_error(error.retry_kind)
+            return _cloud_retry(ctx, name, error)
         except (CommunicatorError, asyncssh.Error, OSError) as error:
             metrics.reconcile_error("connection")
             await self.env.disconnect(ctx)
             return _retry_or_fail(
                 ctx,
-                "connectionErrors",
+                "connection_errors",
                 MAX_CONNECTION_ERRORS,
                 f"lost the connection to the build VM: {error}",
                 delay=5,
@@ -274,7 +440,19 @@ class RunDriver:
                 metrics.reconcile_error("unexpected")
                 log.exception("step %s of run %s/%s failed", name, self.namespace, self.name)
                 message = f"step {name} failed: {type(error).__name__}: {error}"
-            return _retry_or_fail(ctx, "stepErrors", MAX_STEP_ERRORS, message, delay=10)
+            return _retry_or_fail(ctx, "step_errors", MAX_STEP_ERRORS, message, delay=10)
+
+    def _step_started(self, ctx: RunContext, step: str) -> None:
+        log.info("run %s/%s: step %s started", self.namespace, self.name, step)
+
+    def _step_ended(self, run: Body, ctx: RunContext, record: Body, outcome: Outcome) -> None:
+        log.info("run %s/%s: step %s %s", self.namespace, self.name, record["name"], outcome.kind)
+        metrics.step_ended(
+            ctx.spec.provider, record["name"], record.get("startTime"), record["endTime"]
+        )
+        if outcome.kind == "done":
+            message = f"{record['name']}: {outcome.message}"
+            kopf.info(run, reason=reasons.EVENT_STEP_SUCCEEDED, message=message)
 
     def _progress(
         self, ctx: RunContext, records: list[Body], sub_state: RunSubState, message: str
@@ -283,8 +461,8 @@ class RunDriver:
             "runSubState": sub_state,
             "message": message,
             "steps": records,
-            "checkpoint": ctx.checkpoint,
-            "exactSource": ctx.checkpoint.get("exactSource"),
+            "checkpoint": ctx.checkpoint.wire(),
+            "exactSource": ctx.checkpoint.exact_source,
             "runOutputs": _outputs(ctx),
         }
 
@@ -298,15 +476,6 @@ class RunDriver:
             "validate": handling.on_validation_error,
         }
         return policy.get(step) == OnError.abort
-
-    @staticmethod
-    def _timed_out(run: Body, ctx: RunContext) -> bool:
-        started = _status(run).get("startTime")
-        if not started:
-            return False
-        minutes = ctx.spec.build_timeout_in_minutes or DEFAULT_TIMEOUT_MINUTES
-        begun = datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        return datetime.now(UTC) > begun + timedelta(minutes=minutes)
 
     # --- endings -------------------------------------------------------------------------
 
@@ -331,56 +500,92 @@ class RunDriver:
         reason: str,
         message: str,
         keep_vm: bool = False,
-    ) -> float | None:
-        """Record how the run ends before cleaning up, so a restart finishes the cleanup."""
-        ctx.checkpoint["ending"] = {
-            "state": state,
-            "reason": reason,
-            "message": message,
-            "keepVm": keep_vm,
-        }
-        patch: Body = {"steps": records, "checkpoint": ctx.checkpoint, "message": message}
-        if state == RunState.Canceled:
-            patch["runState"] = RunState.Canceling
-        await self.write(run, patch)
-        return await self.conclude(run, ctx, records)
-
-    async def conclude(self, run: Body, ctx: RunContext, records: list[Body]) -> float | None:
-        """Clean up (retried until it works), then write the final state."""
-        ending = ctx.checkpoint["ending"]
-        try:
-            await self.clean_up(run, ctx, records, keep_vm=ending["keepVm"])
-        except Exception as error:  # the build's resources must not leak: try again later
-            log.exception("cleanup of run %s/%s failed", self.namespace, self.name)
-            metrics.reconcile_error("cleanup")
-            kopf.warn(run, reason=reasons.EVENT_CLEANUP_FAILED, message=f"retrying: {error}")
-            await self.write(
-                run, {"message": f"{ending['message']} Cleanup failed, retrying: {error}"}
-            )
-            return CLEANUP_RETRY_SECONDS
-        await self.finish(run, RunState(ending["state"]), ending["reason"], ending["message"], ctx)
-        return None
-
-    async def clean_up(
-        self, run: Body, ctx: RunContext, records: list[Body], *, keep_vm: bool
+        *,
+        quiet: bool = False,
     ) -> None:
-        """Every step's delete() in reverse, recorded as the cleanup step."""
-        assert self.env is not None
-        await delete_all(ctx, self.env, keep_vm=keep_vm)
+        """Record how the run ends (persist intent); cleanup follows outside the slot."""
+        ctx.checkpoint.ending = Ending(state=state, reason=reason, message=message, keep_vm=keep_vm)
         now = now_rfc3339()
         for record in records:
             if record["state"] == StepState.Running:
                 record.update(state=StepState.Failed, endTime=now, message="stopped")
+        patch: Body = {"steps": records, "checkpoint": ctx.checkpoint.wire(), "message": message}
+        if state == RunState.Canceled:
+            patch["runState"] = RunState.Canceling
+        await self.write(run, patch)
+        if self.env is not None:
+            await self.env.disconnect(ctx)
+        if not quiet:
+            log.info("run %s/%s ends %s: %s", self.namespace, self.name, state, message)
+        return None
+
+    async def cleanup_pass(self, run: Body) -> float:
+        """Every step's delete() in reverse, bounded; retried with backoff, then reported."""
+        ctx = await self.context(run)
+        assert self.env is not None
+        records: list[Body] = [dict(r) for r in _status(run)["steps"]]
+        ending = ctx.checkpoint.ending
+        assert ending is not None
+        keep_vm = ending.keep_vm
+        try:
+            await asyncio.wait_for(delete_all(ctx, self.env, keep_vm=keep_vm), CLEANUP_PASS_SECONDS)
+        except Exception as error:  # the build's resources must not leak: try again later
+            if isinstance(error, TimeoutError):
+                error = TimeoutError(f"cleanup took longer than {CLEANUP_PASS_SECONDS:.0f}s")
+            log.warning("cleanup of run %s/%s failed: %s", self.namespace, self.name, error)
+            attempt = ending.cleanup_attempts = ending.cleanup_attempts + 1
+            ending.cleanup_error = str(error)[:500]
+            metrics.reconcile_error("cleanup")
+            backoff = decide.cleanup_backoff(attempt)
+            if backoff is not None:
+                kopf.warn(
+                    run,
+                    reason=reasons.EVENT_CLEANUP_FAILED,
+                    message=f"attempt {attempt}, retrying in {backoff:.0f}s: "
+                    f"{ending.cleanup_error}",
+                )
+                await self.write(
+                    run,
+                    {
+                        "checkpoint": ctx.checkpoint.wire(),
+                        "message": f"{ending.message} Cleanup attempt {attempt} of "
+                        f"{decide.CLEANUP_ATTEMPTS} failed, retrying in {backoff:.0f}s: "
+                        f"{ending.cleanup_error}",
+                    },
+                )
+                return backoff
+            leftovers = await self._leftovers(ctx)
+            self._record_cleanup(records, StepState.Failed, f"left behind: {', '.join(leftovers)}")
+            await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint.wire()})
+            await self.finish(run, ending.state, ending.reason, ending.message, ctx, leftovers)
+            return 0
+        kept = "; the build VM is kept (errorHandling abort)" if keep_vm else ""
+        self._record_cleanup(records, StepState.Succeeded, f"build resources removed{kept}")
+        ctx.checkpoint.vm_kept = keep_vm
+        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint.wire()})
+        await self.finish(run, ending.state, ending.reason, ending.message, ctx)
+        return 0
+
+    @staticmethod
+    def _record_cleanup(records: list[Body], state: StepState, message: str) -> None:
+        now = now_rfc3339()
+        for record in records:
             if record["name"] == CleanupStep.name:
-                kept = "; the build VM is kept (errorHandling abort)" if keep_vm else ""
                 record.update(
-                    state=StepState.Succeeded,
+                    state=state,
                     startTime=record.get("startTime") or now,
                     endTime=now,
-                    message=f"build resources removed{kept}",
+                    message=message,
                 )
-        ctx.checkpoint["vmKept"] = keep_vm
-        await self.write(run, {"steps": records, "checkpoint": ctx.checkpoint})
+
+    async def _leftovers(self, ctx: RunContext) -> list[str]:
+        """What cleanup could not remove, as resource IDs and paths (best effort)."""
+        assert self.env is not None
+        try:
+            found = await asyncio.wait_for(self.env.provider.leftovers(ctx), 60)
+        except Exception as error:
+            return [f"(could not list what is left: {error})"]
+        return found or ["(nothing found, but cleanup did not succeed)"]
 
     async def finish(
         self,
@@ -389,37 +594,67 @@ class RunDriver:
         reason: str,
         message: str,
         ctx: RunContext | None = None,
+        leftovers: list[str] | None = None,
     ) -> None:
         status = _status(run)
+        now = now_rfc3339()
+        conditions = decide.run_conditions(
+            status.get("conditions"), state, reason, message, run["metadata"].get("generation"), now
+        )
+        if leftovers:
+            cleanup = (
+                f"cleanup gave up after {decide.CLEANUP_ATTEMPTS} attempts; remove by hand: "
+                + ", ".join(leftovers)
+            )
+            conditions = set_condition(
+                conditions,
+                reasons.CLEANUP_FAILED,
+                "True",
+                reasons.CLEANUP_FAILED,
+                cleanup,
+                run["metadata"].get("generation"),
+                now,
+            )
+            kopf.warn(run, reason=reasons.CLEANUP_FAILED, message=cleanup)
         patch: Body = {
             "runState": state,
             "message": message,
-            "endTime": now_rfc3339(),
-            "conditions": decide.run_conditions(
-                status.get("conditions"),
-                state,
-                reason,
-                message,
-                run["metadata"].get("generation"),
-                now_rfc3339(),
-            ),
+            "endTime": now,
+            "conditions": conditions,
         }
         if ctx is not None:
-            patch |= {"checkpoint": ctx.checkpoint, "runOutputs": _outputs(ctx)}
+            patch |= {"checkpoint": ctx.checkpoint.wire(), "runOutputs": _outputs(ctx)}
             await self._publish_logs(ctx)
         await self.write(run, patch)
         if self.env is not None and ctx is not None:
             await self.env.disconnect(ctx)
         post = kopf.info if state == RunState.Succeeded else kopf.warn
         post(run, reason=str(state), message=message)
-        metrics.run_ended(status.get("provider"), str(state))
-        await refresh_template(self.runtime, self.namespace, run["spec"]["templateRef"]["name"])
+        metrics.run_ended(_status(run).get("provider"), str(state))
+        template = run["spec"]["templateRef"]["name"]
+        await refresh_template(self.runtime, self.namespace, template)
+        try:
+            await self._prune_history(template)
+        except ApiException as error:  # best effort: the next run's end prunes again
+            log.warning("pruning the runs of %s/%s: %s", self.namespace, template, refusal(error))
+
+    async def _prune_history(self, template_name: str) -> None:
+        """Finished runs beyond the template's history limits go (CronJob's limits)."""
+        template = await self.kube.get(TEMPLATES, self.namespace, template_name)
+        spec = (template or {}).get("spec") or {}
+        runs = await self.runtime.runs_of(self.namespace, template_name)
+        for name in decide.runs_to_prune(
+            runs,
+            spec.get("successfulRunsHistoryLimit"),
+            spec.get("failedRunsHistoryLimit"),
+        ):
+            log.info("run %s/%s: deleted by the history limit", self.namespace, name)
+            await self.kube.delete(RUNS, self.namespace, name)
 
     async def _stream_logs(self, ctx: RunContext) -> None:
         """While a run builds, its log reaches the provider's store (AIB's packerlogs) at
         most every LOG_PUBLISH_SECONDS when it grew, not only when the run ends."""
-        log_file = ctx.run_dir / COMBINED
-        size = log_file.stat().st_size if log_file.exists() else 0
+        size = await asyncio.to_thread(_size, ctx.run_dir / COMBINED)
         published_at, published_size = self._log_published
         if size == published_size or time.monotonic() - published_at < LOG_PUBLISH_SECONDS:
             return
@@ -430,63 +665,80 @@ class RunDriver:
         """Best effort: a log that could not be uploaded must not change how the run ended."""
         assert self.env is not None
         try:
-            await self.env.provider.publish_logs(ctx)
+            await asyncio.wait_for(self.env.provider.publish_logs(ctx), 120)
         except Exception:
             log.warning(
                 "could not publish the log of run %s/%s", self.namespace, self.name, exc_info=True
             )
 
-    # --- the loop ------------------------------------------------------------------------
-
-    async def drive(self, stopped: kopf.DaemonStopped) -> None:
-        """Queue until admitted, then build holding one of the operator's build slots."""
-        run: Body | None = None
-        while not stopped:
-            run = await self.get()
-            if run is None or _status(run).get("runState") in TERMINAL_RUN_STATES:
-                return
-            if _status(run).get("templateSnapshot"):
-                break
-            delay = await self.queue_pass(run)
-            if delay is None:
-                return
-            await stopped.wait(delay)
-        slots = self.runtime.build_slots
-        if slots.locked() and (run := await self.get()):
-            limit = self.runtime.settings.max_active_runs
-            await self.write(run, {"message": f"waiting for a build slot ({limit} at a time)"})
-        provider = _status(run).get("provider") if run else None
-        async with slots:
-            with metrics.in_flight(provider).track_inprogress():
-                while not stopped:
-                    run = await self.get()
-                    if run is None or _status(run).get("runState") in TERMINAL_RUN_STATES:
-                        return
-                    delay = await self.build_pass(run)
-                    if delay is None:
-                        return
-                    await stopped.wait(delay)
+    # --- deletion ------------------------------------------------------------------------
 
     async def delete(self, run: Body) -> None:
-        """The run is being deleted: remove whatever of its build is left (a kept VM too)."""
+        """The run is being deleted: stop its step in flight first (so nothing starts after
+        the cleanup), then remove whatever of its build is left (a kept VM too)."""
+        uid = run["metadata"]["uid"]
+        self.runtime.deleting_runs.add(uid)
+        task = self.runtime.steps_in_flight.get(uid)
+        if task is not None:
+            await _stop(task)
         if not _status(run).get("templateSnapshot"):
             return
         ctx = await self.context(run)
         assert self.env is not None
-        await delete_all(ctx, self.env, keep_vm=False)
+        await asyncio.wait_for(delete_all(ctx, self.env, keep_vm=False), CLEANUP_PASS_SECONDS)
+        self.runtime.deleting_runs.discard(uid)
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel a step pass and give it a moment to unwind (work it shields ends first)."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.debug("an interrupted step ended with %r", task.exception())
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _reason(status: Body, type_: str) -> str | None:
+    condition = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+    return condition.get("reason") if condition else None
 
 
 def _retry_or_fail(
     ctx: RunContext, counter: str, limit: int, message: str, delay: float
 ) -> Outcome:
     """Retry a failing step a few times (counted in the checkpoint), then give up."""
-    errors = ctx.checkpoint.get(counter, 0) + 1
-    ctx.checkpoint[counter] = errors
+    errors = getattr(ctx.checkpoint, counter) + 1
+    setattr(ctx.checkpoint, counter, errors)
     if errors > limit:
         return Outcome.failed(f"{message} ({errors} attempts)", reasons.PROVIDER_ERROR)
     return Outcome.wait(f"{RETRYING}{message}", delay=delay * errors)
 
 
+def _cloud_retry(ctx: RunContext, step: str, error: ProviderError) -> Outcome:
+    """A retryable cloud error: visible (reason and event name the code), within a budget
+    of consecutive retries, after which the run fails with the last error."""
+    assert error.code is not None
+    retries = ctx.checkpoint.cloud_retries = ctx.checkpoint.cloud_retries + 1
+    if retries > MAX_CLOUD_RETRIES:
+        return Outcome.failed(
+            f"step {step}: gave up after {MAX_CLOUD_RETRIES} retries: {error}",
+            reasons.PROVIDER_ERROR,
+        )
+    delay = error.retry_after
+    return Outcome.wait(
+        f"step {step}: retry {retries} of {MAX_CLOUD_RETRIES} in {delay:.0f}s: {error}",
+        delay=delay,
+        reason=decide.retry_reason(error.code),
+    )
+
+
 def _outputs(ctx: RunContext) -> list[Body] | None:
-    outputs = ctx.checkpoint.get("outputs") or {}
-    return [outputs[key] for key in sorted(outputs, key=int)] or None
+    outputs = ctx.checkpoint.outputs
+    return [outputs[key].wire() for key in sorted(outputs, key=int)] or None

@@ -3,11 +3,11 @@
 A run's key Secret lives in the operator's namespace, so no owner reference can tie it to
 the run (they cannot cross namespaces) and Kubernetes' garbage collector never removes
 it. The run's own cleanup deletes it; this catches what a crash left between the two.
+It runs as part of the orphan sweep (kiln.reconcile.sweeper).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -69,13 +69,3 @@ async def sweep_key_secrets(kube: Kube, namespace: str) -> list[str]:
             )
             deleted.append(name)
     return deleted
-
-
-async def sweep_forever(kube: Kube, namespace: str, interval: float = SWEEP_SECONDS) -> None:
-    """At start-up and then every interval; a failed sweep is logged and tried again."""
-    while True:
-        try:
-            await sweep_key_secrets(kube, namespace)
-        except Exception:
-            log.warning("sweeping key Secrets in %s failed", namespace, exc_info=True)
-        await asyncio.sleep(interval)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
 from kiln import GROUP, VERSION, reasons
-from kiln.api.run import TERMINAL_RUN_STATES, RunState, StepState
+from kiln.api.run import TERMINAL_RUN_STATES, Checkpoint, RunPhase, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import kstatus
 from kiln.reconcile.templates import (
@@ -21,6 +23,11 @@ from kiln.reconcile.templates import (
 
 Body = dict[str, Any]
 ACTIVE_STATES = (RunState.Running, RunState.Canceling)
+DEFAULT_TIMEOUT_MINUTES = 240
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+CLEANUP_ATTEMPTS = 5
+CLEANUP_FIRST_BACKOFF_SECONDS = 10.0
+CLEANUP_MAX_BACKOFF_SECONDS = 300.0
 
 
 def run_manifest(template: Body, name: str, trigger: str) -> Body:
@@ -120,19 +127,19 @@ def next_step(records: list[Body]) -> int | None:
     return None
 
 
-def final_state(checkpoint: Body) -> tuple[RunState, str, str]:
+def final_state(checkpoint: Checkpoint) -> tuple[RunState, str, str]:
     """runState, reason and message once every step has run."""
-    outputs = list((checkpoint.get("outputs") or {}).values())
-    failed = [o for o in outputs if o.get("provisioningState") == "Failed"]
-    if checkpoint.get("validationFailure"):
+    outputs = list(checkpoint.outputs.values())
+    failed = [o for o in outputs if o.provisioning_state == "Failed"]
+    if checkpoint.validation_failure:
         return (
             RunState.Failed,
             reasons.VALIDATION_FAILED,
-            f"validation failed ({checkpoint['validationFailure']}); the image was distributed "
+            f"validation failed ({checkpoint.validation_failure}); the image was distributed "
             "because continueDistributeOnFailure is true.",
         )
     if failed:
-        detail = "; ".join(f"{o['runOutputName']}: {o.get('message', '')}" for o in failed)
+        detail = "; ".join(f"{o.run_output_name}: {o.message or ''}" for o in failed)
         return (
             RunState.PartiallySucceeded,
             reasons.PARTIALLY_SUCCEEDED,
@@ -161,3 +168,111 @@ def run_conditions(
         generation=generation,
         now=now,
     )
+
+
+def phase(status: Body) -> RunPhase:
+    """The state machine's state, from what the status persisted (nothing in memory)."""
+    if status.get("runState") in TERMINAL_RUN_STATES:
+        return RunPhase.Done
+    if not status.get("templateSnapshot"):
+        return RunPhase.Queued
+    if (status.get("checkpoint") or {}).get("ending"):
+        return RunPhase.CleaningUp
+    if not status.get("startTime"):
+        return RunPhase.WaitingForSlot
+    return RunPhase.Building
+
+
+class Interruption(BaseModel):
+    """Why a step in flight must stop now. state None: stop without ending the run (it
+    is being deleted, or the operator is stopping and another one resumes it)."""
+
+    state: RunState | None
+    reason: str
+    message: str
+
+
+def timed_out(start_time: str | None, timeout_minutes: int | None, now: datetime) -> bool:
+    """The build timeout counts from startTime, written when the run got its slot."""
+    if not start_time:
+        return False
+    begun = datetime.strptime(start_time, TIME_FORMAT).replace(tzinfo=UTC)
+    return now > begun + timedelta(minutes=timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
+
+
+def interruption(
+    run: Body | None, timeout_minutes: int | None, now: datetime
+) -> Interruption | None:
+    """Deleted, canceled or past its build timeout: checked while a step is in flight."""
+    if run is None or run["metadata"].get("deletionTimestamp"):
+        return Interruption(state=None, reason="Deleted", message="the run is being deleted")
+    if (run.get("spec") or {}).get("cancel"):
+        return Interruption(
+            state=RunState.Canceled,
+            reason=reasons.CANCELED,
+            message="canceled; build resources removed.",
+        )
+    if timed_out((run.get("status") or {}).get("startTime"), timeout_minutes, now):
+        minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+        return Interruption(
+            state=RunState.Failed,
+            reason=reasons.TIMED_OUT,
+            message=f"the build took longer than buildTimeoutInMinutes ({minutes}); raise it "
+            "or make the build faster",
+        )
+    return None
+
+
+def cleanup_backoff(attempt: int) -> float | None:
+    """Seconds before cleanup attempt `attempt + 1`; None once the attempts are used up."""
+    if attempt >= CLEANUP_ATTEMPTS:
+        return None
+    return min(CLEANUP_FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1), CLEANUP_MAX_BACKOFF_SECONDS)
+
+
+def retry_reason(code: str) -> str:
+    """A CamelCase condition reason naming the cloud's code: RetryingTooManyRequests."""
+    words = re.findall(r"[A-Za-z0-9]+", code)
+    return reasons.RETRYING + "".join(w[:1].upper() + w[1:] for w in words)
+
+
+DEFAULT_SUCCESSFUL_HISTORY = 3
+DEFAULT_FAILED_HISTORY = 1
+
+
+def runs_to_prune(
+    runs: list[Body], successful_limit: int | None, failed_limit: int | None
+) -> list[str]:
+    """Names of finished runs beyond the template's history limits, oldest first: the
+    newest `limit` succeeded runs stay, and the newest failed (or canceled) ones."""
+
+    def newest_first(run: Body) -> tuple[str, str]:
+        status = run.get("status") or {}
+        return (status.get("endTime") or "", run["metadata"].get("creationTimestamp") or "")
+
+    ended = sorted((r for r in runs if _state(r) in TERMINAL_RUN_STATES), key=newest_first)
+    ended.reverse()
+    succeeded = [r for r in ended if _state(r) == RunState.Succeeded]
+    others = [r for r in ended if _state(r) != RunState.Succeeded]
+    keep_ok = successful_limit or DEFAULT_SUCCESSFUL_HISTORY
+    keep_failed = failed_limit or DEFAULT_FAILED_HISTORY
+    prune = succeeded[keep_ok:] + others[keep_failed:]
+    return [r["metadata"]["name"] for r in sorted(prune, key=newest_first)]
+
+
+def index_entry(run: Body) -> Body:
+    """What admission, pruning and triggers need of a run (the kopf index keeps this)."""
+    meta, status = run["metadata"], run.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"cancel": bool((run.get("spec") or {}).get("cancel"))},
+        "status": {
+            "runState": status.get("runState"),
+            "endTime": status.get("endTime"),
+            "templateSnapshot": bool(status.get("templateSnapshot")) or None,
+        },
+    }

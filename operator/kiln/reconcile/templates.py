@@ -67,6 +67,10 @@ def auto_run_enabled(spec: Body) -> bool:
     return ((spec.get("autoRun") or {}).get("state")) == "Enabled"
 
 
+def has_ended(run: Body) -> bool:
+    return _run_state(run) in TERMINAL_RUN_STATES
+
+
 def is_building(run: Body) -> bool:
     """Started (it has its snapshot) and not ended: it still needs the staging."""
     started = bool((run.get("status") or {}).get("templateSnapshot"))

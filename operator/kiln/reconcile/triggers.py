@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
+from typing import Literal
 
 from croniter import croniter
 
-from kiln.api.template import ImageTemplateSpec, ScheduleTrigger, SourceImageTrigger
+from kiln.api.template import (
+    ConcurrencyPolicy,
+    ImageTemplateSpec,
+    ScheduleTrigger,
+    SourceImageTrigger,
+)
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -47,3 +53,13 @@ def scheduled_run_name(template: str, due: datetime) -> str:
 
 def source_run_name(template: str, version: str) -> str:
     return f"{template[:200]}-src-{hashlib.sha256(version.encode()).hexdigest()[:10]}"
+
+
+ScheduleAction = Literal["create", "skip", "replace"]
+
+
+def schedule_action(policy: ConcurrencyPolicy | None, unfinished: int) -> ScheduleAction:
+    """What a due schedule does, given the template's unfinished runs (CronJob's rules)."""
+    if unfinished == 0 or policy in (None, ConcurrencyPolicy.Allow):
+        return "create"
+    return "skip" if policy == ConcurrencyPolicy.Forbid else "replace"

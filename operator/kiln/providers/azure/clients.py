@@ -31,9 +31,16 @@ from kiln.kube import Kube
 from kiln.providers.base import ProviderError
 from kiln.settings import OperatorSettings
 
+# Every call is bounded: connecting, reading, and the SDK's own retries (a few, quickly;
+# a fault that persists surfaces to the run as a visible, budgeted retry).
+TIMEOUTS = {"connection_timeout": 20, "read_timeout": 120, "retry_total": 2, "timeout": 300}
+
 
 def transport_options(settings: OperatorSettings) -> dict[str, Any]:
-    return {"connection_verify": str(settings.azure_ca_bundle)} if settings.azure_ca_bundle else {}
+    verify = (
+        {"connection_verify": str(settings.azure_ca_bundle)} if settings.azure_ca_bundle else {}
+    )
+    return {**TIMEOUTS, **verify}
 
 
 def _authority_options(settings: OperatorSettings) -> dict[str, Any]:

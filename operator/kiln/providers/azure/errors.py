@@ -1,4 +1,9 @@
-"""Azure errors, classified once: wait and retry, or stop the run with Azure's message."""
+"""Azure errors, classified once: wait and retry, or stop the run with Azure's message.
+
+Only the codes listed here (and throttling, 5xx and an unreachable endpoint) are retried;
+anything else, an unknown 409 included, is fatal: waiting does not fix a request Azure
+refused, and retrying it would hide the refusal until the build timed out.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError, Servic
 
 from kiln.providers.base import ProviderError
 
-# Conflicts and capacity problems that go away by themselves.
+# Conflicts and capacity problems that go away by themselves (Azure's documented
+# transient errors: throttling, operations in progress, allocation, eventual consistency).
 RETRYABLE_CODES = frozenset(
     {
         "AnotherOperationInProgress",
@@ -14,21 +20,24 @@ RETRYABLE_CODES = frozenset(
         "RetryableError",
         "TooManyRequests",
         "InternalServerError",
+        "InternalExecutionError",
         "ServiceUnavailable",
         "GatewayTimeout",
+        "BadGateway",
         "AllocationFailed",
         "ZonalAllocationFailed",
         "OverconstrainedAllocationRequest",
         "ResourceGroupBeingDeleted",
+        "StorageAccountIsNotProvisioned",
         "InUseSubnetCannotBeDeleted",
         "NicInUse",
         "PublicIPAddressCannotBeDeleted",
         "InUseNetworkSecurityGroupCannotBeDeleted",
+        "CannotDeleteResource",
     }
 )
-# 409s that no amount of waiting fixes.
-FATAL_CONFLICTS = frozenset({"SkuNotAvailable", "OperationNotAllowed", "QuotaExceeded"})
 DEFAULT_RETRY_SECONDS = 15.0
+UNREACHABLE = "Unreachable"
 CLOUD_ERROR = "cloud"  # the kind kiln_reconcile_errors_total counts retried cloud errors as
 
 
@@ -41,23 +50,29 @@ def _retry_after(error: HttpResponseError) -> float:
         return DEFAULT_RETRY_SECONDS
 
 
+def is_retryable(status: int, code: str) -> bool:
+    """Throttling and server errors always; a 4xx only when its code is listed."""
+    return code in RETRYABLE_CODES or status == 429 or status >= 500
+
+
 def classify(error: Exception) -> ProviderError:
     """A ProviderError that says whether to retry, with Azure's code and message."""
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return ProviderError(
-            f"Azure could not be reached: {error}", fatal=False, retry_kind=CLOUD_ERROR
+            f"Azure could not be reached: {error}",
+            fatal=False,
+            code=UNREACHABLE,
+            retry_kind=CLOUD_ERROR,
         )
     if not isinstance(error, HttpResponseError):
         return ProviderError(str(error))
     code = (error.error.code if error.error else None) or str(error.status_code or "")
     message = (error.error.message if error.error else None) or error.reason or str(error)
-    status = error.status_code or 0
-    retryable = code in RETRYABLE_CODES or status == 429 or status >= 500
-    if status == 409 and code not in FATAL_CONFLICTS:
-        retryable = True
+    retryable = is_retryable(error.status_code or 0, code)
     return ProviderError(
         f"Azure {code}: {message}",
         fatal=not retryable,
         retry_after=_retry_after(error),
+        code=code,
         retry_kind=CLOUD_ERROR if retryable else None,
     )

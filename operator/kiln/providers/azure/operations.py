@@ -42,7 +42,7 @@ async def track(operations: dict[str, Any], key: str, begin: Begin) -> bool:
     except TimeoutError:
         return False
     except AzureError as error:
-        operations.pop(key, None)  # a failed operation is started anew if it is retried
+        operations[key] = ""  # a failed operation is started anew if it is retried
         raise classify(error) from error
     operations[key] = DONE
     return True

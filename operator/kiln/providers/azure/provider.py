@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
+from kiln.api.capabilities import Provider, capabilities
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     FileStep,
@@ -62,6 +64,7 @@ WINRM_SECRET = "winrm-certificate"
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
 PAGE = 4 * 1024 * 1024
+APPEND_BLOCK = 4 * 1024 * 1024  # the largest block an append blob takes
 ROLE_TAG, TEMPLATE_TAG, RUN_TAG = "kiln-role", "kiln-template-uid", "kiln-run-uid"
 _ARM_ID = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/(?P<ns>[^/]+)/"
@@ -108,7 +111,11 @@ def check_steps_fit(spec: ImageTemplateSpec, os_type: str) -> None:
                 raise ProviderError(
                     f"{where} needs Linux, but the source image runs Windows; use PowerShell steps"
                 )
-            if os_type == "Windows" and isinstance(step, (*WINDOWS_STEPS, FileStep)):
+            if (
+                os_type == "Windows"
+                and not capabilities(Provider.azure).windows_customizers
+                and isinstance(step, (*WINDOWS_STEPS, FileStep))
+            ):
                 raise ProviderError(
                     f"{where}: Kiln does not run customizers on Windows build VMs yet (the "
                     "VM, its WinRM connection and sysprep work); remove the step, or keep "
@@ -123,6 +130,7 @@ class AzureProvider:
         self.settings = settings
         self.kube = kube
         self._clients: dict[tuple[str, IdentityRef], AzureClients] = {}
+        self._account_keys: dict[str, tuple[str, str]] = {}  # account -> (endpoint, key)
 
     def _subscription(self, spec: ImageTemplateSpec) -> str:
         subscription = spec.subscription_id or self.settings.subscription_id
@@ -210,7 +218,7 @@ class AzureProvider:
             "tags": self._tags(ctx, "staging-storage", run=False),
             "properties": {"minimumTlsVersion": "TLS1_2", "allowBlobPublicAccess": False},
         }
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         await ops.ensure_all(
             operations,
             {
@@ -275,31 +283,40 @@ class AzureProvider:
                 await ops.call(operation_group.delete(group, resource.name))
 
     async def publish_logs(self, ctx: RunContext) -> None:
-        """The customization log to the staging account, as AIB's packerlogs/<run>/."""
+        """The customization log to the staging account, as AIB's packerlogs/<run>/: an
+        append blob that gets only the bytes it lacks (the log only grows)."""
         log = ctx.run_dir / COMBINED
         if not log.exists():
             return
         service = await self._staging_blobs(ctx)
         async with service:
             container = service.get_container_client(LOG_CONTAINER)
-            if not await container.exists():
-                await container.create_container()
             blob = container.get_blob_client(f"{ctx.run_name}/{COMBINED}")
-            await blob.upload_blob(log.read_bytes(), overwrite=True)
-            ctx.checkpoint["logUri"] = blob.url.split("?", 1)[0]
+            try:
+                uploaded = (await blob.get_blob_properties()).size
+            except ResourceNotFoundError:
+                if not await container.exists():
+                    await container.create_container()
+                await blob.create_append_blob()
+                uploaded = 0
+            while chunk := await asyncio.to_thread(_read_from, log, uploaded, APPEND_BLOCK):
+                await blob.append_block(chunk, appendpos_condition=uploaded)
+                uploaded += len(chunk)
+            ctx.checkpoint.log_uri = blob.url.split("?", 1)[0]
 
     async def _staging_blobs(self, ctx: RunContext) -> BlobServiceClient:
-        clients = await self.clients(ctx.spec, ctx.template.namespace)
+        """A client for the template's staging account; its key is listed once per
+        account and operator process, not on every upload."""
         group = self.staging_group(ctx.template, ctx.spec)
         name = storage_account_name(ctx.template.uid)
-        account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
-        keys = await ops.call(clients.storage.storage_accounts.list_keys(group, name))
-        key_list = getattr(keys, "keys_property", None) or keys.keys
-        return BlobServiceClient(
-            account.primary_endpoints.blob,
-            credential=key_list[0].value,
-            **transport_options(self.settings),
-        )
+        if name not in self._account_keys:
+            clients = await self.clients(ctx.spec, ctx.template.namespace)
+            account = await ops.call(clients.storage.storage_accounts.get_properties(group, name))
+            keys = await ops.call(clients.storage.storage_accounts.list_keys(group, name))
+            key_list = getattr(keys, "keys_property", None) or keys.keys
+            self._account_keys[name] = (account.primary_endpoints.blob, key_list[0].value)
+        endpoint, key = self._account_keys[name]
+        return BlobServiceClient(endpoint, credential=key, **transport_options(self.settings))
 
     # --- source --------------------------------------------------------------------------
 
@@ -324,7 +341,7 @@ class AzureProvider:
                 "version": version,
             }
             exact = ":".join((source.publisher, source.offer, source.sku, version))
-            ctx.checkpoint["sourceVersion"] = version
+            ctx.checkpoint.source_version = version
         elif isinstance(source, ManagedImageSource):
             _, group, parts = parse_id(source.image_id)
             managed = await ops.call(clients.compute.images.get(group, parts[-1]))
@@ -340,11 +357,11 @@ class AzureProvider:
             os_type = definition.os_type
             generation = definition.hyper_v_generation
             reference = {"id": exact}
-            ctx.checkpoint["sourceVersion"] = exact.rsplit("/", 1)[-1]
-        ctx.checkpoint["osType"] = _enum_value(os_type)
-        ctx.checkpoint["hyperVGeneration"] = _enum_value(generation) if generation else "V1"
-        check_steps_fit(ctx.spec, ctx.checkpoint["osType"])
-        ctx.checkpoint["imageReference"] = reference
+            ctx.checkpoint.source_version = exact.rsplit("/", 1)[-1]
+        ctx.checkpoint.os_type = _enum_value(os_type)
+        ctx.checkpoint.azure.hyper_v_generation = _enum_value(generation) if generation else "V1"
+        check_steps_fit(ctx.spec, ctx.checkpoint.os_type)
+        ctx.checkpoint.azure.image_reference = reference
         return exact
 
     async def _latest_platform_version(self, clients: AzureClients, spec: ImageTemplateSpec) -> str:
@@ -473,7 +490,7 @@ class AzureProvider:
             },
         }
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 "vault": lambda **kw: clients.keyvault.vaults.begin_create_or_update(
                     group, name, body, **kw
@@ -481,7 +498,7 @@ class AzureProvider:
             },
             "creating the Key Vault for the WinRM certificate",
         )
-        if "winrmCertificateUrl" not in ctx.checkpoint:
+        if ctx.checkpoint.azure.winrm_certificate_url is None:
             secret = await ops.call(
                 clients.keyvault.secrets.create_or_update(
                     group,
@@ -495,14 +512,14 @@ class AzureProvider:
                     },
                 )
             )
-            ctx.checkpoint["winrmCertificateUrl"] = secret.properties.secret_uri_with_version
+            ctx.checkpoint.azure.winrm_certificate_url = secret.properties.secret_uri_with_version
         return f"{self.staging_id(ctx.template, ctx.spec)}/providers/{VAULT_TYPE}/{name}"
 
     async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
         """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
         names = self._names(ctx)
         location = ctx.spec.location
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         network = clients.network
         vnet_config = ctx.spec.vm_profile.vnet_config if ctx.spec.vm_profile else None
         ip_configuration: dict[str, Any]
@@ -622,11 +639,11 @@ class AzureProvider:
             "properties": {
                 "hardwareProfile": {"vmSize": self._vm_size(ctx)},
                 "storageProfile": {
-                    "imageReference": ctx.checkpoint["imageReference"],
+                    "imageReference": ctx.checkpoint.azure.image_reference,
                     "osDisk": os_disk,
                 },
                 "osProfile": self._os_profile(
-                    ctx, vault_id, ctx.checkpoint.get("winrmCertificateUrl", "")
+                    ctx, vault_id, ctx.checkpoint.azure.winrm_certificate_url or ""
                 ),
                 "networkProfile": {
                     "networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]
@@ -648,7 +665,7 @@ class AzureProvider:
                     identity: {} for identity in profile.user_assigned_identities
                 },
             }
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         await ops.ensure_all(
             operations,
             {
@@ -658,7 +675,7 @@ class AzureProvider:
             },
             "creating the build VM",
         )
-        ctx.checkpoint["vmId"] = (
+        ctx.checkpoint.azure.vm_id = (
             await ops.call(clients.compute.virtual_machines.get(group, names["vm"]))
         ).id
         return Endpoint(
@@ -679,12 +696,12 @@ class AzureProvider:
 
     async def stop_vm(self, ctx: RunContext) -> bool:
         """Deallocate, then generalize: what capture needs."""
-        if ctx.checkpoint.get("generalized"):
+        if ctx.checkpoint.azure.generalized:
             return True
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         group, name = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["vm"]
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 "deallocate": lambda **kw: clients.compute.virtual_machines.begin_deallocate(
                     group, name, **kw
@@ -693,16 +710,16 @@ class AzureProvider:
             "deallocating the build VM",
         )
         await ops.call(clients.compute.virtual_machines.generalize(group, name))
-        ctx.checkpoint["generalized"] = True
+        ctx.checkpoint.azure.generalized = True
         return True
 
     async def capture(self, ctx: RunContext) -> None:
         """Azure captures from the generalized VM in each distributor."""
 
     def describe_vm(self, ctx: RunContext) -> str:
-        endpoint = ctx.checkpoint.get("endpoint") or {}
+        endpoint = ctx.checkpoint.endpoint
         secret = f"the operator's Secret {ctx.key_secret}"
-        host = endpoint.get("host", "?")
+        host = endpoint.host if endpoint else "?"
         if ctx.windows:
             how = (
                 f"WinRM over HTTPS to {host}:{WINRM_HTTPS_PORT} as {BUILD_USER}, password and "
@@ -711,7 +728,7 @@ class AzureProvider:
         else:
             how = f"ssh {BUILD_USER}@{host} with the key in {secret} (ssh-privatekey)"
         return (
-            f"the build VM {ctx.checkpoint.get('vmId', '')} is kept: {how}; "
+            f"the build VM {ctx.checkpoint.azure.vm_id or ''} is kept: {how}; "
             "delete the run to remove it"
         )
 
@@ -735,6 +752,51 @@ class AzureProvider:
             await self._delete_vault(
                 clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
             )
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Resources tagged with a run UID not in keep, in every subscription in use,
+        deleted in dependency order (VM first, network last, vaults purged)."""
+        keys = set(self._clients)
+        if self.settings.subscription_id:  # the operator's own identity, where it builds
+            keys.add((self.settings.subscription_id, IdentityRef("", None)))
+        removed: list[str] = []
+        for subscription, ref in sorted(keys, key=lambda k: (k[0], k[1].describe())):
+            clients = await self.clients_for(subscription, ref)
+            tagged = [
+                r
+                async for r in clients.resource.resources.list(filter=f"tagName eq '{RUN_TAG}'")
+                if (r.tags or {}).get(RUN_TAG) not in keep
+            ]
+            kinds = _deletable(clients)
+            order = [*kinds, VAULT_TYPE]
+            tagged.sort(key=lambda r: order.index(r.type) if r.type in order else len(order))
+            for resource in tagged:
+                _, group, _ = parse_id(resource.id)
+                owner = (resource.tags or {})[RUN_TAG]
+                if resource.type == VAULT_TYPE:
+                    await self._delete_vault(
+                        clients, group, resource.name, resource.location, RUN_TAG, owner
+                    )
+                elif resource.type in kinds:
+                    operation_group, _ = kinds[resource.type]
+                    poller = await ops.call(operation_group.begin_delete(group, resource.name))
+                    await ops.call(poller.result())
+                else:
+                    continue
+                removed.append(resource.id)
+        return removed
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        """Resource IDs in the staging group still tagged with this run."""
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
+        group = self.staging_group(ctx.template, ctx.spec)
+        if not await ops.call(clients.resource.resource_groups.check_existence(group)):
+            return []
+        return [
+            resource.id
+            async for resource in clients.resource.resources.list_by_resource_group(group)
+            if (resource.tags or {}).get(RUN_TAG) == ctx.run_uid
+        ]
 
     @staticmethod
     async def _delete_vault(
@@ -767,16 +829,17 @@ class AzureProvider:
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         target = ctx.spec.distribute[index]
         clients = await self.clients(ctx.spec, ctx.template.namespace)
-        operations = ctx.checkpoint.setdefault("operations", {})
+        operations = ctx.checkpoint.azure.operations
         key = f"distribute-{index}"
         tags = dict(target.artifact_tags or {})
         if isinstance(target, ManagedImageDistributor):
             _, group, parts = parse_id(target.image_id)
+            await self._replace_managed_image(ctx, clients, group, parts[-1], index)
             body = {
                 "location": target.location,
                 "tags": tags,
                 "properties": {
-                    "sourceVirtualMachine": {"id": ctx.checkpoint["vmId"]},
+                    "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
                     "hyperVGeneration": _generation(ctx),
                 },
             }
@@ -794,20 +857,41 @@ class AzureProvider:
             return await self._distribute_shared(ctx, clients, target, index)
         return await self._distribute_vhd(ctx, clients, target, index)
 
+    async def _replace_managed_image(
+        self, ctx: RunContext, clients: AzureClients, group: str, name: str, index: int
+    ) -> None:
+        """As AIB does, a managed image that exists already is overwritten: Azure refuses
+        to change an image's source (PropertyChangeNotAllowed), so an image made from
+        another VM is deleted first. One made from this run's VM is this run's own image
+        (a resumed run), and is kept."""
+        operations = ctx.checkpoint.azure.operations
+        key = f"distribute-{index}-replace"
+        if operations.get(key) != ops.DONE:
+            existing = await ops.find(clients.compute.images.get(group, name))
+            source = getattr(existing, "source_virtual_machine", None) if existing else None
+            if existing is None or (source and _same_id(source.id, ctx.checkpoint.azure.vm_id)):
+                operations[key] = ops.DONE
+                return
+        await ops.ensure_all(
+            operations,
+            {key: lambda **kw: clients.compute.images.begin_delete(group, name, **kw)},
+            f"deleting the previous managed image {name}, which this build replaces",
+        )
+
     async def _distribute_shared(
         self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
     ) -> RunOutput:
         _, group, parts = parse_id(target.gallery_image_id)
         gallery, definition = parts[1], parts[3]
-        version_key_name = f"distribute-{index}-version"
-        version = ctx.checkpoint.get(version_key_name)
-        if version is None:  # decided once, so a resumed run publishes the same version
-            version = (
+        decided = ctx.checkpoint.azure.gallery_versions
+        version = decided.get(str(index))
+        if version is None:  # decided once, saved before the PUT: a resumed run publishes it
+            decided[str(index)] = (
                 parts[5]
                 if len(parts) > 5
                 else await self._next_version(ctx, clients, group, gallery, definition, target)
             )
-            ctx.checkpoint[version_key_name] = version
+            raise ops.Pending(f"recording gallery version {decided[str(index)]}", retry_after=0)
         regions = [
             {
                 "name": r.name,
@@ -837,12 +921,12 @@ class AzureProvider:
             "tags": dict(target.artifact_tags or {}),
             "properties": {
                 "publishingProfile": profile,
-                "storageProfile": {"source": {"id": ctx.checkpoint["vmId"]}},
+                "storageProfile": {"source": {"id": ctx.checkpoint.azure.vm_id}},
             },
         }
         versions = clients.compute.gallery_image_versions
         await ops.ensure_all(
-            ctx.checkpoint.setdefault("operations", {}),
+            ctx.checkpoint.azure.operations,
             {
                 f"distribute-{index}": lambda **kw: versions.begin_create_or_update(
                     group, gallery, definition, version, body, **kw
@@ -867,9 +951,7 @@ class AzureProvider:
             v.name async for v in versions.list_by_gallery_image(group, gallery, definition)
         ]
         try:
-            return next_version(
-                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
-            )
+            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
         except VersioningError as error:
             raise ProviderError(str(error)) from error
 
@@ -878,8 +960,8 @@ class AzureProvider:
     ) -> RunOutput:
         """Read access to the OS disk, a sparse page-blob copy, access revoked."""
         group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
-        done_key = f"distribute-{index}-copied"
-        if not ctx.checkpoint.get(done_key):
+        copied = ctx.checkpoint.azure.copied_vhds
+        if str(index) not in copied:
             poller = await ops.call(
                 clients.compute.disks.begin_grant_access(
                     group, disk, {"access": "Read", "durationInSeconds": 3600}
@@ -891,8 +973,8 @@ class AzureProvider:
             finally:
                 revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
                 await ops.call(revoke.result())
-            ctx.checkpoint[done_key] = destination
-        destination = ctx.checkpoint[done_key]
+            copied[str(index)] = destination
+        destination = copied[str(index)]
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=destination,
@@ -945,9 +1027,20 @@ async def _nothing() -> str:
     return ""
 
 
+def _read_from(path: Path, offset: int, limit: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(limit)
+
+
+def _same_id(left: str | None, right: str | None) -> bool:
+    """ARM IDs compare case-insensitively."""
+    return (left or "").lower() == (right or "").lower()
+
+
 def _generation(ctx: RunContext) -> str:
     """The source image's Hyper-V generation, as resolved (V1 when Azure names none)."""
-    return str(ctx.checkpoint.get("hyperVGeneration") or "V1")
+    return ctx.checkpoint.azure.hyper_v_generation or "V1"
 
 
 def _output(name: str, artifact_id: str) -> RunOutput:

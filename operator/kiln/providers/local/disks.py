@@ -33,17 +33,23 @@ class ToolError(RuntimeError):
     """A host tool (qemu-img, mke2fs, ...) failed; the message carries its stderr."""
 
 
+TOOL_TIMEOUT = 1800.0  # a disk conversion of a large image on a busy host
+
+
 class VhdError(ValueError):
     """A file is not the fixed VHD Azure accepts."""
 
 
-def run_tool(argv: Sequence[str | os.PathLike[str]], *, timeout: float | None = None) -> str:
-    """Run a host tool and return its stdout; raise ToolError with its stderr on failure."""
+def run_tool(argv: Sequence[str | os.PathLike[str]], *, timeout: float = TOOL_TIMEOUT) -> str:
+    """Run a host tool and return its stdout; raise ToolError with its stderr on failure.
+    A tool that runs past its timeout is killed (every wait is bounded)."""
     args = [os.fspath(a) for a in argv]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
         raise ToolError(f"{args[0]} is not installed on this host") from exc
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{' '.join(args[:3])} ... was killed after {timeout:.0f}s") from None
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise ToolError(f"{' '.join(args[:3])} ... exited {proc.returncode}: {detail}")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
+from kiln.api.run import BootFiles, LocalVm
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     ImageTemplateSpec,
@@ -44,6 +47,7 @@ OWNER_MARKER = ".kiln-template"
 IMAGE_DIR = "image"
 DISK = "disk.qcow2"
 STOP_GRACE_SECONDS = 180
+T = TypeVar("T")
 
 
 class LocalProvider:
@@ -125,8 +129,8 @@ class LocalProvider:
                 disk, generation = self._gallery_disk(directory)
         except (baseimage.ImageNotFound, GalleryError) as error:
             raise ProviderError(str(error)) from error
-        ctx.checkpoint["source"] = {"disk": str(disk), "hyperVGeneration": generation}
-        ctx.checkpoint["sourceVersion"] = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        ctx.checkpoint.local.source = BootFiles(disk=str(disk), hyper_v_generation=generation)
+        ctx.checkpoint.source_version = exact.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
         return exact
 
     def _platform_image(self, source: PlatformImageSource) -> baseimage.BaseImage:
@@ -164,24 +168,25 @@ class LocalProvider:
         directory = self.vm_dir(ctx)
         handle = qemu.find(directory)
         if handle is None:
-            if ctx.checkpoint.get("vmStarted"):
+            if ctx.checkpoint.local.vm_started:
                 raise ProviderError(
                     "the build VM stopped unexpectedly; its serial log is "
                     f"{directory / qemu.SERIAL_LOG}"
                 )
-            handle = await asyncio.to_thread(self._start_vm, ctx, directory)
-            ctx.checkpoint["vmStarted"] = True
-        ctx.checkpoint["vm"] = {"pid": handle.pid, "sshPort": handle.ssh_port}
+            handle = await _uninterrupted(asyncio.to_thread(self._start_vm, ctx, directory))
+            ctx.checkpoint.local.vm_started = True
+        ctx.checkpoint.local.vm = LocalVm(pid=handle.pid, ssh_port=handle.ssh_port)
         return Endpoint(host="127.0.0.1", port=handle.ssh_port, user=BUILD_USER)
 
     def _start_vm(self, ctx: RunContext, directory: Path) -> qemu.VmHandle:
         directory.mkdir(parents=True, exist_ok=True)
-        source = ctx.checkpoint["source"]
+        source = ctx.checkpoint.local.source
+        assert source is not None
         overlay, seed = directory / "os.qcow2", directory / "seed.iso"
         size = ctx.spec.vm_profile.os_disk_size_gb if ctx.spec.vm_profile else None
         try:
             if not overlay.exists():
-                qemu.create_overlay(Path(source["disk"]), overlay, size or None)
+                qemu.create_overlay(Path(source.disk), overlay, size or None)
         except ValueError as error:
             raise ProviderError(f"spec.vmProfile.osDiskSizeGB: {error}") from error
         if not seed.exists():
@@ -201,9 +206,9 @@ class LocalProvider:
             state_dir=directory,
             disk=overlay,
             seed_iso=seed,
-            generation=source["hyperVGeneration"],
+            generation=source.hyper_v_generation,
             memory_mb=self.settings.vm_memory_mb,
-            accel=qemu.accelerator(self.settings.cache_root, Path(source["disk"])),
+            accel=qemu.accelerator(self.settings.cache_root, Path(source.disk)),
         )
         return qemu.start(spec)
 
@@ -214,7 +219,9 @@ class LocalProvider:
         handle = qemu.find(self.vm_dir(ctx))
         if handle is None:
             return True
-        since = ctx.checkpoint.setdefault("stopRequestedAt", time.time())
+        if ctx.checkpoint.local.stop_requested_at is None:
+            ctx.checkpoint.local.stop_requested_at = time.time()
+        since = ctx.checkpoint.local.stop_requested_at
         if time.time() - since > STOP_GRACE_SECONDS:
             await qemu.powerdown(handle, timeout=60)
             return True
@@ -237,12 +244,29 @@ class LocalProvider:
         """Nothing is held open between passes."""
 
     async def delete_vm(self, ctx: RunContext) -> None:
-        directory = self.vm_dir(ctx)
-        handle = qemu.find(directory)
-        if handle is not None:
-            await qemu.powerdown(handle, timeout=20)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        """The build is over (captured, failed or canceled): a VM still running is killed,
+        not shut down, so one that no longer answers goes as fast as one that does."""
+        await asyncio.to_thread(remove_vm_dir, self.vm_dir(ctx))
         await asyncio.to_thread(shutil.rmtree, ctx.run_dir / IMAGE_DIR, True)
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """VM state directories (named by run UID) that no run in keep owns."""
+        root = self.settings.data_root / "vm"
+        if not root.is_dir():
+            return []
+        orphans = [d for d in root.iterdir() if d.is_dir() and d.name not in keep]
+        for directory in orphans:
+            await asyncio.to_thread(remove_vm_dir, directory)
+        return [str(d) for d in orphans]
+
+    async def leftovers(self, ctx: RunContext) -> list[str]:
+        directory = self.vm_dir(ctx)
+        found = []
+        if (handle := qemu.find(directory)) is not None:
+            found.append(f"QEMU process {handle.pid}")
+        if directory.exists():
+            found.append(str(directory))
+        return found
 
     # --- capture and distribution --------------------------------------------------------------
 
@@ -257,7 +281,7 @@ class LocalProvider:
         image_dir = ctx.run_dir / IMAGE_DIR
         wants_vhd = any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute)
         vhd = image_dir / "disk.vhd" if wants_vhd else None
-        ctx.checkpoint["diskSha256"] = capture_disk(overlay, image_dir / DISK, vhd)
+        ctx.checkpoint.local.disk_sha256 = capture_disk(overlay, image_dir / DISK, vhd)
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         try:
@@ -268,14 +292,16 @@ class LocalProvider:
     def _manifest(
         self, ctx: RunContext, artifact_id: str, location: str, **extra: object
     ) -> ImageManifest:
+        source = ctx.checkpoint.local.source
+        assert source is not None  # resolved before anything is distributed
         return ImageManifest.model_validate(
             {
                 "id": artifact_id,
                 "location": location,
-                "source": ctx.checkpoint.get("exactSource", ""),
+                "source": ctx.checkpoint.exact_source or "",
                 "run": f"{ctx.namespace}/{ctx.run_name}",
-                "disk_sha256": ctx.checkpoint["diskSha256"],
-                "hyper_v_generation": ctx.checkpoint["source"]["hyperVGeneration"],
+                "disk_sha256": ctx.checkpoint.local.disk_sha256,
+                "hyper_v_generation": source.hyper_v_generation,
                 **extra,
             }
         )
@@ -327,9 +353,7 @@ class LocalProvider:
             return explicit
         existing = self.gallery.version_names(definition_id)
         try:
-            return next_version(
-                existing, target.versioning, ctx.checkpoint.get("sourceVersion", "")
-            )
+            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
         except VersioningError as error:
             raise GalleryError(str(error)) from error
 
@@ -359,6 +383,25 @@ class LocalProvider:
             artifact_uri=destination.as_uri(),
             provisioning_state="Succeeded",
         )
+
+
+def remove_vm_dir(directory: Path) -> None:
+    """Kill the VM running from directory (if any), then remove the directory."""
+    handle = qemu.find(directory)
+    if handle is not None:
+        qemu.kill(handle)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _uninterrupted(work: Awaitable[T]) -> T:
+    """Work in a thread that must not be abandoned half way (a VM being started): a
+    cancel waits for it, so cleanup after the cancel finds and removes what it made."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 def _output(name: str, artifact_id: str, directory: Path) -> RunOutput:

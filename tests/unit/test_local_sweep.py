@@ -1,0 +1,64 @@
+"""The local provider's orphan sweep and leftovers, with real (idle) QEMU processes: a
+VM state directory whose run is not among the owners is killed and removed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from kiln.api.run import Checkpoint
+from kiln.api.template import ImageTemplateSpec
+from kiln.providers.base import RunContext, TemplateIdentity
+from kiln.providers.local import qemu
+from kiln.providers.local.provider import LocalProvider
+from kiln.settings import OperatorSettings
+from kubehelpers import valid_spec
+
+
+def _idle_qemu(directory: Path) -> qemu.VmHandle:
+    """A daemonized QEMU with no guest (machine none): a VM as the pid file records it."""
+    directory.mkdir(parents=True)
+    argv = [qemu.QEMU, "-machine", "none", "-nodefaults", "-display", "none"]
+    argv += ["-netdev", "user,id=n,hostfwd=tcp:127.0.0.1:0-:22"]
+    argv += ["-pidfile", str(directory / qemu.PIDFILE), "-daemonize"]
+    subprocess.run(argv, check=True, timeout=30)
+    handle = qemu.find(directory)
+    assert handle is not None
+    return handle
+
+
+def _context(provider: LocalProvider, uid: str) -> RunContext:
+    template = TemplateIdentity(namespace="ns", name="t", uid="t-uid")
+    return RunContext(
+        namespace="ns",
+        run_name="r",
+        run_uid=uid,
+        template=template,
+        spec=ImageTemplateSpec.model_validate(valid_spec()),
+        checkpoint=Checkpoint(template=template),
+        run_dir=provider.settings.data_root / "runs" / uid,
+        key_namespace="kiln-system",
+    )
+
+
+async def test_sweep_removes_orphans_and_keeps_owned_vms(tmp_path: Path) -> None:
+    provider = LocalProvider(OperatorSettings(data_root=tmp_path))
+    root = tmp_path / "vm"
+    orphan, owned = _idle_qemu(root / "gone-run"), _idle_qemu(root / "live-run")
+    try:
+        assert await provider.leftovers(_context(provider, "gone-run")) == [
+            f"QEMU process {orphan.pid}",
+            str(root / "gone-run"),
+        ]
+        removed = await provider.sweep({"live-run"})
+        assert removed == [str(root / "gone-run")]
+        assert not (root / "gone-run").exists() and not qemu.is_running(orphan)
+        assert qemu.is_running(owned)
+        assert await provider.leftovers(_context(provider, "gone-run")) == []
+    finally:
+        for handle in (orphan, owned):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
