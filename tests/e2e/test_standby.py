@@ -97,7 +97,7 @@ def test_the_standby_takes_over_a_run_in_flight_on_the_same_vm(
         vm = qemu.find(active.data_dir / "vm" / body["metadata"]["uid"])
         assert vm is not None
         # The standby answers log requests by forwarding them to the active replica.
-        assert "before" in standby.http(f"/logs/{NAMESPACE}/ha-1")
+        assert "==> customize[0] Shell" in standby.http(f"/logs/{NAMESPACE}/ha-1")
         active.kill()
         assert qemu.is_running(vm), "the build VM outlives the operator"
         took = wait_role(standby, "active", TAKEOVER_SECONDS)
