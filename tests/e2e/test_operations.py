@@ -123,32 +123,6 @@ def _config_map(api: client.ApiClient) -> Any:
         raise
 
 
-def test_a_config_map_kiln_did_not_create_is_left_alone(
-    api: client.ApiClient, built: dict[str, Any]
-) -> None:
-    core = client.CoreV1Api(api)
-    core.create_namespaced_config_map(
-        NAMESPACE, {"metadata": {"name": "team-settings"}, "data": {"keep": "me"}}
-    )
-    kiln = Kiln(api, NAMESPACE)
-    kiln.patch(
-        "imagetemplates", "app", {"spec": {"exportOutputs": {"configMapName": "team-settings"}}}
-    )
-    kiln.wait_for(
-        "imagetemplates",
-        "app",
-        lambda _: any(
-            e.reason == "ExportFailed"
-            for e in core.list_namespaced_event(
-                NAMESPACE, field_selector="involvedObject.name=app"
-            ).items
-        ),
-        60,
-        "refused to export",
-    )
-    assert core.read_namespaced_config_map("team-settings", NAMESPACE).data == {"keep": "me"}
-
-
 def test_kiln_logs_through_the_service_proxy_and_rbac(
     control_plane: ControlPlane,
     api: client.ApiClient,

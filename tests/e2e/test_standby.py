@@ -93,11 +93,11 @@ def test_the_standby_takes_over_a_run_in_flight_on_the_same_vm(
             "customizing",
         )
         assert body is not None
-        vm_before = body["status"]["checkpoint"]["vm"]
+        vm_before = body["status"]["checkpoint"]["local"]["vm"]
         vm = qemu.find(active.data_dir / "vm" / body["metadata"]["uid"])
         assert vm is not None
         # The standby answers log requests by forwarding them to the active replica.
-        assert "before" in standby.http(f"/logs/{NAMESPACE}/ha-1")
+        assert "==> customize[0] Shell" in standby.http(f"/logs/{NAMESPACE}/ha-1")
         active.kill()
         assert qemu.is_running(vm), "the build VM outlives the operator"
         took = wait_role(standby, "active", TAKEOVER_SECONDS)
@@ -108,7 +108,7 @@ def test_the_standby_takes_over_a_run_in_flight_on_the_same_vm(
         body = wait_ended(kiln, "ha-1")
     status = body["status"]
     assert status["runState"] == "Succeeded", status["message"]
-    assert status["checkpoint"]["vm"] == vm_before, "the same VM finished the build"
+    assert status["checkpoint"]["local"]["vm"] == vm_before, "the same VM finished the build"
     log = Path(status["checkpoint"]["logPath"]).read_text()
     assert log.count("before") == 1 and log.count("after-takeover") == 1
     starts = [

@@ -124,3 +124,68 @@ def test_rbac_decides_who_reads_logs_through_the_service_proxy(
     assert "403" in refused.stderr, refused.stderr
     unknown = kiln_cli(reader, "logs", "no-such-run", "-n", NAMESPACE, "--remote", timeout=120)
     assert unknown.returncode != 0
+
+
+GALLERY_VERSION = (
+    "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ops/providers"
+    "/Microsoft.Compute/galleries/g/images/app/versions/1.0.3"
+)
+
+
+def config_map(api: client.ApiClient, name: str) -> Any:
+    try:
+        return client.CoreV1Api(api).read_namespaced_config_map(name, NAMESPACE)
+    except client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def test_the_latest_outputs_go_to_a_config_map_kiln_owns(
+    api: client.ApiClient, ops_operator: OperatorProcess
+) -> None:
+    """A run that ended Succeeded (its status written here, as the operator would after a
+    build; tests/e2e/test_operations.py does it with a real one) is exported when its
+    template asks; a ConfigMap Kiln did not create is left alone."""
+    kiln = Kiln(api, NAMESPACE)
+    kiln.create("imagebuildruns", run("exported-1", "exported"))  # no template yet: queued
+    kiln.wait_for(
+        "imagebuildruns",
+        "exported-1",
+        lambda b: ((b or {}).get("status") or {}).get("runSubState") == "Queued",
+        60,
+        "queued",
+    )
+    outputs = [{"runOutputName": "gallery", "artifactId": GALLERY_VERSION}]
+    kiln.api.patch_namespaced_custom_object_status(
+        "kiln.dev",
+        "v1alpha1",
+        NAMESPACE,
+        "imagebuildruns",
+        "exported-1",
+        {"status": {"runState": "Succeeded", "runOutputs": outputs}},
+    )
+    kiln.create(
+        "imagetemplates", template("exported", exportOutputs={"configMapName": "exported-image"})
+    )
+    kiln.wait_for("imagetemplates", "exported", lambda _: config_map(api, "exported-image"), 60)
+    exported = config_map(api, "exported-image")
+    assert exported.data["gallery_artifactId"] == GALLERY_VERSION
+    assert exported.data["gallery_version"] == "1.0.3"
+    assert exported.data["run"] == "exported-1"
+    owner = exported.metadata.owner_references[0]
+    assert (owner.kind, owner.name) == ("ImageTemplate", "exported")
+    assert "OutputsExported" in reasons_of(api, "exported")
+
+    client.CoreV1Api(api).create_namespaced_config_map(
+        NAMESPACE, {"metadata": {"name": "team-settings"}, "data": {"keep": "me"}}
+    )
+    kiln.patch(
+        "imagetemplates",
+        "exported",
+        {"spec": {"exportOutputs": {"configMapName": "team-settings"}}},
+    )
+    kiln.wait_for(
+        "imagetemplates", "exported", lambda _: "ExportFailed" in reasons_of(api, "exported"), 60
+    )
+    assert config_map(api, "team-settings").data == {"keep": "me"}

@@ -279,6 +279,7 @@ class LocalProvider:
     def _capture(self, ctx: RunContext) -> None:
         overlay = self.vm_dir(ctx) / "os.qcow2"
         image_dir = ctx.run_dir / IMAGE_DIR
+        image_dir.mkdir(parents=True, exist_ok=True)  # the captured disks' directory
         wants_vhd = any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute)
         vhd = image_dir / "disk.vhd" if wants_vhd else None
         ctx.checkpoint.local.disk_sha256 = capture_disk(overlay, image_dir / DISK, vhd)
