@@ -25,6 +25,21 @@ MISSING_IMAGE = (
 )
 
 
+def role(operator: OperatorProcess) -> str:
+    """What the operator's /healthz says it is: active or standby."""
+    return operator.http("/healthz").strip()
+
+
+def wait_role(operator: OperatorProcess, wanted: str, timeout: float) -> float:
+    """Seconds until the operator says it is `wanted` (active/standby)."""
+    start = time.monotonic()
+    while role(operator) != wanted:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"operator still {role(operator)} after {timeout} s")
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
 def host_address() -> str:
     """An address of this machine that is not loopback: the API server refuses to proxy
     to loopback, as it would to a node's."""

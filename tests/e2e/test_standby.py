@@ -4,7 +4,6 @@ checkpoint on the same VM."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,25 +13,12 @@ from kubernetes import client, config
 from conftest import ControlPlane, OperatorProcess
 from kiln.providers.local import qemu
 from kubehelpers import Kiln, run, template, wait_ended
+from operations import role, wait_role
 
 pytestmark = pytest.mark.e2e
 
 NAMESPACE = "standby"
 TAKEOVER_SECONDS = 30
-
-
-def role(operator: OperatorProcess) -> str:
-    return operator.http("/healthz").strip()
-
-
-def wait_role(operator: OperatorProcess, wanted: str, timeout: float) -> float:
-    """Seconds until the operator says it is `wanted` (active/standby)."""
-    start = time.monotonic()
-    while role(operator) != wanted:
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"operator still {role(operator)} after {timeout} s")
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

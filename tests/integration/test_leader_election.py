@@ -13,23 +13,11 @@ from kubernetes import client, config
 
 from conftest import ControlPlane, OperatorProcess
 from kubehelpers import Kiln, condition_status, template
+from operations import role, wait_role
 
 pytestmark = pytest.mark.integration
 
 NAMESPACE = "leader"
-
-
-def role(operator: OperatorProcess) -> str:
-    return operator.http("/healthz").strip()
-
-
-def seconds_until(operator: OperatorProcess, wanted: str, timeout: float) -> float:
-    start = time.monotonic()
-    while role(operator) != wanted:
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"still {role(operator)} after {timeout} s")
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -61,13 +49,13 @@ def test_the_standby_takes_over_within_30_seconds_and_works(
     leases = client.CoordinationV1Api(api)
     first.start()
     try:
-        seconds_until(first, "active", 30)
+        wait_role(first, "active", 30)
         second.start()
         time.sleep(3)  # a few of the standby's attempts
         assert role(second) == "standby"
         assert leases.read_namespaced_lease("kiln-it", NAMESPACE).spec.holder_identity == "kiln-a"
         first.kill()
-        assert seconds_until(second, "active", 30) < 30
+        assert wait_role(second, "active", 30) < 30
         lease = leases.read_namespaced_lease("kiln-it", NAMESPACE)
         assert (lease.spec.holder_identity, lease.spec.lease_transitions) == ("kiln-b", 1)
         kiln = Kiln(api, NAMESPACE)
