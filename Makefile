@@ -9,7 +9,7 @@ STATE := .kiln
 export KUBECONFIG := $(CURDIR)/$(STATE)/kubeconfig
 
 .PHONY: setup system python images crds cluster-up cluster-down demo demo-down test \
-	unit integration e2e lint bench bench-quick bench-setup
+	unit integration e2e e2e-slow lint bench bench-quick bench-setup
 
 setup: system python images
 
@@ -52,7 +52,10 @@ integration: system python
 	@bash scripts/run-tests.sh -m integration
 
 e2e: setup
-	@bash scripts/run-tests.sh -m e2e
+	@bash scripts/run-tests.sh -m "e2e and not slow"
+
+e2e-slow: setup
+	@bash scripts/run-tests.sh -m slow
 
 lint: python
 	@$(VENV)/bin/ruff check operator tests bench

@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check operator tests bench || exit 1
 bash scripts/setup-bench.sh >/dev/null || exit 1  # the bench's smoke test runs Packer
 
-.venv/bin/pytest -p no:cacheprovider -ra "$@"
+# Without arguments (make test): everything but the long whole-build tests marked slow,
+# which `make e2e-slow` runs; CI has 90 minutes.
+[ "$#" -gt 0 ] || set -- -m "not slow"
+.venv/bin/pytest -p no:cacheprovider -ra --durations=25 "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
     echo "run-tests: pytest collected no tests; that is a failure" >&2

@@ -414,6 +414,7 @@ def _seconds(rfc3339: str) -> float:
     return time.mktime(time.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ"))
 
 
+@pytest.mark.slow
 def test_a_frozen_build_vm_ends_at_the_timeout_and_a_run_behind_it_still_builds(
     kiln: Kiln, kiln_operator: Any
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 import vmboot
 from kiln.providers.local import baseimage
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.mark.parametrize(("release", "sku"), [("13", "13-gen2")])

@@ -31,7 +31,7 @@ from kiln.providers.local.disks import (
     to_qcow2,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BUILD_USER = "packer"
 OS_DISK_GB = 6

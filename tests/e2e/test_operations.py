@@ -23,7 +23,7 @@ from operations import (
 
 __all__ = ["api", "ops_operator"]  # the shared fixtures
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

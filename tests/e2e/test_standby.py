@@ -15,7 +15,7 @@ from kiln.providers.local import qemu
 from kubehelpers import Kiln, run, template, wait_ended
 from operations import role, wait_role
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NAMESPACE = "standby"
 TAKEOVER_SECONDS = 30

@@ -102,6 +102,7 @@ def test_bench_smoke_capture_and_templates(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_bench_smoke_builds_and_queue(tmp_path: Path) -> None:
     """One Kiln build, one Packer build, one slot holder with two runs queued behind it."""
     lines, doc = _bench(tmp_path, "--only", "build,queue", timeout=3000)
