@@ -6,6 +6,9 @@ RECONCILING = "Reconciling"
 STALLED = "Stalled"
 ACCEPTED = "Accepted"
 SUCCEEDED = "Succeeded"
+# True when the template sets properties its provider accepts but does not use (which and
+# why in the message); kstatus ignores the type, so such a template can still be Ready.
+PROPERTIES_NOT_USED = "PropertiesNotUsed"
 
 # Template reasons
 SPEC_VALID = "SpecValid"
@@ -13,6 +16,8 @@ INVALID_SPEC = "InvalidSpec"
 IMAGE_BUILT = "ImageBuilt"
 BUILDING = "Building"
 BUILD_FAILED = "BuildFailed"
+PROPERTY_NOT_USED = "PropertyNotUsed"  # also the event's reason
+ALL_PROPERTIES_USED = "AllPropertiesUsed"
 
 # Run reasons
 WAITING_FOR_ACTIVE_RUN = "WaitingForActiveRun"

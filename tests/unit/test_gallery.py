@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.api.run import CapturedDataDisk
 from kiln.api.template import LatestVersioning, SourceVersioning
 from kiln.providers.local.gallery import (
     IMAGE_FILES,
@@ -347,3 +348,29 @@ def test_resolve_managed_image(gallery: LocalGallery, tmp_path: Path) -> None:
     directory = gallery.managed_image_dir(MANAGED)
     gallery.publish(directory, captured(tmp_path), manifest("0"), replace=False)
     assert gallery.resolve_managed_image(MANAGED.lower()) == directory
+
+
+def test_a_version_holds_its_data_disks_beside_the_os_disk(
+    gallery: LocalGallery, tmp_path: Path
+) -> None:
+    image_dir = captured(tmp_path)
+    for name in ("datadisk-0.qcow2", "datadisk-0.vhd"):
+        (image_dir / name).write_bytes(name.encode())
+    disk = CapturedDataDisk(
+        lun=0,
+        qcow2="datadisk-0.qcow2",
+        qcow2_sha256="1" * 64,
+        vhd="datadisk-0.vhd",
+        vhd_sha256="2" * 64,
+    )
+    directory = gallery.definition_dir(DEFINITION) / "1.0.0"
+    gallery.publish(
+        directory,
+        image_dir,
+        manifest("1.0.0", data_disks=[disk], regions={"east": 1}),
+        replace=False,
+    )
+    for place in (directory, directory / "replicas/east/0"):
+        assert (place / "datadisk-0.qcow2").read_bytes() == b"datadisk-0.qcow2"
+        assert (place / "datadisk-0.vhd").read_bytes() == b"datadisk-0.vhd"
+    assert gallery.manifest(directory).data_disks == [disk]

@@ -110,3 +110,26 @@ def test_vms_boot_by_firmware_alone(tmp_path: Path, generation: str) -> None:
     variables.write_bytes(b"changed by the guest")
     qemu._qemu_argv(spec, 2222)
     assert variables.read_bytes() == b"changed by the guest"  # kept across boots
+
+
+def test_data_disks_are_virtio_drives_named_by_lun(tmp_path: Path) -> None:
+    data = [tmp_path / "lun0.qcow2", tmp_path / "lun1.qcow2"]
+    for path, size in zip(data, (1, 2), strict=True):
+        qemu.create_data_disk(path, size)
+    assert [disks.virtual_size(p) for p in data] == [1 << 30, 2 << 30]
+    spec = qemu.VmSpec(
+        name="b",
+        state_dir=tmp_path / "vm",
+        disk=tmp_path / "os.qcow2",
+        data_disks=data,
+        cpus=1,
+        memory_mb=2048,
+        generation="V1",
+    )
+    argv = qemu._qemu_argv(spec, 2222)
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[1:] == [
+        f"file={data[0]},if=virtio,format=qcow2,discard=unmap,serial=lun0",
+        f"file={data[1]},if=virtio,format=qcow2,discard=unmap,serial=lun1",
+    ]
+    assert argv[argv.index("-smp") + 1] == "1" and argv[argv.index("-m") + 1] == "2048"

@@ -24,11 +24,16 @@ class ProviderCapabilities(BaseModel):
     file_uris: bool  # scriptUri and sourceUri may be file:// (the operator's machine)
     vhd_destination: Literal["file", "blob"]  # what a VHD target's uri names
     account_fields: tuple[str, ...] = ()  # spec fields it needs (or the operator's defaults)
+    vm_size_table: bool = False  # vmProfile.vmSize must be in api/vmsizes.py's table
 
 
 CAPABILITIES: dict[Provider, ProviderCapabilities] = {
     Provider.local: ProviderCapabilities(
-        windows_build_vms=False, windows_customizers=False, file_uris=True, vhd_destination="file"
+        windows_build_vms=False,
+        windows_customizers=False,
+        file_uris=True,
+        vhd_destination="file",
+        vm_size_table=True,
     ),
     Provider.azure: ProviderCapabilities(
         windows_build_vms=True,

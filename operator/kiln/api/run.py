@@ -128,6 +128,16 @@ class LocalVm(KubeModel):
     ssh_port: int = Field(description="The loopback port forwarded to its SSH.")
 
 
+class CapturedDataDisk(KubeModel):
+    """A data disk captured beside the OS disk: a qcow2 and a fixed VHD, each with its sha256."""
+
+    lun: int = Field(description="Its index in spec.additionalDataDisks.")
+    qcow2: str = Field(description="File name of the qcow2.")
+    qcow2_sha256: str = Field(description="sha256 of the qcow2.")
+    vhd: str = Field(description="File name of the fixed VHD.")
+    vhd_sha256: str = Field(description="sha256 of the VHD.")
+
+
 class LocalCheckpoint(KubeModel):
     """What the local provider needs to resume: the source files and the QEMU VM."""
 
@@ -135,6 +145,9 @@ class LocalCheckpoint(KubeModel):
     vm_started: bool = _f("The build VM was started (a missing one is an error).", False)
     vm: LocalVm | None = _f("The running build VM.")
     stop_requested_at: float | None = _f("When the VM was asked to power off (epoch s).")
+    data_disks: list[CapturedDataDisk] = Field(
+        default_factory=list, description="The captured data disks."
+    )
     disk_sha256: str | None = _f("SHA-256 of the captured disk.")
 
 
@@ -165,6 +178,7 @@ class Checkpoint(KubeModel):
     source_version: str | None = _f("The source image's version number.")
     os_type: str | None = _f("Linux or Windows, from the source image.")
     endpoint: Endpoint | None = _f("How to reach the build VM.")
+    vm_note: str | None = _f("What the provider says of the build VM (its size, capped).")
     boot_deadline: float | None = _f("When waiting for the VM's login gives up (epoch s).")
     collected: bool = _f("Boot files were fetched from the VM before shutdown.", False)
     poweroff_requested: bool = _f("Deprovisioning ended and the VM powers off.", False)

@@ -19,6 +19,7 @@ from pydantic import Field
 from kiln.api.base import CelRule, KubeModel
 from kiln.api.capabilities import CAPABILITIES, Provider, file_uri_provider, windows_provider
 from kiln.api.status import Condition, RunOutput, conditions_field
+from kiln.api.vmsizes import known_sizes_cel, unknown_size_message
 
 RUN_OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9-_.]{1,64}$"
 SHA256_PATTERN = r"^[A-Fa-f0-9]{64}$"
@@ -576,8 +577,10 @@ class VmProfile(KubeModel):
 
     vm_size: str | None = Field(
         default=None,
+        max_length=MAX_NAME,
         description="VM size. Default: Standard_D1_v2 (Gen1) or Standard_D2ds_v4 (Gen2); "
-        "the local provider maps sizes to vCPUs and memory.",
+        "the local provider gives its VM the size's vCPUs and memory (common sizes only), "
+        "capped by the host; unset there: the operator's default.",
     )
     os_disk_size_gb: int | None = Field(
         default=None,
@@ -630,8 +633,25 @@ class VmBoot(KubeModel):
 
 
 class Workload(KubeModel):
-    state: State | None = Field(default=None, description="Run a workload optimization script.")
-    script_uri: str | None = Field(default=None, description="URI of the optimization script.")
+    cel_rules = (
+        CelRule(
+            rule=f"!has(self.state) || self.state != 'Enabled' || {_set('scriptUri')}",
+            message="is required when state is Enabled; give the optimization script's URI",
+            field_path=".scriptUri",
+        ),
+        _uri_scheme_rule("scriptUri"),
+    )
+
+    state: State | None = Field(
+        default=None,
+        description="Enabled: run scriptUri (a shell script) on the build VM after the "
+        "customizers, as the last customization.",
+    )
+    script_uri: str | None = Field(
+        default=None,
+        max_length=MAX_URI,
+        description="URI of the optimization script (https://, http:// or file://).",
+    )
     sha256_checksum: str | None = Field(
         default=None, pattern=SHA256_PATTERN, description="SHA-256 of the script."
     )
@@ -643,7 +663,11 @@ class Optimize(KubeModel):
 
 
 class DataDisk(KubeModel):
-    size_gb: int = Field(alias="sizeGB", ge=1, description="Size of the data disk in GB.")
+    """An empty data disk on the build VM, captured with the image (LUN = list index)."""
+
+    size_gb: int = Field(
+        alias="sizeGB", ge=1, le=32767, description="Size of the data disk in GiB."
+    )
 
 
 class Identity(KubeModel):
@@ -804,6 +828,19 @@ def _capability_rules() -> list[CelRule]:
                 )
             )
     for provider, can in CAPABILITIES.items():
+        if can.vm_size_table:
+            rules.append(
+                CelRule(
+                    rule=_on_provider(
+                        provider,
+                        "!has(self.vmProfile) || !has(self.vmProfile.vmSize) || "
+                        f"self.vmProfile.vmSize.lowerAscii() in {known_sizes_cel()}",
+                    ),
+                    message=f"vmProfile.vmSize {unknown_size_message(provider)}",
+                    field_path=".vmProfile.vmSize",
+                )
+            )
+    for provider, can in CAPABILITIES.items():
         condition, message = _VHD_URI_RULES[can.vhd_destination]
         rules.append(
             CelRule(
@@ -951,7 +988,11 @@ class ImageTemplateSpec(KubeModel):
         json_schema_extra=_tags_rule(),
     )
     additional_data_disks: list[DataDisk] | None = Field(
-        default=None, description="Extra data disks added to the image."
+        default=None,
+        max_length=16,
+        description="Empty data disks the build VM gets (LUN 0, 1, ... in order); "
+        "customizers partition and fill them and the image holds them beside the OS disk. "
+        "Locally they are /dev/disk/by-id/virtio-lun0, virtio-lun1, ...",
     )
     provider: Provider | None = Field(
         default=None,

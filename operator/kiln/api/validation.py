@@ -43,11 +43,13 @@ from kiln.api.template import (
     ShellStep,
     SourceImageTrigger,
     SourceVersioning,
+    State,
     VhdDistributor,
     WindowsRestartStep,
     WindowsUpdateStep,
 )
 from kiln.api.tenancy import Refused, TenancyPolicy
+from kiln.api.vmsizes import unknown_size_message, vm_shape
 
 MANAGED_IMAGE_ID = re.compile(MANAGED_IMAGE_ID_PATTERN, re.I)
 GALLERY_IMAGE_ID = re.compile(GALLERY_IMAGE_ID_PATTERN, re.I)
@@ -160,7 +162,8 @@ def _rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]
                 message="needs at least one validation when sourceValidationOnly is true",
             )
     yield from _distribute_rules(spec, provider)
-    yield from _vm_profile_rules(spec)
+    yield from _vm_profile_rules(spec, provider)
+    yield from _workload_rules(spec, provider)
     yield from _tag_rules(spec.managed_resource_tags, "spec.managedResourceTags")
     yield from _identity_rules(spec)
     yield from _trigger_rules(spec)
@@ -367,10 +370,17 @@ def _vhd_rules(target: VhdDistributor, path: str, provider: Provider) -> Iterato
         )
 
 
-def _vm_profile_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
+def _vm_profile_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
     profile = spec.vm_profile
     if profile is None:
         return
+    # CEL twin when spec.provider names the provider; the operator's default otherwise.
+    if (
+        profile.vm_size
+        and capabilities(provider).vm_size_table
+        and vm_shape(profile.vm_size) is None
+    ):
+        yield SpecProblem(path="spec.vmProfile.vmSize", message=unknown_size_message(provider))
     for index, identity in enumerate(profile.user_assigned_identities or []):
         if not IDENTITY_ID.match(identity):
             yield SpecProblem(
@@ -403,6 +413,19 @@ def _vm_profile_rules(spec: ImageTemplateSpec) -> Iterator[SpecProblem]:
             path="spec.vmProfile.vnetConfig.proxyVmSize",
             message="needs subnetId as well; set subnetId or remove proxyVmSize",
         )
+
+
+def _workload_rules(spec: ImageTemplateSpec, provider: Provider) -> Iterator[SpecProblem]:
+    workload = spec.optimize.workload if spec.optimize else None
+    if workload is None or workload.state != State.Enabled:
+        return
+    if not workload.script_uri:
+        yield SpecProblem(
+            path="spec.optimize.workload.scriptUri",
+            message="is required when state is Enabled; give the optimization script's URI",
+        )
+    else:
+        yield from _uri_rule(workload.script_uri, "spec.optimize.workload.scriptUri", provider)
 
 
 def _tag_rules(tags: dict[str, str] | None, path: str) -> Iterator[SpecProblem]:
@@ -488,6 +511,9 @@ def _downloaded_uris(spec: ImageTemplateSpec) -> Iterator[tuple[str, str]]:
                 yield f"{prefix}[{index}].scriptUri", step.script_uri
             if isinstance(step, FileStep):
                 yield f"{prefix}[{index}].sourceUri", step.source_uri
+    workload = spec.optimize.workload if spec.optimize else None
+    if workload and workload.state == State.Enabled and workload.script_uri:
+        yield "spec.optimize.workload.scriptUri", workload.script_uri
 
 
 def tenancy_rules(

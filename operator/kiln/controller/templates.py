@@ -28,7 +28,11 @@ async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     problems = decide.problems_of(spec, runtime.settings)
     if problems:
         kopf.warn(body, reason=reasons.INVALID_SPEC, message=decide.describe_problems(problems))
-    elif decide.auto_run_enabled(spec):
+    elif found := decide.not_used_of(spec):
+        kopf.warn(
+            body, reason=reasons.PROPERTY_NOT_USED, message=decide.not_used_message(spec, found)
+        )
+    if not problems and decide.auto_run_enabled(spec):
         manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
         await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
     await refresh_template(runtime, body.metadata.namespace, body.metadata.name)

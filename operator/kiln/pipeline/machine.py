@@ -136,7 +136,8 @@ class VmStep:
         await self._ensure_keys(ctx, env)
         endpoint = await env.provider.create_vm(ctx)
         ctx.checkpoint.endpoint = endpoint
-        return Outcome.done(f"build VM at {endpoint.host}:{endpoint.port}")
+        note = f" ({ctx.checkpoint.vm_note})" if ctx.checkpoint.vm_note else ""
+        return Outcome.done(f"build VM at {endpoint.host}:{endpoint.port}{note}")
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         await env.disconnect(ctx)

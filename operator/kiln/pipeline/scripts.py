@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kiln import reasons
 from kiln.api.run import RunSubState
-from kiln.api.template import FileStep, ShellStep
+from kiln.api.template import FileStep, ShellStep, State
 from kiln.customizers.linux import shell_script
 from kiln.customizers.sources import FetchError, fetch, redact
 from kiln.pipeline.base import Outcome, StepEnv
@@ -106,7 +106,23 @@ class CustomizeStep(ScriptPhase):
         validate = ctx.spec.validate_
         if validate and validate.source_validation_only:
             return []
-        return [s for s in ctx.spec.customize or [] if isinstance(s, ShellStep | FileStep)]
+        steps = [s for s in ctx.spec.customize or [] if isinstance(s, ShellStep | FileStep)]
+        return steps + workload_steps(ctx)
+
+
+def workload_steps(ctx: RunContext) -> list[ShellStep | FileStep]:
+    """optimize.workload: AIB runs its script on the customized image; here it is the
+    last customization, with its checksum checked like any scriptUri."""
+    workload = ctx.spec.optimize.workload if ctx.spec.optimize else None
+    if workload is None or workload.state != State.Enabled or not workload.script_uri:
+        return []
+    step = ShellStep(
+        type="Shell",
+        name="optimize.workload",
+        script_uri=workload.script_uri,
+        sha256_checksum=workload.sha256_checksum,
+    )
+    return [step]
 
 
 class ValidateStep(ScriptPhase):

@@ -8,7 +8,8 @@ from typing import Any
 
 from kiln import reasons
 from kiln.api.run import TERMINAL_RUN_STATES, RunState
-from kiln.api.template import Provider
+from kiln.api.support import NotUsed, describe_not_used, not_used
+from kiln.api.template import ImageTemplateSpec, Provider
 from kiln.api.validation import SpecProblem, validate_template
 from kiln.reconcile.conditions import kstatus, set_condition
 from kiln.settings import OperatorSettings
@@ -48,6 +49,41 @@ def problems_of(spec: Body, settings: OperatorSettings) -> list[SpecProblem]:
     except ValueError:
         return [SpecProblem(path="spec.provider", message="must be azure or local")]
     return validate_template(spec, provider, settings.tenancy_policy)
+
+
+def not_used_of(spec: Body) -> list[NotUsed]:
+    """What a valid effective spec sets that its provider ignores."""
+    return not_used(ImageTemplateSpec.model_validate(spec), Provider(spec["provider"]))
+
+
+def not_used_message(spec: Body, found: list[NotUsed]) -> str:
+    return describe_not_used(found, Provider(spec["provider"]))
+
+
+def _properties_condition(
+    previous: list[Body] | None, spec: Body, generation: int | None, now: str
+) -> list[Body]:
+    found = not_used_of(spec)
+    if found:
+        return set_condition(
+            previous,
+            reasons.PROPERTIES_NOT_USED,
+            "True",
+            reasons.PROPERTY_NOT_USED,
+            not_used_message(spec, found),
+            generation,
+            now,
+        )
+    message = f"The {spec['provider']} provider uses every property the template sets."
+    return set_condition(
+        previous,
+        reasons.PROPERTIES_NOT_USED,
+        "False",
+        reasons.ALL_PROPERTIES_USED,
+        message,
+        generation,
+        now,
+    )
 
 
 def describe_problems(problems: list[SpecProblem]) -> str:
@@ -159,6 +195,7 @@ def template_status(
             generation,
             now,
         )
+        conditions = _properties_condition(conditions, spec, generation, now)
         conditions = _build_conditions(template, runs, conditions, now)
     status: Body = {
         "observedGeneration": generation,

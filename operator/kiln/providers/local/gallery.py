@@ -4,6 +4,7 @@ It mirrors Azure's resource IDs, so the same template distributes to Azure or he
   images/<subscription>/<group>/<name>/                          a managed image
   galleries/<subscription>/<group>/<gallery>/<definition>/<version>/
       image.json, disk.qcow2 (boots by firmware alone)             the version
+      datadisk-<lun>.qcow2, datadisk-<lun>.vhd                    its data disks, if any
       replicas/<region>/<n>/                                      its replicas
 IDs are case-insensitive in Azure, so paths use lower case. Every artifact is written
 under a temporary name and renamed, so a crash never leaves a half image that looks done.
@@ -20,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from kiln.api.run import CapturedDataDisk
+from kiln.providers.local.disks import copy_sparse
 from kiln.versions import version_key
 
 IMAGE_FILES = ("disk.qcow2",)
@@ -57,6 +60,11 @@ class ImageManifest(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     exclude_from_latest: bool = False
     regions: dict[str, int] = Field(default_factory=dict, description="region -> replicas")
+    data_disks: list[CapturedDataDisk] = Field(default_factory=list)
+
+    def files(self) -> tuple[str, ...]:
+        """The artifact's disk files: the OS disk, then each data disk's qcow2 and VHD."""
+        return IMAGE_FILES + tuple(n for d in self.data_disks for n in (d.qcow2, d.vhd))
 
 
 class LocalGallery:
@@ -154,13 +162,16 @@ class LocalGallery:
         tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in IMAGE_FILES:
-            shutil.copy2(image_dir / name, tmp / name)
+        for name in manifest.files():
+            if name.endswith(".vhd"):  # a fixed VHD is mostly holes: keep them
+                copy_sparse(image_dir / name, tmp / name)
+            else:
+                shutil.copy2(image_dir / name, tmp / name)
         for region, count in manifest.regions.items():
             for replica in range(count):
                 target = tmp / "replicas" / region / str(replica)
                 target.mkdir(parents=True)
-                for name in IMAGE_FILES:
+                for name in manifest.files():
                     _link_or_copy(tmp / name, target / name)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         old = directory.with_name(f".{directory.name}.old")

@@ -8,13 +8,14 @@ directory (logs, the captured image, default VHD outputs) and a short VM directo
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from kiln.api.run import BootFiles, LocalVm
+from kiln.api.run import BootFiles, CapturedDataDisk, LocalVm
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     ImageTemplateSpec,
@@ -26,6 +27,7 @@ from kiln.api.template import (
     VhdDistributor,
 )
 from kiln.api.tenancy import Refused
+from kiln.api.vmsizes import VmShape, capped, unknown_size_message, vm_shape
 from kiln.communicators.ssh import SshCommunicator
 from kiln.naming import staging_group_name
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
@@ -36,6 +38,7 @@ from kiln.providers.local.disks import (
     capture_disk,
     check_fixed_vhd,
     copy_sparse,
+    sha256_file,
 )
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
@@ -45,6 +48,7 @@ from kiln.versions import VersioningError, next_version
 BUILD_USER = "packer"
 OWNER_MARKER = ".kiln-template"
 IMAGE_DIR = "image"
+DATA_DISK_DIR = "data-disks"  # the build VM's data disks, while it runs
 DISK = "disk.qcow2"
 STOP_GRACE_SECONDS = 180
 T = TypeVar("T")
@@ -201,16 +205,46 @@ class LocalProvider:
                 ),
                 seed,
             )
+        shape = self._shape(ctx)
         spec = qemu.VmSpec(
             name=f"kiln-{ctx.run_name}"[:60].rstrip("-."),
             state_dir=directory,
             disk=overlay,
+            data_disks=self._data_disks(ctx),
             seed_iso=seed,
             generation=source.hyper_v_generation,
-            memory_mb=self.settings.vm_memory_mb,
+            memory_mb=shape.memory_mb,
+            cpus=shape.cpus,
             accel=qemu.accelerator(self.settings.cache_root, Path(source.disk)),
         )
         return qemu.start(spec)
+
+    def _shape(self, ctx: RunContext) -> VmShape:
+        """vmProfile.vmSize's vCPUs and memory, capped by the host; unset: the operator's
+        default. What the VM got is noted for the run's status."""
+        size = ctx.spec.vm_profile.vm_size if ctx.spec.vm_profile else None
+        if not size:
+            return VmShape(
+                cpus=qemu.VmSpec.model_fields["cpus"].default, memory_mb=self.settings.vm_memory_mb
+            )
+        shape = vm_shape(size)
+        if shape is None:  # refused at apply time; a template from before the table grew
+            raise ProviderError(f"spec.vmProfile.vmSize {unknown_size_message(self.name)}")
+        got, ctx.checkpoint.vm_note = capped(size, shape, *_host_resources())
+        return got
+
+    @staticmethod
+    def _data_disks(ctx: RunContext) -> list[Path]:
+        """Empty qcow2 disks of additionalDataDisks, in the run's directory (LUN = index)."""
+        directory = ctx.run_dir / DATA_DISK_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        disks = []
+        for lun, disk in enumerate(ctx.spec.additional_data_disks or []):
+            path = directory / f"lun{lun}.qcow2"
+            if not path.exists():
+                qemu.create_data_disk(path, disk.size_gb)
+            disks.append(path)
+        return disks
 
     async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
         """The disk boots by firmware alone: nothing to fetch beside it."""
@@ -248,6 +282,7 @@ class LocalProvider:
         not shut down, so one that no longer answers goes as fast as one that does."""
         await asyncio.to_thread(remove_vm_dir, self.vm_dir(ctx))
         await asyncio.to_thread(shutil.rmtree, ctx.run_dir / IMAGE_DIR, True)
+        await asyncio.to_thread(shutil.rmtree, ctx.run_dir / DATA_DISK_DIR, True)
 
     async def sweep(self, keep: set[str]) -> list[str]:
         """VM state directories (named by run UID) that no run in keep owns."""
@@ -283,6 +318,10 @@ class LocalProvider:
         wants_vhd = any(isinstance(d, VhdDistributor) for d in ctx.spec.distribute)
         vhd = image_dir / "disk.vhd" if wants_vhd else None
         ctx.checkpoint.local.disk_sha256 = capture_disk(overlay, image_dir / DISK, vhd)
+        ctx.checkpoint.local.data_disks = [
+            _capture_data_disk(lun, disk, image_dir)
+            for lun, disk in enumerate(self._data_disks(ctx))
+        ]
 
     async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
         try:
@@ -303,6 +342,7 @@ class LocalProvider:
                 "run": f"{ctx.namespace}/{ctx.run_name}",
                 "disk_sha256": ctx.checkpoint.local.disk_sha256,
                 "hyper_v_generation": source.hyper_v_generation,
+                "data_disks": ctx.checkpoint.local.data_disks,
                 **extra,
             }
         )
@@ -384,6 +424,25 @@ class LocalProvider:
             artifact_uri=destination.as_uri(),
             provisioning_state="Succeeded",
         )
+
+
+def _capture_data_disk(lun: int, disk: Path, image_dir: Path) -> CapturedDataDisk:
+    """A data disk as a standalone qcow2 and a fixed VHD, each with its sha256."""
+    qcow2, vhd = f"datadisk-{lun}.qcow2", f"datadisk-{lun}.vhd"
+    qcow2_sha256 = capture_disk(disk, image_dir / qcow2, image_dir / vhd)
+    return CapturedDataDisk(
+        lun=lun,
+        qcow2=qcow2,
+        qcow2_sha256=qcow2_sha256,
+        vhd=vhd,
+        vhd_sha256=sha256_file(image_dir / vhd),
+    )
+
+
+def _host_resources() -> tuple[int, int]:
+    """CPUs this process may use, and the host's memory in MiB."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return len(os.sched_getaffinity(0)), memory // (1024 * 1024)
 
 
 def remove_vm_dir(directory: Path) -> None:

@@ -68,6 +68,7 @@ class VmSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     state_dir: Path
     disk: Path
+    data_disks: list[Path] = Field(default_factory=list, description="qcow2, LUN = index.")
     seed_iso: Path | None = None
     generation: Literal["V1", "V2"] = "V2"
     memory_mb: int = Field(default=1024, ge=256)
@@ -110,6 +111,12 @@ def create_overlay(base_disk: Path, overlay: Path, size_gb: int | None = None) -
     backing = ["-b", str(base_disk.absolute()), "-F", image_format(base_disk)]
     with atomic_output(overlay) as tmp:
         run_tool(["qemu-img", "create", "-q", "-f", "qcow2", *backing, tmp, *size_args])
+
+
+def create_data_disk(path: Path, size_gb: int) -> None:
+    """An empty qcow2 data disk of size_gb GiB (sparse: it takes space as it is written)."""
+    with atomic_output(path) as tmp:
+        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(size_gb * GIB)])
 
 
 def free_port() -> int:
@@ -200,6 +207,8 @@ def _qemu_argv(spec: VmSpec, port: int) -> list[str]:
     argv += ["-nodefaults", "-display", "none", "-vga", "none"]
     argv += firmware_args(spec.generation, d)
     argv += ["-drive", f"file={spec.disk},if=virtio,format=qcow2,discard=unmap"]
+    for lun, data_disk in enumerate(spec.data_disks):  # /dev/disk/by-id/virtio-lun<N>
+        argv += ["-drive", f"file={data_disk},if=virtio,format=qcow2,discard=unmap,serial=lun{lun}"]
     if spec.seed_iso:
         argv += ["-drive", f"file={spec.seed_iso},if=virtio,format=raw,readonly=on"]
     argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"]
