@@ -316,6 +316,18 @@ CASES = [
         "absolute file path",
     ),
     (
+        "unknown-vm-size-locally",
+        {"vmProfile": {"vmSize": "Standard_Z99"}},
+        "spec.vmProfile.vmSize",
+        "not a VM size the local provider knows",
+    ),
+    (
+        "workload-without-script",
+        {"optimize": {"workload": {"state": "Enabled"}}},
+        "spec.optimize.workload.scriptUri",
+        "required when state is Enabled",
+    ),
+    (
         "azure-vhd-uri",
         {**AZURE, "distribute": [{**VHD, "uri": "file:///x.vhd"}]},
         "spec.distribute",
@@ -370,7 +382,16 @@ def test_a_valid_template_of_every_kind_of_step_is_accepted(control_plane: Any) 
                 ),
                 {"type": "ManagedImage", "runOutputName": "m", "imageId": IMAGE, "location": "l"},
             ],
-            "vmProfile": {"vnetConfig": {"subnetId": SUBNET}, "userAssignedIdentities": [IDENTITY]},
+            "vmProfile": {
+                "vnetConfig": {"subnetId": SUBNET},
+                "userAssignedIdentities": [IDENTITY],
+                "vmSize": "standard_d2s_v3",
+            },
+            "additionalDataDisks": [{"sizeGB": 2}],
+            "optimize": {
+                "vmBoot": {"state": "Enabled"},
+                "workload": {"state": "Enabled", "scriptUri": "https://e.x/w.sh"},
+            },
             "identity": {"type": "UserAssigned", "userAssignedIdentities": {IDENTITY: {}}},
             "managedResourceTags": {"team": "images"},
             "triggers": [{"kind": "Schedule", "schedule": "@daily"}, {"kind": "SourceImage"}],

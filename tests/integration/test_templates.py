@@ -7,16 +7,19 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client import CoreV1Api
 
 from kubehelpers import (
     Kiln,
     argocd_health,
     condition,
     condition_status,
+    kstatus,
     kubectl,
     run,
     server_dry_run,
     template,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -159,6 +162,54 @@ def test_valid_template_is_ready_and_shows_in_printer_columns(
         assert "imagetemplate.kiln.dev/columns" in kinds
     finally:
         kiln.delete("imagetemplates", "columns")
+
+
+SUBNET = (
+    "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v/subnets/b"
+)
+
+
+def test_properties_the_provider_does_not_use_are_named_and_the_template_stays_ready(
+    kiln: Kiln,
+) -> None:
+    """Accepted, never in silence: a condition and a warning event name each ignored
+    property and why; kstatus and Argo CD still see a healthy template."""
+    manifest = template(
+        "unused",
+        vmProfile={"vnetConfig": {"subnetId": SUBNET}},
+        optimize={"vmBoot": {"state": "Enabled"}},
+    )
+    kiln.create("imagetemplates", manifest)
+    try:
+        body = kiln.wait_for("imagetemplates", "unused", is_ready, timeout=30, what="Ready")
+        noted = condition(body, "PropertiesNotUsed")
+        assert noted is not None and noted["status"] == "True", noted
+        assert noted["reason"] == "PropertyNotUsed"
+        assert "spec.vmProfile.vnetConfig.subnetId" in noted["message"]
+        assert "spec.optimize.vmBoot" in noted["message"]
+        assert [s["status"] for s in kstatus(body)] == ["Current"]
+        assert argocd_health(body)["status"] == "Healthy"
+
+        def warned() -> list[Any]:
+            events = CoreV1Api(kiln.api.api_client).list_namespaced_event(
+                kiln.namespace, field_selector="involvedObject.name=unused"
+            )
+            return [e for e in events.items if e.reason == "PropertyNotUsed"]
+
+        wait_until(lambda: bool(warned()), 30, "a PropertyNotUsed event")
+        [event] = warned()
+        assert event.type == "Warning" and "spec.optimize.vmBoot" in event.message
+        kiln.patch("imagetemplates", "unused", {"spec": {"vmProfile": None, "optimize": None}})
+        body = kiln.wait_for(
+            "imagetemplates",
+            "unused",
+            lambda b: condition_status(b, "PropertiesNotUsed") == "False",
+            timeout=30,
+            what="clear of unused properties",
+        )
+        assert condition(body, "PropertiesNotUsed")["reason"] == "AllPropertiesUsed"
+    finally:
+        kiln.delete("imagetemplates", "unused")
 
 
 def test_deleting_a_template_removes_the_finalizer(kiln: Kiln) -> None:
