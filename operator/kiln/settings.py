@@ -12,7 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from kiln.api.template import Provider
-from kiln.api.tenancy import DEFAULT_BLOCKED_RANGES, FileRoot, IPNetwork, TenancyPolicy
+from kiln.api.tenancy import (
+    DEFAULT_BLOCKED_RANGES,
+    DEFAULT_STORAGE_HOSTS,
+    FileRoot,
+    IPNetwork,
+    TenancyPolicy,
+)
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_OPERATOR_NAMESPACE = "kiln-system"
@@ -48,7 +54,14 @@ class OperatorSettings(BaseModel):
         default=None, description="Entra ID authority host; unset: azure-identity's default."
     )
     azure_ca_bundle: Path | None = Field(
-        default=None, description="CA bundle for ARM and the authority (private endpoints)."
+        default=None,
+        description="CA bundle for ARM, the authority and downloads of scripts (private "
+        "endpoints); trusted besides the system's CAs for downloads.",
+    )
+    azure_storage_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STORAGE_HOSTS),
+        description="Hosts of Azure Storage (a leading dot: a domain) where a private blob "
+        "named by scriptUri/sourceUri is read with the template's Azure identity.",
     )
     azure_credentials_secret: str | None = Field(
         default=None,
@@ -150,6 +163,8 @@ class OperatorSettings(BaseModel):
             blocked_ranges=self.download_blocked_ranges,
             communicator_source=self.azure_communicator_source,
             operator_identity=self.azure_operator_identity,
+            storage_hosts=self.azure_storage_hosts,
+            ca_bundle=self.azure_ca_bundle,
         )
 
     @property
@@ -197,6 +212,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         "file_source_roots": "KILN_FILE_SOURCE_ROOTS",
         "output_roots": "KILN_OUTPUT_ROOTS",
         "download_blocked_ranges": "KILN_DOWNLOAD_BLOCKED_RANGES",
+        "azure_storage_hosts": "KILN_AZURE_STORAGE_HOSTS",
     }
     values: dict[str, object] = {field: env[var] for field, var in names.items() if env.get(var)}
     for field, var in lists.items():

@@ -33,6 +33,12 @@ DEFAULT_BLOCKED_RANGES = (
 FILE_ROOTS_SETTING = "KILN_FILE_SOURCE_ROOTS (chart: settings.fileSourceRoots)"
 OUTPUT_ROOTS_SETTING = "KILN_OUTPUT_ROOTS (chart: settings.outputRoots)"
 BLOCKED_RANGES_SETTING = "KILN_DOWNLOAD_BLOCKED_RANGES (chart: settings.downloadBlockedRanges)"
+# Azure Storage's blob endpoints in Azure's public and sovereign clouds.
+DEFAULT_STORAGE_HOSTS = (
+    ".blob.core.windows.net",
+    ".blob.core.chinacloudapi.cn",
+    ".blob.core.usgovcloudapi.net",
+)
 
 
 class Refused(Exception):
@@ -91,6 +97,14 @@ class TenancyPolicy(BaseModel):
     communicator_source: str | None = None
     operator_identity: bool = Field(
         default=True, description="Templates without serviceAccountName may use the operator's."
+    )
+    storage_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STORAGE_HOSTS),
+        description="Azure Storage hosts (a leading dot: any host under that domain) that "
+        "may receive a token of the template's identity to read a private blob.",
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="Extra CA certificates downloads trust (private endpoints)."
     )
 
     # --- file:// sources -----------------------------------------------------------------
@@ -166,6 +180,14 @@ class TenancyPolicy(BaseModel):
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return next((net for net in self.blocked_ranges if ip in net), None)
+
+    def is_storage_host(self, host: str) -> bool:
+        """An Azure Storage endpoint: the only hosts a storage token is ever sent to."""
+        host = host.lower().rstrip(".")
+        return any(
+            host.endswith(h.lower()) if h.startswith(".") else host == h.lower()
+            for h in self.storage_hosts
+        )
 
     def check_literal_host(self, uri: str) -> None:
         """Refuse a URI whose host is an address in a blocked range (validation time)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.api.template import ShellStep
 from kiln.api.tenancy import TenancyPolicy
-from kiln.customizers.sources import fetch
+from kiln.customizers.sources import TokenSource, fetch
 
 DEPROVISION_OVERRIDE = "/tmp/DeprovisioningScript.sh"
 
@@ -48,9 +48,11 @@ def final_shutdown_command(user: str) -> str:
     return f"sudo -n systemd-run --no-block --unit=kiln-final /bin/sh -c '{inner}'"
 
 
-async def shell_script(step: ShellStep, policy: TenancyPolicy) -> str:
+async def shell_script(
+    step: ShellStep, policy: TenancyPolicy, token: TokenSource | None = None
+) -> str:
     """The script to run: inline lines under `sh -e` (as Packer does), or the fetched URI."""
     if step.inline:
         return "#!/bin/sh -e\n" + "\n".join(step.inline) + "\n"
     assert step.script_uri is not None
-    return (await fetch(step.script_uri, policy, step.sha256_checksum)).decode()
+    return (await fetch(step.script_uri, policy, step.sha256_checksum, token=token)).decode()

@@ -1,6 +1,11 @@
 """Fetching scripts and files named by URI, with AIB's checksum and size rules, inside
 what the operator allows: file:// only under its file roots, downloads never from a
-blocked address (checked on the address each connection, redirects included, goes to)."""
+blocked address (checked on the address each connection, redirects included, goes to).
+
+A blob that Azure Storage refuses to read anonymously is read again with a token of the
+template's Azure identity (AIB reads private scripts with the template's identity too),
+sent only to the operator's Azure Storage hosts and never along a redirect.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import hashlib
 import ipaddress
 import os
 import socket
+import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +25,11 @@ from kiln.api.tenancy import IPNetwork, Refused, TenancyPolicy, blocked_message
 
 FILE_LIMIT_BYTES = 20 * 1024 * 1024  # AIB: the File customizer is for files up to 20 MB
 FETCH_TIMEOUT_SECONDS = 120
+STORAGE_API_VERSION = "2023-11-03"  # OAuth needs x-ms-version 2017-11-09 or later
+# What Azure Storage answers an anonymous read of a private blob (or account).
+_REFUSED_ANONYMOUS = (401, 403, 404, 409)
+# A token for Azure Storage of the template's identity; None: the provider has none.
+TokenSource = Callable[[], Awaitable[str | None]]
 
 
 class FetchError(Exception):
@@ -34,7 +46,11 @@ def _megabytes(limit: int) -> str:
 
 
 async def fetch(
-    uri: str, policy: TenancyPolicy, sha256: str | None = None, limit: int = FILE_LIMIT_BYTES
+    uri: str,
+    policy: TenancyPolicy,
+    sha256: str | None = None,
+    limit: int = FILE_LIMIT_BYTES,
+    token: TokenSource | None = None,
 ) -> bytes:
     try:
         parsed = urlparse(uri)
@@ -43,7 +59,7 @@ async def fetch(
     if parsed.scheme == "file":
         data = _read_file(uri, policy, limit)
     elif parsed.scheme in ("http", "https"):
-        data = await _download(uri, limit, policy)
+        data = await _download(uri, limit, policy, token)
     else:
         raise FetchError(f"{redact(uri)}: only https, http and file URIs can be fetched")
     if sha256 and hashlib.sha256(data).hexdigest().lower() != sha256.lower():
@@ -86,25 +102,51 @@ class _GuardedSockets:
         return socket.socket(family=family, type=type_, proto=proto)
 
 
-async def _download(uri: str, limit: int, policy: TenancyPolicy) -> bytes:
+def _ssl_context(policy: TenancyPolicy) -> ssl.SSLContext | bool:
+    """The system's CAs, plus the operator's bundle for private endpoints."""
+    if policy.ca_bundle is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=str(policy.ca_bundle))
+    return context
+
+
+class _Refused(Exception):
+    """Azure Storage refused an anonymous read: its status and error code."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} ({code})")
+        self.status, self.code = status, code
+
+
+async def _download(
+    uri: str, limit: int, policy: TenancyPolicy, token: TokenSource | None
+) -> bytes:
     """The whole body, or an error: a body cut short or over the limit is never used."""
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
     sockets = _GuardedSockets(policy)
-    connector = aiohttp.TCPConnector(socket_factory=sockets)
-    chunks: list[bytes] = []
-    size = 0
+    connector = aiohttp.TCPConnector(socket_factory=sockets, ssl=_ssl_context(policy))
+    storage = policy.is_storage_host(urlparse(uri).hostname or "")
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-            session.get(uri) as response,
-        ):
-            if response.status != 200:
-                raise FetchError(f"{redact(uri)} answered HTTP {response.status}")
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise FetchError(f"{redact(uri)} is larger than {_megabytes(limit)}")
-                chunks.append(chunk)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            try:
+                return await _get(session, uri, limit, storage, {})
+            except _Refused as refused:  # only from a storage host
+                bearer = await token() if token is not None else None
+                if bearer is None:
+                    raise FetchError(
+                        f"{redact(uri)} answered {refused}: the blob is not public, and only "
+                        "the azure provider reads private blobs (with the template's identity, "
+                        "spec.serviceAccountName); make it public or use a SAS URL"
+                    ) from None
+            headers = {"Authorization": f"Bearer {bearer}", "x-ms-version": STORAGE_API_VERSION}
+            try:  # no redirect: the token goes to this Azure Storage host alone
+                return await _get(session, uri, limit, storage, headers, redirects=False)
+            except _Refused as refused:
+                raise FetchError(
+                    f"{redact(uri)} answered {refused} to the template's Azure identity too; "
+                    "grant that identity Storage Blob Data Reader on the storage account"
+                ) from None
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
         if sockets.refused is not None:
             address, network = sockets.refused
@@ -112,4 +154,27 @@ async def _download(uri: str, limit: int, policy: TenancyPolicy) -> bytes:
             raise FetchError(f"cannot download {redact(uri)}: {message}") from None
         # aiohttp's messages repeat the URL with its query string (a SAS token): never show them
         raise FetchError(f"cannot download {redact(uri)}: {type(error).__name__}") from error
+
+
+async def _get(
+    session: aiohttp.ClientSession,
+    uri: str,
+    limit: int,
+    storage: bool,
+    headers: dict[str, str],
+    redirects: bool = True,
+) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async with session.get(uri, headers=headers, allow_redirects=redirects) as response:
+        code = response.headers.get("x-ms-error-code")
+        if storage and code and response.status in _REFUSED_ANONYMOUS:
+            raise _Refused(response.status, code)
+        if response.status != 200:
+            raise FetchError(f"{redact(uri)} answered HTTP {response.status}")
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise FetchError(f"{redact(uri)} is larger than {_megabytes(limit)}")
+            chunks.append(chunk)
     return b"".join(chunks)

@@ -11,10 +11,10 @@ from kiln import reasons
 from kiln.api.run import RunSubState
 from kiln.api.template import FileStep, ShellStep, State
 from kiln.customizers.linux import shell_script
-from kiln.customizers.sources import FetchError, fetch, redact
+from kiln.customizers.sources import FetchError, TokenSource, fetch, redact
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import RunLogs
-from kiln.providers.base import RunContext
+from kiln.providers.base import ProviderError, RunContext
 
 POLL_SECONDS = 3.0
 
@@ -22,6 +22,20 @@ POLL_SECONDS = 3.0
 def _title(phase: str, index: int, step: ShellStep | FileStep) -> str:
     label = f" {step.name!r}" if step.name else ""
     return f"{phase}[{index}] {step.type}{label}"
+
+
+def storage_token(ctx: RunContext, env: StepEnv) -> TokenSource:
+    """The template's token for private blobs, asked for only when a blob needs it."""
+
+    async def token() -> str | None:
+        try:
+            return await env.provider.storage_token(ctx)
+        except ProviderError as error:
+            raise FetchError(
+                f"no Azure Storage token of the template's identity: {error}"
+            ) from None
+
+    return token
 
 
 class ScriptPhase:
@@ -67,14 +81,15 @@ class ScriptPhase:
     ) -> Outcome | None:
         """None when the step finished well; otherwise what to tell the driver."""
         communicator = await env.communicator(ctx)
+        token = storage_token(ctx, env)
         if isinstance(step, FileStep):
-            data = await fetch(step.source_uri, env.policy, step.sha256_checksum)
+            data = await fetch(step.source_uri, env.policy, step.sha256_checksum, token=token)
             await communicator.upload(data, step.destination)
             await logs.aappend(
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
-        await communicator.start_job(job_id, await shell_script(step, env.policy))
+        await communicator.start_job(job_id, await shell_script(step, env.policy, token))
         status = await communicator.poll_job(job_id, await logs.aoffset(job_id))
         await logs.aappend(job_id, status.new_log)
         if status.running:

@@ -132,6 +132,10 @@ class BuildProvider(Protocol):
     def describe_vm(self, ctx: RunContext) -> str:
         """How a person reaches a kept build VM (errorHandling abort)."""
 
+    async def storage_token(self, ctx: RunContext) -> str | None:
+        """A bearer token for Azure Storage of the template's identity, to read private
+        scripts and files; None where the provider has no Azure identity."""
+
     async def publish_logs(self, ctx: RunContext) -> None:
         """Put the run's customization log where the provider keeps logs."""
 

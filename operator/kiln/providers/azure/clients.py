@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity.aio import (
@@ -239,3 +240,16 @@ async def namespace_credential(
     return FederatedCredential(
         assertion, ClientAssertionCredential(tenant_id, client_id, assertion, **options)
     )
+
+
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+
+
+async def storage_token(credential: AsyncTokenCredential) -> str:
+    """An access token for Azure Storage's data plane (private scripts and files)."""
+    try:
+        return (await credential.get_token(STORAGE_SCOPE)).token
+    except ClientAuthenticationError as error:
+        raise ProviderError(
+            f"Entra ID refused a token for Azure Storage: {error.message}"
+        ) from None

@@ -49,6 +49,7 @@ from kiln.providers.azure.clients import (
     IdentityRef,
     make_clients,
     namespace_credential,
+    storage_token,
     tenant_of,
     transport_options,
 )
@@ -281,6 +282,10 @@ class AzureProvider:
                 await ops.call(poller.result())
             else:
                 await ops.call(operation_group.delete(group, resource.name))
+
+    async def storage_token(self, ctx: RunContext) -> str | None:
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
+        return await storage_token(clients.credential)
 
     async def publish_logs(self, ctx: RunContext) -> None:
         """The customization log to the staging account, as AIB's packerlogs/<run>/: an

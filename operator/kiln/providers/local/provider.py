@@ -274,6 +274,10 @@ class LocalProvider:
     async def publish_logs(self, ctx: RunContext) -> None:
         """The log is written in the staging directory already."""
 
+    async def storage_token(self, ctx: RunContext) -> str | None:
+        """No Azure identity here: private blobs need the azure provider (or a SAS URL)."""
+        return None
+
     async def close(self) -> None:
         """Nothing is held open between passes."""
 
