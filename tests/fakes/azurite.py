@@ -57,11 +57,13 @@ class Azurite:
         host: str = "127.0.0.1",
         port: int = 0,
         https: bool = False,
+        oauth: bool = False,
         log_path: str | Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.https = https
+        self.https = https or oauth  # Azurite takes bearer tokens over https only
+        self.oauth = oauth
         self._own_location = location is None
         self.location = Path(location) if location is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
@@ -121,6 +123,8 @@ class Azurite:
             files = tls.load_or_generate(self.location / ".tls", self.host)
             self.ca_path = files.ca_path
             argv += ["--cert", str(files.cert_path), "--key", str(files.key_path)]
+        if self.oauth:  # bearer tokens: issuer, audience and expiry checked, as Azure does
+            argv += ["--oauth", "basic"]
         log_path = self.log_path or self.location / "azurite.log"
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -236,7 +236,11 @@ def test_tenancy_settings_reach_the_operator() -> None:
                     "fileSourceRoots": "/srv/kiln-files",
                     "outputRoots": "/srv/images",
                     "downloadBlockedRanges": "169.254.0.0/16,10.0.0.0/8",
-                    "azure": {"operatorIdentity": False, "tenantId": "t"},
+                    "azure": {
+                        "operatorIdentity": False,
+                        "tenantId": "t",
+                        "storageHosts": ".blob.core.windows.net,blob.example",
+                    },
                 }
             }
         )
@@ -246,6 +250,7 @@ def test_tenancy_settings_reach_the_operator() -> None:
     assert env["KILN_DOWNLOAD_BLOCKED_RANGES"] == "169.254.0.0/16,10.0.0.0/8"
     assert env["KILN_AZURE_OPERATOR_IDENTITY"] == "false"
     assert env["KILN_AZURE_TENANT_ID"] == "t"
+    assert env["KILN_AZURE_STORAGE_HOSTS"] == ".blob.core.windows.net,blob.example"
 
 
 def test_the_default_profile_is_restricted_and_the_local_one_mounts_the_host() -> None:

@@ -8,6 +8,7 @@ limits each team's app to its own resource group, as a role assignment would.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,13 +18,21 @@ import jwt
 import pytest
 import requests
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes import client, config
 
 from conftest import ControlPlane
 from fakes.arm import ArmEmulator
 from fakes.arm.identity import JWT_BEARER, IssuerEndpoint
+from fakes.azurite import Azurite
+from kiln.api.run import Checkpoint, TemplateIdentity
+from kiln.api.template import ImageTemplateSpec, ShellStep
+from kiln.customizers.linux import shell_script
+from kiln.customizers.sources import FetchError, fetch
 from kiln.kube import Kube
+from kiln.pipeline.base import StepEnv
+from kiln.pipeline.scripts import storage_token
 from kiln.providers.azure.clients import (
     CLIENT_ID_ANNOTATION,
     TENANT_ID_ANNOTATION,
@@ -33,9 +42,10 @@ from kiln.providers.azure.clients import (
     make_clients,
     namespace_credential,
 )
-from kiln.providers.base import ProviderError
+from kiln.providers.azure.provider import AzureProvider
+from kiln.providers.base import ProviderError, RunContext
 from kiln.settings import OperatorSettings
-from kubehelpers import cluster_ca_file, publish_issuer
+from kubehelpers import cluster_ca_file, publish_issuer, valid_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.azure]
 
@@ -215,3 +225,114 @@ async def test_the_operators_identity_can_be_switched_off(arm: ArmEmulator, kube
     settings = settings_for(arm, azure_operator_identity=False)
     with pytest.raises(ProviderError, match="KILN_AZURE_OPERATOR_IDENTITY is false"):
         await namespace_credential(settings, kube, IdentityRef("team-a", None))
+
+
+# --- private scripts: read with the template's identity ---------------------------------------
+
+PRIVATE_SCRIPT = b"#!/bin/sh\necho from a private container\n"
+
+
+@pytest.fixture(scope="module")
+def private_blob(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Azurite, str]]:
+    """Azurite with bearer tokens on, and a script in a container without public access."""
+    with Azurite(tmp_path_factory.mktemp("azurite-oauth"), oauth=True) as azurite:
+        service = BlobServiceClient.from_connection_string(
+            azurite.connection_string, **azurite.client_kwargs()
+        )
+        service.create_container("scripts").upload_blob("setup.sh", PRIVATE_SCRIPT)
+        yield azurite, f"{azurite.blob_endpoint}scripts/setup.sh"
+
+
+def private_run(tmp_path: Path, team: str, url: str) -> RunContext:
+    spec = {
+        **valid_spec(),
+        "provider": "azure",
+        "serviceAccountName": BUILDER,
+        "customize": [{"type": "Shell", "scriptUri": url}],
+    }
+    template = TemplateIdentity(namespace=team, name="private", uid=str(uuid.uuid4()))
+    return RunContext(
+        namespace=team,
+        run_name="private-1",
+        run_uid=str(uuid.uuid4()),
+        template=template,
+        spec=ImageTemplateSpec.model_validate(spec),
+        checkpoint=Checkpoint(template=template),
+        run_dir=tmp_path,
+        key_namespace="kiln-system",
+    )
+
+
+async def test_a_private_script_is_read_with_the_templates_identity(
+    arm: ArmEmulator,
+    kube: Kube,
+    teams: dict[str, str],
+    private_blob: tuple[Azurite, str],
+    tmp_path: Path,
+) -> None:
+    """Anonymous reads are refused by the storage service; the operator then reads the
+    blob with a token of the template's federated identity (its ServiceAccount's app)."""
+    azurite, url = private_blob
+    assert azurite.ca_path is not None
+    bundle = tmp_path / "ca.pem"  # the ARM emulator's and Azurite's CAs
+    bundle.write_text(arm.ca_path.read_text() + azurite.ca_path.read_text())
+    settings = settings_for(
+        arm,
+        azure_ca_bundle=bundle,
+        azure_storage_hosts=["127.0.0.1"],
+        download_blocked_ranges=[],  # Azurite listens on loopback
+        data_root=tmp_path,
+    )
+    policy = settings.tenancy_policy
+    with pytest.raises(FetchError) as anonymous:
+        await fetch(url, policy)
+    assert "HTTP 403 (AuthorizationFailure)" in str(anonymous.value)
+
+    provider = AzureProvider(settings, kube)
+    try:
+        ctx = private_run(tmp_path, "team-a", url)
+        env = StepEnv(provider=provider, kube=kube, policy=policy)
+        issued = len(arm.identity.issued_tokens)
+        checksum = hashlib.sha256(PRIVATE_SCRIPT).hexdigest()
+        step = ctx.spec.customize[0]
+        assert isinstance(step, ShellStep)
+        script = await shell_script(step, policy, storage_token(ctx, env))
+        assert script.encode() == PRIVATE_SCRIPT
+        assert await fetch(url, policy, checksum, token=storage_token(ctx, env)) == PRIVATE_SCRIPT
+    finally:
+        await provider.close()
+    storage = [
+        jwt.decode(t, options={"verify_signature": False})
+        for t in arm.identity.issued_tokens[issued:]
+    ]
+    assert {(c["aud"], c["appid"]) for c in storage} == {
+        ("https://storage.azure.com", teams["team-a"])
+    }
+
+
+async def test_a_template_without_a_usable_identity_is_told_why(
+    arm: ArmEmulator, kube: Kube, private_blob: tuple[Azurite, str], tmp_path: Path
+) -> None:
+    azurite, url = private_blob
+    assert azurite.ca_path is not None
+    settings = settings_for(
+        arm,
+        azure_ca_bundle=azurite.ca_path,
+        azure_storage_hosts=["127.0.0.1"],
+        download_blocked_ranges=[],
+        data_root=tmp_path,
+    )
+    provider = AzureProvider(settings, kube)
+    try:
+        ctx = private_run(tmp_path, "team-a", url)
+        ctx = ctx.model_copy(
+            update={"spec": ctx.spec.model_copy(update={"service_account_name": "nobody"})}
+        )
+        env = StepEnv(provider=provider, kube=kube, policy=settings.tenancy_policy)
+        with pytest.raises(FetchError) as refused:
+            await fetch(url, settings.tenancy_policy, token=storage_token(ctx, env))
+    finally:
+        await provider.close()
+    message = str(refused.value)
+    assert "no Azure Storage token of the template's identity" in message
+    assert "ServiceAccount team-a/nobody does not exist" in message

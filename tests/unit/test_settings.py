@@ -149,8 +149,10 @@ def test_tenancy_settings_are_read() -> None:
             "KILN_AZURE_TENANT_ID": "tenant-1",
             "KILN_OPERATOR_NAMESPACE": "kiln-system",
             "KILN_GALLERY": "/srv/gallery",
+            "KILN_AZURE_STORAGE_HOSTS": ".blob.core.windows.net, blob.example",
         }
     )
+    assert settings.tenancy_policy.storage_hosts == [".blob.core.windows.net", "blob.example"]
     [files, examples] = settings.file_source_roots
     assert (str(files.path), files.directory) == ("/srv/files", Path("/srv/files"))
     assert (str(examples.path), examples.directory) == (

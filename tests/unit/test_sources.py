@@ -382,3 +382,77 @@ async def test_a_setting_with_fewer_ranges_allows_a_private_server() -> None:
     policy = TenancyPolicy(blocked_ranges=["169.254.0.0/16"])
     async with http_server({"/s.sh": (200, BODY)}) as base:
         assert await fetch(f"{base}/s.sh", policy) == BODY
+
+
+# --- private blobs: the template's token, to storage hosts only -------------------------------
+
+
+def refusing(seen: list[str | None]) -> Handler:
+    """Answers as Azure Storage does to a read it does not allow, recording the header."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(status=403, headers={"x-ms-error-code": "AuthorizationFailure"})
+
+    return handler
+
+
+def counting_token(calls: list[int]) -> Callable[[], Awaitable[str | None]]:
+    async def token() -> str | None:
+        calls.append(1)
+        return "TOKEN-OF-THE-TEMPLATE"
+
+    return token
+
+
+async def test_a_host_that_is_not_azure_storage_never_gets_the_token() -> None:
+    seen: list[str | None] = []
+    calls: list[int] = []
+    async with http_server({"/s.sh": refusing(seen)}) as base:
+        with pytest.raises(FetchError) as error:
+            await fetch(f"{base}/s.sh", LOOPBACK_OPEN, token=counting_token(calls))
+    assert "answered HTTP 403" in str(error.value)
+    assert calls == [] and seen == [None]
+
+
+async def test_the_token_is_never_sent_along_a_redirect() -> None:
+    seen: list[str | None] = []
+    calls: list[int] = []
+    storage = TenancyPolicy(blocked_ranges=[], storage_hosts=["127.0.0.1"])
+
+    async with http_server({"/elsewhere": refusing(seen)}) as other:
+
+        async def redirect(request: web.Request) -> web.StreamResponse:
+            if request.headers.get("Authorization"):
+                raise web.HTTPFound(f"{other}/elsewhere")
+            return web.Response(status=404, headers={"x-ms-error-code": "ResourceNotFound"})
+
+        async with http_server({"/c/s.sh": redirect}) as base:
+            with pytest.raises(FetchError) as error:
+                await fetch(f"{base}/c/s.sh", storage, token=counting_token(calls))
+    assert "answered HTTP 302" in str(error.value)
+    assert calls == [1] and seen == []  # the redirect's target was never asked
+
+
+async def test_without_a_token_a_private_blob_says_what_to_do() -> None:
+    storage = TenancyPolicy(blocked_ranges=[], storage_hosts=["127.0.0.1"])
+    async with http_server({"/c/s.sh": refusing([])}) as base:
+        with pytest.raises(FetchError) as error:
+            await fetch(f"{base}/c/s.sh?{SECRET}", storage)
+    message = str(error.value)
+    assert "HTTP 403 (AuthorizationFailure)" in message and "not public" in message
+    assert "TOPSECRET" not in message
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("acct.blob.core.windows.net", True),
+        ("ACCT.blob.core.windows.net.", True),
+        ("blob.core.windows.net.evil.example", False),
+        ("evilblob.core.windows.net", False),
+        ("example.com", False),
+    ],
+)
+def test_storage_hosts_are_matched_by_domain(host: str, expected: bool) -> None:
+    assert TenancyPolicy().is_storage_host(host) is expected
