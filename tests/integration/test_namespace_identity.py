@@ -114,13 +114,13 @@ def teams(
 
 
 def settings_for(arm: ArmEmulator, **changes: object) -> OperatorSettings:
-    return OperatorSettings(
-        azure_arm_endpoint=arm.url,
-        azure_authority=arm.url,
-        azure_ca_bundle=arm.ca_path,
-        subscription_id=arm.subscription_id,
-        **changes,
-    )
+    defaults = {
+        "azure_arm_endpoint": arm.url,
+        "azure_authority": arm.url,
+        "azure_ca_bundle": arm.ca_path,
+        "subscription_id": arm.subscription_id,
+    }
+    return OperatorSettings.model_validate(defaults | changes)
 
 
 @pytest.fixture
