@@ -62,12 +62,12 @@ from kiln.providers.azure.resources import (
     owned,
     owner,
     parse_id,
-    staging,
     vault,
     vm,
 )
 from kiln.providers.azure.resources.network import name
-from kiln.providers.azure.resources.staging import storage_account_name
+from kiln.providers.azure.resources.staging import check_free, storage_account_name
+from kiln.providers.azure.resources.staging import specs as staging_specs
 from kiln.providers.azure.resources.vm import BUILD_USER
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
@@ -163,8 +163,8 @@ class AzureProvider:
     async def ensure_staging(self, ctx: RunContext) -> str:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
-        await staging.check_free(clients, group, ctx.template.uid)
-        await ensure(clients, ctx.checkpoint.azure.operations, staging.specs(ctx, group))
+        await check_free(clients, group, ctx.template.uid)
+        await ensure(clients, ctx.checkpoint.azure.operations, staging_specs(ctx, group))
         return self.staging_id(ctx.template, ctx.spec)
 
     async def delete_staging(
