@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from kiln.api.template import PlatformImageSource
+from kiln.api.template import ImageTemplateSpec, PlatformImageSource
 from kiln.communicators.winrm import WINRM_HTTPS_PORT
 from kiln.naming import BUILD_COMPUTER_NAME
 from kiln.providers.azure.resources import VAULT, VM, Spec, tags
@@ -92,6 +92,35 @@ def _os_profile(ctx: RunContext, vault_id: str) -> dict[str, Any]:
     }
 
 
+def identities(spec: ImageTemplateSpec) -> list[str]:
+    """What AIB puts on the build VM: the template's user-assigned identity, then
+    vmProfile.userAssignedIdentities (ARM IDs compare case-insensitively)."""
+    named = [
+        *((spec.identity.user_assigned_identities or {}) if spec.identity else {}),
+        *((spec.vm_profile.user_assigned_identities if spec.vm_profile else None) or []),
+    ]
+    unique: dict[str, str] = {}
+    for identity in named:
+        unique.setdefault(identity.lower(), identity)
+    return list(unique.values())
+
+
+def data_disks(ctx: RunContext) -> list[dict[str, Any]]:
+    """additionalDataDisks as empty managed disks at LUN 0, 1, ...; they go with the VM,
+    and capture takes them into the image beside the OS disk."""
+    return [
+        {
+            "lun": lun,
+            "name": name(ctx, f"datadisk{lun}"),
+            "createOption": "Empty",
+            "diskSizeGB": disk.size_gb,
+            "deleteOption": "Delete",
+            "managedDisk": {"storageAccountType": "Standard_LRS"},
+        }
+        for lun, disk in enumerate(ctx.spec.additional_data_disks or [])
+    ]
+
+
 def _body(ctx: RunContext, staging_id: str, vault_id: str) -> dict[str, Any]:
     profile = ctx.spec.vm_profile
     os_disk: dict[str, Any] = {
@@ -108,6 +137,7 @@ def _body(ctx: RunContext, staging_id: str, vault_id: str) -> dict[str, Any]:
             "storageProfile": {
                 "imageReference": ctx.checkpoint.azure.image_reference,
                 "osDisk": os_disk,
+                "dataDisks": data_disks(ctx),
             },
             "osProfile": _os_profile(ctx, vault_id),
             "networkProfile": {
@@ -125,12 +155,10 @@ def _body(ctx: RunContext, staging_id: str, vault_id: str) -> dict[str, Any]:
             "product": plan.plan_product,
             "publisher": plan.plan_publisher,
         }
-    if profile and profile.user_assigned_identities:
+    if assigned := identities(ctx.spec):
         body["identity"] = {
             "type": "UserAssigned",
-            "userAssignedIdentities": {
-                identity: {} for identity in profile.user_assigned_identities
-            },
+            "userAssignedIdentities": {identity: {} for identity in assigned},
         }
     return body
 
