@@ -456,6 +456,18 @@ async def test_additional_data_disks_are_captured_with_the_os_disk(
     assert [(d.lun, d.size_in_gb) for d in data_images] == [(0, 2), (1, 5)]
     await provider.delete_vm(ctx)
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]  # disks went with the VM
+    # built on that image, a template's own data disks come after the image's
+    source = {"type": "ManagedImage", "imageId": ids["image"]}
+    again = context(arm, tmp_path, source=source, additionalDataDisks=[{"sizeGB": 3}])
+    await until_done(lambda: provider.ensure_staging(again))
+    await provider.resolve_source(again)
+    assert again.checkpoint.azure.source_data_disk_luns == [0, 1]
+    await until_done(lambda: provider.create_vm(again))
+    again_group = provider.staging_group(again.template, again.spec)
+    vm = compute.virtual_machines.get(again_group, f"kiln-{again.run_uid[:8]}-vm")
+    disks = [(d.lun, d.disk_size_gb, d.create_option) for d in vm.storage_profile.data_disks]
+    assert disks == [(0, 2, "FromImage"), (1, 5, "FromImage"), (2, 3, "Empty")]
+    await provider.delete_vm(again)
 
 
 async def test_a_custom_staging_group_must_be_empty_and_is_emptied_not_removed(

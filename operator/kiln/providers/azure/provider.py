@@ -256,23 +256,30 @@ class AzureProvider:
             }
             exact = ":".join((source.publisher, source.offer, source.sku, version))
             ctx.checkpoint.source_version = version
+            data_disks = image.data_disk_images
         elif isinstance(source, ManagedImageSource):
             _, group, parts = parse_id(source.image_id)
             managed = await ops.call(clients.compute.images.get(group, parts[-1]))
             os_type = managed.storage_profile.os_disk.os_type
             generation = managed.hyper_v_generation
             reference, exact = {"id": source.image_id}, source.image_id
+            data_disks = managed.storage_profile.data_disks
         else:
             exact = await self._gallery_version(clients, source.image_version_id)
             _, group, parts = parse_id(exact)
             definition = await ops.call(
                 clients.compute.gallery_images.get(group, parts[1], parts[3])
             )
+            version = await ops.call(
+                clients.compute.gallery_image_versions.get(group, parts[1], parts[3], parts[5])
+            )
+            data_disks = version.storage_profile.data_disk_images
             os_type = definition.os_type
             generation = definition.hyper_v_generation
             reference = {"id": exact}
             ctx.checkpoint.source_version = exact.rsplit("/", 1)[-1]
         ctx.checkpoint.os_type = _enum_value(os_type)
+        ctx.checkpoint.azure.source_data_disk_luns = [disk.lun for disk in data_disks or []]
         ctx.checkpoint.azure.hyper_v_generation = _enum_value(generation) if generation else "V1"
         check_steps_fit(ctx.spec, ctx.checkpoint.os_type)
         ctx.checkpoint.azure.image_reference = reference

@@ -106,8 +106,10 @@ def identities(spec: ImageTemplateSpec) -> list[str]:
 
 
 def data_disks(ctx: RunContext) -> list[dict[str, Any]]:
-    """additionalDataDisks as empty managed disks at LUN 0, 1, ...; they go with the VM,
-    and capture takes them into the image beside the OS disk."""
+    """additionalDataDisks as empty managed disks at the LUNs after the source image's own
+    data disks (Azure adds those itself); they go with the VM, and capture takes them into
+    the image beside the OS disk."""
+    first = max(ctx.checkpoint.azure.source_data_disk_luns, default=-1) + 1
     return [
         {
             "lun": lun,
@@ -117,7 +119,7 @@ def data_disks(ctx: RunContext) -> list[dict[str, Any]]:
             "deleteOption": "Delete",
             "managedDisk": {"storageAccountType": "Standard_LRS"},
         }
-        for lun, disk in enumerate(ctx.spec.additional_data_disks or [])
+        for lun, disk in enumerate(ctx.spec.additional_data_disks or [], start=first)
     ]
 
 
