@@ -167,6 +167,13 @@ def vm_model(
     )
 
 
+def refused(compute: ComputeManagementClient, rg: str, model: cm.VirtualMachine) -> Any:
+    """The error Azure answers a VM PUT with (the PUT must fail)."""
+    with pytest.raises(HttpResponseError) as err:
+        compute.virtual_machines.begin_create_or_update(rg, "vm-bad", model)
+    return err.value
+
+
 def power_state(compute: ComputeManagementClient, rg: str, name: str) -> list[str]:
     view = compute.virtual_machines.instance_view(rg, name)
     return [s.code for s in view.statuses]
@@ -643,28 +650,23 @@ def test_sku_not_available_and_vm_validation(
         and skus["Standard_D4s_v5"][0].reason_code == "NotAvailableForSubscription"
     )
 
-    def rejected(model: cm.VirtualMachine) -> Any:
-        with pytest.raises(HttpResponseError) as err:
-            compute.virtual_machines.begin_create_or_update(rg, "vm-bad", model)
-        return err.value
-
     bad = vm_model(nic.id)
     bad.os_profile.linux_configuration.ssh.public_keys[0].path = "/root/.ssh/authorized_keys"
-    err = rejected(bad)
+    err = refused(compute, rg, bad)
     assert (
         err.error.code == "InvalidParameter"
         and err.error.target == "linuxConfiguration.ssh.publicKeys.path"
     )
     bad = vm_model(nic.id, user="root")
-    assert rejected(bad).error.message == "The Admin Username specified is not allowed."
+    assert refused(compute, rg, bad).error.message == "The Admin Username specified is not allowed."
     bad = vm_model(nic.id)
     bad.os_profile.linux_configuration.ssh.public_keys = []
-    assert "SSH or by user name and password" in rejected(bad).error.message
+    assert "SSH or by user name and password" in refused(compute, rg, bad).error.message
     bad = vm_model(
         nic.id,
         image=cm.ImageReference(publisher="Canonical", offer="nope", sku="x", version="latest"),
     )
-    err = rejected(bad)
+    err = refused(compute, rg, bad)
     assert err.status_code == 404 and err.error.code == "PlatformImageNotFound"
     plan_image = cm.ImageReference(
         publisher="center-for-internet-security-inc",
@@ -672,10 +674,13 @@ def test_sku_not_available_and_vm_validation(
         sku="cis-ubuntu2204-l1-gen2",
         version="latest",
     )
-    assert rejected(vm_model(nic.id, image=plan_image)).error.code == "VMMarketplaceInvalidInput"
+    assert (
+        refused(compute, rg, vm_model(nic.id, image=plan_image)).error.code
+        == "VMMarketplaceInvalidInput"
+    )
     bad = vm_model(nic.id)
     bad.network_profile.network_interfaces[0].id = nic.id + "-missing"
-    assert rejected(bad).error.code == "NotFound"
+    assert refused(compute, rg, bad).error.code == "NotFound"
     assert (
         arm.creation_count(
             nic.id.rsplit("/", 3)[0] + "/providers/Microsoft.Compute/virtualMachines/vm-bad"
@@ -704,22 +709,17 @@ def test_data_disks_and_user_assigned_identities_of_a_vm(
             )
         return model
 
-    def rejected(model: cm.VirtualMachine) -> Any:
-        with pytest.raises(HttpResponseError) as err:
-            compute.virtual_machines.begin_create_or_update(rg, "vm-bad", model)
-        return err.value
-
     empty = {"create_option": "Empty", "disk_size_gb": 2}
-    err = rejected(with_disks(cm.DataDisk(lun=0, **empty), cm.DataDisk(lun=0, **empty)))
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, **empty), cm.DataDisk(lun=0, **empty)))
     assert (err.status_code, err.error.code) == (400, "InvalidParameter")
-    err = rejected(with_disks(cm.DataDisk(lun=0, create_option="Empty")))
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, create_option="Empty")))
     assert err.error.target == "dataDisk.diskSizeGB"
-    err = rejected(with_disks(cm.DataDisk(lun=0, create_option="FromImage")))
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, create_option="FromImage")))
     assert "has no data disk at that LUN" in err.error.message
-    err = rejected(with_disks(*(cm.DataDisk(lun=lun, **empty) for lun in range(5))))
+    err = refused(compute, rg, with_disks(*(cm.DataDisk(lun=lun, **empty) for lun in range(5))))
     assert (err.status_code, err.error.code) == (409, "OperationNotAllowed")
     missing = identity.id.replace("/builder", "/nobody")
-    err = rejected(with_disks(identities=(missing,)))
+    err = refused(compute, rg, with_disks(identities=(missing,)))
     assert (err.status_code, err.error.code) == (400, "FailedIdentityOperation")
     assert f"Resource '{missing}' was not found" in err.error.message
 
