@@ -454,7 +454,8 @@ class AzureProvider:
         operations = ctx.checkpoint.azure.operations
         key = f"distribute-{index}"
         if isinstance(target, ManagedImageDistributor):
-            image = images.managed_image(ctx, target, key)
+            tags = dict(target.artifact_tags or {})
+            image = images.managed_image(ctx, target.image_id, target.location, tags, key)
             await self._replace_managed_image(ctx, clients, *image.path, index)
             await ensure(clients, operations, [image])
             return _output(target.run_output_name, target.image_id)
@@ -500,7 +501,16 @@ class AzureProvider:
         await ensure(
             clients,
             ctx.checkpoint.azure.operations,
-            [images.gallery_version(ctx, target, version, f"distribute-{index}")],
+            [
+                images.gallery_version(
+                    ctx,
+                    target.gallery_image_id,
+                    version,
+                    images.publishing_profile(ctx, target),
+                    dict(target.artifact_tags or {}),
+                    f"distribute-{index}",
+                )
+            ],
         )
         definition_id = target.gallery_image_id.split("/versions/")[0]
         return _output(target.run_output_name, f"{definition_id}/versions/{version}")

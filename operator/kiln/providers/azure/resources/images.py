@@ -6,19 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.api.template import ManagedImageDistributor, SharedImageDistributor
+from kiln.api.template import SharedImageDistributor
 from kiln.providers.azure.resources import GALLERY_VERSION, IMAGE, Spec, parse_id
 from kiln.providers.azure.resources.vm import generation
 from kiln.providers.base import RunContext
 
 
-def managed_image(ctx: RunContext, target: ManagedImageDistributor, key: str) -> Spec:
-    _, group, parts = parse_id(target.image_id)
+def managed_image(
+    ctx: RunContext, image_id: str, location: str | None, tags: dict[str, str], key: str
+) -> Spec:
+    _, group, parts = parse_id(image_id)
     return Spec(
         IMAGE,
         (group, parts[-1]),
-        dict(target.artifact_tags or {}),
-        target.location,
+        tags,
+        location,
         lambda: {
             "properties": {
                 "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
@@ -30,8 +32,9 @@ def managed_image(ctx: RunContext, target: ManagedImageDistributor, key: str) ->
     )
 
 
-def target_regions(ctx: RunContext, target: SharedImageDistributor) -> list[dict[str, Any]]:
-    """targetRegions and replicationRegions; the build's region always among them."""
+def publishing_profile(ctx: RunContext, target: SharedImageDistributor) -> dict[str, Any]:
+    """targetRegions and replicationRegions (the build's region always among them),
+    excludeFromLatest, replicationMode."""
     regions = [
         {
             "name": r.name,
@@ -50,24 +53,31 @@ def target_regions(ctx: RunContext, target: SharedImageDistributor) -> list[dict
     ]
     if not any(r["name"] == ctx.spec.location for r in regions):
         regions.append({"name": ctx.spec.location, "regionalReplicaCount": 1})
-    return regions
-
-
-def gallery_version(
-    ctx: RunContext, target: SharedImageDistributor, version: str, key: str
-) -> Spec:
-    _, group, parts = parse_id(target.gallery_image_id)
-    gallery, definition = parts[1], parts[3]
     profile: dict[str, Any] = {
-        "targetRegions": target_regions(ctx, target),
+        "targetRegions": regions,
         "excludeFromLatest": bool(target.exclude_from_latest),
     }
     if target.replication_mode:
         profile["replicationMode"] = target.replication_mode
+    return profile
+
+
+def gallery_version(
+    ctx: RunContext,
+    definition_id: str,
+    version: str,
+    profile: dict[str, Any],
+    tags: dict[str, str],
+    key: str,
+) -> Spec:
+    """definition_id: the gallery image (a version in it is ignored); profile: its
+    publishingProfile."""
+    _, group, parts = parse_id(definition_id)
+    gallery, definition = parts[1], parts[3]
     return Spec(
         GALLERY_VERSION,
         (group, gallery, definition, version),
-        dict(target.artifact_tags or {}),
+        tags,
         ctx.spec.location,
         lambda: {
             "properties": {
