@@ -83,9 +83,9 @@ PROPERTIES: tuple[Property, ...] = (
     Property(
         "identity",
         ignored("the local provider uses no Azure identity; scripts are fetched by the operator"),
-        ignored(
-            "Kiln acts in Azure, and reads private scripts, with the namespace's federated "
-            "identity (spec.serviceAccountName), not with a user-assigned identity of its own"
+        Use(
+            "assigned to the build VM, as AIB does; Kiln itself acts in Azure (and reads "
+            "private scripts) with the namespace's federated identity, spec.serviceAccountName"
         ),
         lambda s: s.identity is not None and s.identity.type == "UserAssigned",
     ),
@@ -128,7 +128,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property(
         "additionalDataDisks",
         Use("empty qcow2 disks on the build VM, captured beside the OS disk"),
-        ignored("data disks of Azure build VMs are not built yet"),
+        Use("empty managed data disks, captured into the managed image and gallery version"),
         _attr(lambda s: s, "additional_data_disks"),
     ),
     Property(
