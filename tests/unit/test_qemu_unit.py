@@ -129,7 +129,12 @@ def test_data_disks_are_virtio_drives_named_by_lun(tmp_path: Path) -> None:
     argv = qemu._qemu_argv(spec, 2222)
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives[1:] == [
-        f"file={data[0]},if=virtio,format=qcow2,discard=unmap,serial=lun0",
-        f"file={data[1]},if=virtio,format=qcow2,discard=unmap,serial=lun1",
+        f"file={data[0]},if=none,id=lun0,format=qcow2,discard=unmap",
+        f"file={data[1]},if=none,id=lun1,format=qcow2,discard=unmap",
+    ]
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[:2] == [
+        "virtio-blk-pci,drive=lun0,serial=lun0",
+        "virtio-blk-pci,drive=lun1,serial=lun1",
     ]
     assert argv[argv.index("-smp") + 1] == "1" and argv[argv.index("-m") + 1] == "2048"

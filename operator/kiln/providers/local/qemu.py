@@ -208,7 +208,8 @@ def _qemu_argv(spec: VmSpec, port: int) -> list[str]:
     argv += firmware_args(spec.generation, d)
     argv += ["-drive", f"file={spec.disk},if=virtio,format=qcow2,discard=unmap"]
     for lun, data_disk in enumerate(spec.data_disks):  # /dev/disk/by-id/virtio-lun<N>
-        argv += ["-drive", f"file={data_disk},if=virtio,format=qcow2,discard=unmap,serial=lun{lun}"]
+        argv += ["-drive", f"file={data_disk},if=none,id=lun{lun},format=qcow2,discard=unmap"]
+        argv += ["-device", f"virtio-blk-pci,drive=lun{lun},serial=lun{lun}"]
     if spec.seed_iso:
         argv += ["-drive", f"file={spec.seed_iso},if=virtio,format=raw,readonly=on"]
     argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"]
