@@ -55,7 +55,9 @@ class Vm:
 async def windows(tmp_path: Path) -> AsyncIterator[Vm]:
     creds = generate_winrm_credentials("kiln-build")
     pfx = base64.b64decode(creds.pfx.get_secret_value())
-    key, _, _ = pkcs12.load_key_and_certificates(pfx, creds.pfx_password.get_secret_value().encode())
+    key, _, _ = pkcs12.load_key_and_certificates(
+        pfx, creds.pfx_password.get_secret_value().encode()
+    )
     assert key is not None
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -136,7 +138,7 @@ async def test_elevated_and_system_jobs_run_as_their_principal(windows: Vm) -> N
 async def test_a_large_log_is_read_in_chunks_and_nothing_is_lost(windows: Vm) -> None:
     communicator = await windows.connect()
     line = "0123456789" * 10
-    await communicator.start_job("big", f"1..12000 | ForEach-Object {{ Write-Output \"$_ {line}\" }}")
+    await communicator.start_job("big", f'1..12000 | ForEach-Object {{ Write-Output "$_ {line}" }}')
     status, log = await until_ended(communicator, "big")
     expected = "".join(f"{n} {line}\r\n" for n in range(1, 12001)).encode()
     assert status.exit_code == 0 and log == expected

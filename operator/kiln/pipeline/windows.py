@@ -109,7 +109,7 @@ async def restart(
         boot = await communicator.boot_time()
     except CommunicatorError as error:
         await env.disconnect(ctx)
-        state.seen = f"WinRM did not answer ({error})"
+        state.seen = f"WinRM did not answer ({str(error)[:160]})"
         return _waiting(state, timeout, reason)
     if boot == state.boot_time:
         state.seen = "the VM still ran the boot from before the restart"

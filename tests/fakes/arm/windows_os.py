@@ -116,7 +116,7 @@ class FileSystem:
     """Paths are case-insensitive; `files` maps the given path to its bytes (or text)."""
 
     def __init__(self, user: str) -> None:
-        self.files: dict[str, bytes | str] = {}
+        self.files: dict[str, bytes | bytearray | str] = {}
         self.dirs: set[str] = {
             _norm(p)
             for p in (
@@ -146,7 +146,7 @@ class FileSystem:
         if key is None:
             raise FsError(f"Cannot find path '{path}' because it does not exist.")
         value = self.files[key]
-        return value.encode() if isinstance(value, str) else value
+        return value.encode() if isinstance(value, str) else bytes(value)
 
     def write(self, path: str, data: bytes) -> None:
         if not self.is_dir(_parent(path)):
@@ -156,7 +156,14 @@ class FileSystem:
         self.files[self._key(path) or path] = data
 
     def append(self, path: str, data: bytes) -> None:
-        self.write(path, (self.read(path) if self.is_file(path) else b"") + data)
+        key = self._key(path)
+        if key is None:
+            self.write(path, data)
+            return
+        value = self.files[key]
+        if not isinstance(value, bytearray):  # appended in place: logs grow line by line
+            value = self.files[key] = bytearray(value.encode() if isinstance(value, str) else value)
+        value.extend(data)
 
     def mkdir(self, path: str, force: bool = False) -> None:
         if self.is_file(path) or (self.is_dir(path) and not force):
@@ -539,6 +546,7 @@ class FakeWindowsGuest:
     )
     boots: int = 1
     tasks: dict[str, ScheduledTask] = field(default_factory=dict)
+    task_starts: list[str] = field(default_factory=list)  # every task start, for tests
     updates: WindowsUpdateAgent = field(default_factory=WindowsUpdateAgent)
     fs: FileSystem = field(init=False)
 
@@ -546,7 +554,7 @@ class FakeWindowsGuest:
         self.fs = FileSystem(self.vm.admin_username)
 
     @property
-    def files(self) -> dict[str, bytes | str]:
+    def files(self) -> dict[str, bytes | bytearray | str]:
         return self.fs.files
 
     @property
@@ -606,7 +614,7 @@ class FakeWindowsGuest:
         try:
             try:
                 await self._dispatch(text, low, out, ctx)
-            except (KeyError, AttributeError):
+            except (KeyError, AttributeError, TypeError):
                 raise FsError("You cannot call a method on a null-valued expression.") from None
         except FsError as error:
             if stop:
@@ -704,7 +712,7 @@ class FakeWindowsGuest:
             return _Stream(path)
         m = re.match(r"^new-object\s+byte\[\]\s+(\d+)$", raw, re.I)
         if m:
-            return int(m.group(1))
+            return bytes(int(m.group(1)))
         m = re.match(r"^\$(\w+)\.read\(\$(\w+),\s*0,\s*(\d+)\)$", raw, re.I)
         if m:
             stream: _Stream = ctx.variables[m.group(1).lower()]
@@ -850,6 +858,7 @@ class FakeWindowsGuest:
         if task.state == "Running":
             return  # MultipleInstances IgnoreNew: the running instance goes on
         task.state, task.runs = "Running", task.runs + 1
+        self.task_starts.append(task.name)
         task.task = asyncio.get_running_loop().create_task(self._run_task(task))
 
     async def _run_task(self, task: ScheduledTask) -> None:
@@ -909,6 +918,8 @@ class FakeWindowsGuest:
 
     async def _foreach(self, m: re.Match[str], out: Output, ctx: _Context) -> None:
         for number in range(int(m.group(1)), int(m.group(2)) + 1):
+            if number % 500 == 0:
+                await asyncio.sleep(0)  # a long loop must not stall the emulator
             ctx.variables["_"] = str(number)
             for statement in split_statements(m.group(3)):
                 await self._statement(statement, out, ctx)
