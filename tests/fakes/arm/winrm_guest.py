@@ -16,24 +16,11 @@ real protocols, enough for pypsrp's WSMan + WinRS + Process (and Client.execute_
 
 Commands: `powershell.exe [-NoProfile] [-NonInteractive] [-ExecutionPolicy X]
 -EncodedCommand <base64 UTF-16-LE>` (or `-Command ...`), `cmd.exe /c <command>` and plain
-commands. The script goes to the VM's FakeWindowsGuest (`backend.guest(vm_id)`), which
-records it in `guest.scripts` and interprets, statement by statement (lines or `;`):
-
-- `Write-Output 'x'`, `Write-Host "x"`, `echo x`: x on stdout (`$env:COMPUTERNAME` expands);
-  `Write-Error 'x'`: x on stderr; `exit N`: exit code N.
-- `$env:COMPUTERNAME`, `hostname`: the VM's computerName.
-- a statement running `Sysprep.exe` with `/generalize`: `guest.image_state` becomes
-  IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE (IMAGE_STATE_COMPLETE before); with `/shutdown`
-  the VM powers off once the command ends (listener stops, ARM power state stopped).
-- `(Get-ItemProperty HKLM:\\SOFTWARE\\...\\Setup\\State).ImageState`: the image state.
-- `$name = <that query | a value>` sets a variable; `$name` expands in later values.
-- `Test-Path <path>`: True when a test set `guest.files[path]`, else False.
-- `Start-Sleep [-Seconds] N` / `-Milliseconds N`: a real (async) sleep, so a client's
-  Receive sees a running command.
-- anything else: ignored (exit code 0).
-
+commands. The script goes to the VM's FakeWindowsGuest (`backend.guest(vm_id)`,
+fakes/arm/windows_os.py: its file system, scheduled tasks, restarts and Windows Update
+agent), which records it in `guest.scripts` and interprets it statement by statement.
 `guest.handler = fn(script) -> (stdout, stderr, exit_code) | None` takes over a script
-(None: interpret it as above).
+(None: interpret it).
 """
 
 from __future__ import annotations
