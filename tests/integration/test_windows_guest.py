@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import random
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,10 +15,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from azurehelpers import WINDOWS_SERVER_2022
 from fakes.arm import NoopVmBackend
 from fakes.arm.models import VmInfo, WinRmListener
 from fakes.arm.windows_os import FakeWindowsGuest
 from fakes.arm.winrm_guest import WindowsGuestBackend
+from kiln.api.run import Checkpoint, Endpoint, TemplateIdentity
+from kiln.api.template import ImageTemplateSpec
+from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators import winrm_jobs
 from kiln.communicators.ssh import JobNotFound, JobStatus
 from kiln.communicators.winrm import (
@@ -26,6 +31,11 @@ from kiln.communicators.winrm import (
     WinRmCredentials,
     generate_winrm_credentials,
 )
+from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.logs import COMBINED
+from kiln.pipeline.scripts import CustomizeStep
+from kiln.providers.base import RunContext
+from kubehelpers import valid_spec
 
 pytestmark = [
     pytest.mark.azure,
@@ -178,3 +188,103 @@ async def test_a_restart_drops_the_endpoint_kills_jobs_and_comes_back_with_a_new
     status, _ = await until_ended(communicator, "long")
     assert (status.running, status.exit_code) == (False, None), "the job died with the boot"
     await communicator.close()
+
+
+# --- the customize step on that VM, as the driver runs it, with "crashes" -------------------
+
+
+def run_context(vm: Vm, tmp_path: Path, steps: list[dict]) -> RunContext:
+    body = {**valid_spec(), "provider": "azure", "source": WINDOWS_SERVER_2022, "customize": steps}
+    template = TemplateIdentity(namespace="default", name="win", uid=str(uuid.uuid4()))
+    checkpoint = Checkpoint(template=template, os_type="Windows")
+    assert vm.vm.address
+    checkpoint.endpoint = Endpoint(host=vm.vm.address, port=5986, user=USER)
+    ctx = RunContext(
+        namespace="default",
+        run_name="win-1",
+        run_uid=str(uuid.uuid4()),
+        template=template,
+        spec=ImageTemplateSpec.model_validate(body),
+        checkpoint=checkpoint,
+        run_dir=tmp_path / "run",
+        key_namespace="kiln-system",
+        winrm=vm.creds,
+    )
+    ctx.run_dir.mkdir()
+    return ctx
+
+
+async def drive(ctx: RunContext, passes: int = 400, policy: TenancyPolicy | None = None) -> Outcome:
+    """Passes of the customize step until it ends (or its checkpoint shows `until`); each
+    pass starts from the persisted checkpoint with fresh connections, as after a crash."""
+    step = CustomizeStep()
+    for _ in range(passes):
+        env = StepEnv(provider=None, kube=None, policy=policy or TenancyPolicy())  # type: ignore[arg-type]
+        ctx.checkpoint = Checkpoint.model_validate(ctx.checkpoint.wire())  # what status holds
+        try:
+            outcome = await step.reconcile(ctx, env)
+        finally:
+            await env.disconnect(ctx)
+        if outcome.kind != "wait":
+            return outcome
+        await asyncio.sleep(min(outcome.delay, 0.3))
+    raise AssertionError("the step never ended")
+
+
+async def test_restarts_and_update_cycles_survive_a_crash_at_every_pass(
+    windows: Vm, tmp_path: Path
+) -> None:
+    ctx = run_context(
+        windows,
+        tmp_path,
+        [
+            {"type": "WindowsRestart", "restartCheckCommand": "Write-Output 'restarted.'"},
+            {"type": "WindowsUpdate", "updateLimit": 3},
+        ],
+    )
+    outcome = await drive(ctx)
+    assert outcome.kind == "done", outcome.message
+    assert windows.guest.boots == 3, "one WindowsRestart, one Windows Update restart"
+    assert windows.guest.task_starts == [f"kiln-customize-01-u0{n}" for n in (1, 2, 3)]
+    log = (ctx.run_dir / COMBINED).read_text()
+    assert "3 update(s) installed in 3 cycle(s); 1 failed; updateLimit 3 reached" in log
+    assert ctx.checkpoint.windows is None
+
+
+async def test_a_restart_that_never_comes_back_fails_with_what_was_seen(
+    windows: Vm, tmp_path: Path
+) -> None:
+    ctx = run_context(
+        windows,
+        tmp_path,
+        [
+            {
+                "type": "WindowsRestart",
+                "restartCommand": "Write-Output 'not restarting'",
+                "restartTimeout": "3s",
+            }
+        ],
+    )
+    outcome = await drive(ctx)
+    assert outcome.kind == "failed"
+    assert outcome.message.endswith(
+        "the VM did not come back from its restart within 3s: "
+        "the VM still ran the boot from before the restart"
+    )
+    assert windows.guest.boots == 1
+
+
+async def test_a_file_needs_its_directory_on_the_vm(windows: Vm, tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("x")
+    policy = TenancyPolicy.model_validate(
+        {"file_source_roots": [{"path": str(tmp_path), "directory": str(tmp_path)}]}
+    )
+    steps = [
+        {"type": "File", "sourceUri": f"file://{tmp_path}/x.txt", "destination": "C:\\nope\\x"}
+    ]
+    outcome = await drive(run_context(windows, tmp_path, steps), policy=policy)
+    assert outcome.kind == "failed"
+    assert outcome.message == (
+        "customize[0] File: the directory C:\\nope does not exist on the build VM; create it "
+        "in an earlier PowerShell step"
+    )

@@ -273,7 +273,7 @@ def decide_after_cycle(
     if report.reboot:
         return UpdateDecision(action="restart")
     if not report.selected or progress.installed >= limit:
-        limit_reached = progress.installed >= limit and bool(report.selected)
+        limit_reached = progress.installed >= limit
         failed = f"; {len(progress.failed)} failed" if progress.failed else ""
         return UpdateDecision(
             action="done",
