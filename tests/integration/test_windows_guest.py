@@ -38,6 +38,7 @@ from kiln.providers.base import RunContext
 from kubehelpers import valid_spec
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.azure,
     pytest.mark.windows,
     pytest.mark.timeout(120),
