@@ -234,6 +234,8 @@ def test_a_template_with_every_windows_step_builds_a_managed_and_a_gallery_image
     guest = guest_of(arm, body)
     assert guest.fs.read("C:\\kiln-test\\payload.txt") == payload
     assert guest.boots == 4, "WindowsRestart once, WindowsUpdate twice"
+    cycles = [f"kiln-customize-04-u0{n}" for n in range(1, 5)]
+    assert [t for t in guest.task_starts if "-u0" in t] == cycles, "no cycle skipped or repeated"
     agent = {u.kb: u for u in guest.updates.updates}
     assert all(agent[kb].installed for kb in ("KB5044414", "KB5044281", "KB5044035", "KB890830"))
     assert not agent["KB5044288"].installs, "the Preview filter excluded it"

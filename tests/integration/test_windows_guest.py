@@ -10,6 +10,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -35,6 +36,7 @@ from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.scripts import CustomizeStep
 from kiln.providers.base import RunContext
+from kiln.reconcile.runs import merge_patch
 from kubehelpers import valid_spec
 
 pytestmark = [
@@ -215,13 +217,28 @@ def run_context(vm: Vm, tmp_path: Path, steps: list[dict]) -> RunContext:
     return ctx
 
 
+def applied(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies a status patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = applied(result.get(key), value)
+    return result
+
+
 async def drive(ctx: RunContext, passes: int = 400, policy: TenancyPolicy | None = None) -> Outcome:
     """Passes of the customize step until it ends (or its checkpoint shows `until`); each
     pass starts from the persisted checkpoint with fresh connections, as after a crash."""
     step = CustomizeStep()
+    stored: dict = {}
     for _ in range(passes):
         env = StepEnv(provider=None, kube=None, policy=policy or TenancyPolicy())  # type: ignore[arg-type]
-        ctx.checkpoint = Checkpoint.model_validate(ctx.checkpoint.wire())  # what status holds
+        stored = applied(stored, merge_patch(stored, ctx.checkpoint.wire()))  # a status patch
+        ctx.checkpoint = Checkpoint.model_validate(stored)
         try:
             outcome = await step.reconcile(ctx, env)
         finally:
