@@ -514,6 +514,16 @@ def split_statements(script: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
+def _block_end(statements: list[str], index: int) -> int:
+    """The index after the `}` closing the block opened just before statements[index]."""
+    depth = 1
+    while index < len(statements) and depth:
+        text = statements[index]
+        depth += text.count("{") - text.count("}")
+        index += 1
+    return index
+
+
 @dataclass
 class _Stream:
     """A .NET FileStream opened by [IO.File]::Open."""
@@ -585,7 +595,15 @@ class FakeWindowsGuest:
     async def _script(self, script: str, out: Output, ctx: _Context) -> None:
         if re.search(r"-comobject\s+'?microsoft\.update\.session", script, re.I):
             raise ScriptExit(await self.updates.run(script, out))
-        for statement in split_statements(script):
+        statements = split_statements(script)
+        index = 0
+        while index < len(statements):
+            statement = statements[index]
+            index += 1
+            m = re.match(r"^if\s*\(\s*(test-path\b.*)\)\s*\{$", statement, re.I)
+            if m and self._test_path(m.group(1)[len("test-path") :], ctx) == "False":
+                index = _block_end(statements, index)  # the branch not taken
+                continue
             await self._statement(statement, out, ctx)
 
     async def _call(self, m: re.Match[str], out: Output, ctx: _Context) -> None:
@@ -736,6 +754,7 @@ class FakeWindowsGuest:
         if len(raw) >= 2 and raw[0] == raw[-1] == '"':
             raw = raw[1:-1]
         raw = re.sub(r"\$env:computername", self.computer_name, raw, flags=re.I)
+        raw = re.sub(r"\$env:(systemroot|windir)", r"C:\\Windows", raw, flags=re.I)
         return re.sub(
             r"\$(\w+)", lambda m: str(ctx.variables.get(m.group(1).lower(), m.group(0))), raw
         )
