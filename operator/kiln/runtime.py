@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kiln.api.template import Provider
-from kiln.kube import Kube, template_runs
+from kiln.kube import TEMPLATES, Kube, template_runs
 from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import BuildProvider, ProviderError
 from kiln.providers.local.provider import LocalProvider
@@ -32,6 +33,9 @@ class Runtime:
         # kopf's runs_by_template index, (namespace, template) -> slim run views; set by the
         # run daemon (kopf hands indices to handlers), None until then.
         self.runs_index: Mapping[tuple[str, str], Iterable[dict[str, Any]]] | None = None
+        # kopf's templates_by_name index, (namespace, name) -> the template's metadata and
+        # spec: queued runs decide from it (and runs_index) without asking the API server.
+        self.templates_index: Mapping[tuple[str, str], Iterable[dict[str, Any]]] | None = None
 
     def provider(self, name: str) -> BuildProvider:
         try:
@@ -49,6 +53,13 @@ class Runtime:
         return await template_runs(
             self.kube, {"metadata": {"namespace": namespace, "name": template}}
         )
+
+    async def template_of(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A template as the watch last saw it: from the index (no API call), else a GET."""
+        if self.templates_index is None:
+            return await self.kube.get(TEMPLATES, namespace, name)
+        found = list(self.templates_index.get((namespace, name), []))
+        return copy.deepcopy(found[0]) if found else None
 
     async def close(self) -> None:
         for provider in self.providers.values():

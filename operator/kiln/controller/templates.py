@@ -19,6 +19,11 @@ from kiln.runtime import Runtime
 DELETE_WAIT = timedelta(minutes=20)
 
 
+@kopf.index(GROUP, VERSION, TEMPLATES)
+def templates_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(body.metadata.namespace, body.metadata.name): decide.index_entry(dict(body))}
+
+
 @kopf.on.resume(GROUP, VERSION, TEMPLATES)
 @kopf.on.create(GROUP, VERSION, TEMPLATES)
 @kopf.on.update(GROUP, VERSION, TEMPLATES)
