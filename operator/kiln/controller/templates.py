@@ -36,7 +36,7 @@ async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     elif decide.auto_run_enabled(spec):
         manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
         await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
-    await refresh_template(runtime, body.metadata.namespace, body.metadata.name)
+    await refresh_template(runtime, body.metadata.namespace, body.metadata.name, dict(body))
 
 
 @kopf.on.delete(GROUP, VERSION, TEMPLATES)

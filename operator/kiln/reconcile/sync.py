@@ -35,8 +35,13 @@ def staging_of(runtime: Runtime, body: dict[str, Any]) -> str | None:
         return None
 
 
-async def refresh_template(runtime: Runtime, namespace: str, name: str) -> None:
-    body = await runtime.kube.get(TEMPLATES, namespace, name)
+async def refresh_template(
+    runtime: Runtime, namespace: str, name: str, body: dict[str, Any] | None = None
+) -> None:
+    """Write the template's status; body is the template as a handler was just given it
+    (else it is read: after a run changed, the template as it is now)."""
+    if body is None:
+        body = await runtime.kube.get(TEMPLATES, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     runs = await template_runs(runtime.kube, body)
