@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -73,33 +72,9 @@ def payload(kiln_operator: Any) -> Path:
     return path
 
 
-# A data disk (LUN 0) partitioned, formatted and written by a customizer; the VM's shape
-# checked against vmProfile.vmSize Standard_B2s (2 vCPUs, 4 GiB; the default is 1 GiB).
-DATA_DISK_STEP = [
-    "d=/dev/disk/by-id/virtio-lun0",
-    "test -b $d",
-    "echo 'start=2048, type=83' | sudo sfdisk -q $d",
-    "sudo udevadm settle",
-    "sudo mkfs.ext4 -q $d-part1",
-    "sudo mkdir -p /mnt/data && sudo mount $d-part1 /mnt/data",
-    "echo kiln-data | sudo tee /mnt/data/marker",
-    "sudo umount /mnt/data",
-    "echo vm-shape $(nproc) $(awk '/MemTotal/ {print $2}' /proc/meminfo)",
-]
-WORKLOAD_SCRIPT = "#!/bin/sh -e\necho workload-optimized | sudo tee /etc/kiln-workload\n"
-
-
 @pytest.fixture(scope="module")
-def workload(kiln_operator: Any) -> Path:
-    path = kiln_operator.file_root / "workload.sh"
-    path.write_text(WORKLOAD_SCRIPT)
-    return path
-
-
-@pytest.fixture(scope="module")
-def base_build(kiln: Kiln, payload: Path, workload: Path) -> dict:
-    """The first template, built by autoRun: Shell, File, validation, three targets, a
-    data disk, a VM size and a workload optimization."""
+def base_build(kiln: Kiln, payload: Path) -> dict:
+    """The first template, built by autoRun: Shell, File, validation, three targets."""
     checksum = hashlib.sha256(payload.read_bytes()).hexdigest()
     manifest = template(
         "base",
@@ -116,17 +91,7 @@ def base_build(kiln: Kiln, payload: Path, workload: Path) -> dict:
                 "destination": "/tmp/payload.txt",
             },
             {"type": "Shell", "inline": ["sudo mv /tmp/payload.txt /etc/kiln-payload"]},
-            {"type": "Shell", "name": "data-disk", "inline": DATA_DISK_STEP},
         ],
-        additionalDataDisks=[{"sizeGB": 1}],
-        vmProfile={"vmSize": "Standard_B2s"},
-        optimize={
-            "workload": {
-                "state": "Enabled",
-                "scriptUri": workload.as_uri(),
-                "sha256Checksum": hashlib.sha256(workload.read_bytes()).hexdigest(),
-            }
-        },
         validate={
             "inVMValidations": [{"type": "Shell", "inline": ["grep -qx kiln-e2e /etc/kiln-marker"]}]
         },
@@ -208,12 +173,7 @@ async def test_the_built_image_boots_with_the_customization(
     path = Path(outputs[artifact]["artifactUri"].removeprefix("file://"))
     disk = path / "disk.qcow2" if path.is_dir() else path
     if path.is_dir():
-        assert sorted(p.name for p in path.iterdir() if p.is_file()) == [
-            "datadisk-0.qcow2",
-            "datadisk-0.vhd",
-            "disk.qcow2",
-            "image.json",
-        ]
+        assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["disk.qcow2", "image.json"]
     with vmboot.booted(disk, tmp_path, "kiln-check", generation=generation) as vm:
         comm = await vm.connect(timeout=vmboot.BOOT_TIMEOUT)
         try:
@@ -227,47 +187,6 @@ async def test_the_built_image_boots_with_the_customization(
     assert lines[1] == payload.read_text().strip()
     assert "no such user" in lines[2]  # deprovisioning removed the build user
     assert "No such file" in lines[3]  # ... and Kiln's job files
-
-
-def test_the_build_vm_had_the_size_and_the_data_disk(base_build: dict) -> None:
-    """Standard_B2s: 2 vCPUs and 4 GiB (the guest sees a little less); the workload
-    script ran after the customizers."""
-    log = Path(base_build["status"]["checkpoint"]["logPath"]).read_text()
-    shape = next(line.split() for line in log.splitlines() if line.startswith("vm-shape "))
-    assert shape[1] == "2" and int(shape[2]) > 3_500_000, shape
-    vm_step = step(base_build, "vm")
-    assert "Standard_B2s: 2 vCPU(s), 4096 MiB" in vm_step["message"]
-    assert log.index("Shell 'data-disk'") < log.index("Shell 'optimize.workload'")
-    assert "workload-optimized" in log
-
-
-def test_the_gallery_version_holds_the_data_disk(base_build: dict, tmp_path: Path) -> None:
-    """qcow2 + fixed VHD with their sha256, and the file the customizer wrote on it."""
-    outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
-    version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
-    manifest = json.loads((version_dir / "image.json").read_text())
-    [disk] = manifest["data_disks"]
-    qcow2, vhd = version_dir / disk["qcow2"], version_dir / disk["vhd"]
-    assert (disk["lun"], qcow2.name, vhd.name) == (0, "datadisk-0.qcow2", "datadisk-0.vhd")
-    assert sha256_file(qcow2) == disk["qcow2_sha256"]
-    assert sha256_file(vhd) == disk["vhd_sha256"]
-    assert check_fixed_vhd(vhd).current_size == 1 << 30
-    for replica in version_dir.glob("replicas/*/*"):
-        assert (replica / qcow2.name).samefile(qcow2)
-    table = json.loads(
-        subprocess.run(
-            ["sfdisk", "--json", str(vhd)], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
-    )
-    offset = table["partitiontable"]["partitions"][0]["start"] * 512
-    marker = subprocess.run(
-        ["debugfs", "-R", "cat /marker", f"{vhd}?offset={offset}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert marker.stdout == "kiln-data\n"
 
 
 def test_kiln_logs_prints_the_customization_log(base_build: dict, kiln_operator: Any) -> None:

@@ -2,24 +2,27 @@
 
 Scripts run as detached jobs, so a long script survives an operator restart; each pass
 starts the current job (a no-op if it is started already), reads its new log lines and
-moves on when it has an exit code. The index of the current step is checkpointed.
+moves on when it has an exit code. The index of the current step is checkpointed, and
+so is a Windows step's progress (restarts, update cycles: pipeline/windows.py).
 """
 
 from __future__ import annotations
 
 from kiln import reasons
 from kiln.api.run import RunSubState
-from kiln.api.template import FileStep, ShellStep, State
+from kiln.api.template import FileStep, PowerShellStep, ShellStep, State
 from kiln.customizers.linux import shell_script
 from kiln.customizers.sources import FetchError, TokenSource, fetch, redact
 from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.jobs import run_job
 from kiln.pipeline.logs import RunLogs
+from kiln.pipeline.windows import WindowsStep, run_windows_step
 from kiln.providers.base import ProviderError, RunContext
 
-POLL_SECONDS = 3.0
+AnyStep = ShellStep | WindowsStep
 
 
-def _title(phase: str, index: int, step: ShellStep | FileStep) -> str:
+def _title(phase: str, index: int, step: AnyStep) -> str:
     label = f" {step.name!r}" if step.name else ""
     return f"{phase}[{index}] {step.type}{label}"
 
@@ -45,7 +48,7 @@ class ScriptPhase:
     sub_state: RunSubState
     failure_reason: str
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         raise NotImplementedError
 
     def applies(self, ctx: RunContext) -> bool:
@@ -69,6 +72,7 @@ class ScriptPhase:
                     outcome.message = f"{title}: {outcome.message}"
                 return outcome
             done[self.name] = index + 1
+            ctx.checkpoint.windows = None
         return Outcome.done(f"{len(steps)} step(s) succeeded")
 
     async def _run_step(
@@ -77,9 +81,11 @@ class ScriptPhase:
         env: StepEnv,
         logs: RunLogs,
         job_id: str,
-        step: ShellStep | FileStep,
+        step: AnyStep,
     ) -> Outcome | None:
         """None when the step finished well; otherwise what to tell the driver."""
+        if ctx.windows and not isinstance(step, ShellStep):
+            return await run_windows_step(ctx, env, logs, job_id, step, self.failure_reason)
         communicator = await env.communicator(ctx)
         token = storage_token(ctx, env)
         if isinstance(step, FileStep):
@@ -89,24 +95,10 @@ class ScriptPhase:
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
-        await communicator.start_job(job_id, await shell_script(step, env.policy, token))
-        status = await communicator.poll_job(job_id, await logs.aoffset(job_id))
-        await logs.aappend(job_id, status.new_log)
-        if status.running:
-            return Outcome.wait(f"running {job_id}", delay=POLL_SECONDS)
-        if status.exit_code == 0:
-            return None
-        code = (
-            "no exit code (the script was killed)"
-            if status.exit_code is None
-            else (f"exit code {status.exit_code}")
-        )
-        return Outcome.failed(
-            f"failed with {code}",
-            self.failure_reason,
-            exit_code=status.exit_code,
-            log_tail=await logs.atail(job_id),
-        )
+        if not isinstance(step, ShellStep):  # the provider refuses these on Linux VMs
+            return Outcome.failed(f"{step.type} needs a Windows build VM", self.failure_reason)
+        script = await shell_script(step, env.policy, token)
+        return await run_job(communicator, logs, job_id, script, self.failure_reason)
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """Jobs live on the build VM and go with it."""
@@ -117,27 +109,28 @@ class CustomizeStep(ScriptPhase):
     sub_state = RunSubState.Customizing
     failure_reason = reasons.CUSTOMIZER_FAILED
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         validate = ctx.spec.validate_
         if validate and validate.source_validation_only:
             return []
-        steps = [s for s in ctx.spec.customize or [] if isinstance(s, ShellStep | FileStep)]
-        return steps + workload_steps(ctx)
+        return [*(ctx.spec.customize or []), *workload_steps(ctx)]
 
 
-def workload_steps(ctx: RunContext) -> list[ShellStep | FileStep]:
+def workload_steps(ctx: RunContext) -> list[AnyStep]:
     """optimize.workload: AIB runs its script on the customized image; here it is the
-    last customization, with its checksum checked like any scriptUri."""
+    last customization (PowerShell, elevated, on Windows), its checksum checked like any
+    scriptUri."""
     workload = ctx.spec.optimize.workload if ctx.spec.optimize else None
     if workload is None or workload.state != State.Enabled or not workload.script_uri:
         return []
-    step = ShellStep(
-        type="Shell",
-        name="optimize.workload",
-        script_uri=workload.script_uri,
-        sha256_checksum=workload.sha256_checksum,
-    )
-    return [step]
+    fields = {
+        "name": "optimize.workload",
+        "script_uri": workload.script_uri,
+        "sha256_checksum": workload.sha256_checksum,
+    }
+    if ctx.windows:
+        return [PowerShellStep(type="PowerShell", run_elevated=True, **fields)]
+    return [ShellStep(type="Shell", **fields)]
 
 
 class ValidateStep(ScriptPhase):
@@ -145,7 +138,6 @@ class ValidateStep(ScriptPhase):
     sub_state = RunSubState.Validating
     failure_reason = reasons.VALIDATION_FAILED
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         validate = ctx.spec.validate_
-        steps = (validate.in_vm_validations if validate else None) or []
-        return [s for s in steps if isinstance(s, ShellStep | FileStep)]
+        return list((validate.in_vm_validations if validate else None) or [])
