@@ -20,21 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.capabilities import Provider, capabilities
+from kiln.api.distribution import PlannedTarget, TargetKind
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     FileStep,
     ImageTemplateSpec,
-    ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
     PowerShellStep,
-    SharedImageDistributor,
     ShellStep,
-    VhdDistributor,
     WindowsRestartStep,
     WindowsUpdateStep,
 )
@@ -52,9 +50,10 @@ from kiln.providers.azure.clients import (
     tenant_of,
     transport_options,
 )
+from kiln.providers.azure.errors import classify
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
-from kiln.versions import VersioningError, next_version, version_key
+from kiln.versions import version_key
 
 WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
 BUILD_USER = "packer"
@@ -826,36 +825,51 @@ class AzureProvider:
 
     # --- distribution ----------------------------------------------------------------------
 
-    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
-        target = ctx.spec.distribute[index]
+    async def gallery_versions(self, ctx: RunContext, target: PlannedTarget) -> list[str]:
+        assert target.gallery_image_id is not None
         clients = await self.clients(ctx.spec, ctx.template.namespace)
-        operations = ctx.checkpoint.azure.operations
-        key = f"distribute-{index}"
-        tags = dict(target.artifact_tags or {})
-        if isinstance(target, ManagedImageDistributor):
-            _, group, parts = parse_id(target.image_id)
-            await self._replace_managed_image(ctx, clients, group, parts[-1], index)
-            body = {
-                "location": target.location,
-                "tags": tags,
-                "properties": {
-                    "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
-                    "hyperVGeneration": _generation(ctx),
-                },
-            }
-            await ops.ensure_all(
-                operations,
-                {
-                    key: lambda **kw: clients.compute.images.begin_create_or_update(
-                        group, parts[-1], body, **kw
-                    )
-                },
-                f"creating managed image {parts[-1]}",
-            )
-            return _output(target.run_output_name, target.image_id)
-        if isinstance(target, SharedImageDistributor):
-            return await self._distribute_shared(ctx, clients, target, index)
-        return await self._distribute_vhd(ctx, clients, target, index)
+        _, group, parts = parse_id(target.gallery_image_id)
+        versions = clients.compute.gallery_image_versions.list_by_gallery_image(
+            group, parts[1], parts[3]
+        )
+        try:
+            return [v.name async for v in versions]
+        except AzureError as error:
+            raise classify(error) from error
+
+    async def distribute(self, ctx: RunContext, target: PlannedTarget) -> RunOutput:
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
+        if target.type == TargetKind.ManagedImage:
+            return await self._distribute_managed(ctx, clients, target)
+        if target.type == TargetKind.SharedImage:
+            return await self._distribute_shared(ctx, clients, target)
+        return await self._distribute_vhd(ctx, clients, target)
+
+    async def _distribute_managed(
+        self, ctx: RunContext, clients: AzureClients, target: PlannedTarget
+    ) -> RunOutput:
+        assert target.artifact_id is not None
+        _, group, parts = parse_id(target.artifact_id)
+        await self._replace_managed_image(ctx, clients, group, parts[-1], target.index)
+        body = {
+            "location": target.location,
+            "tags": target.tags,
+            "properties": {
+                "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
+                "hyperVGeneration": _generation(ctx),
+            },
+        }
+        images = clients.compute.images
+        await ops.ensure_all(
+            ctx.checkpoint.azure.operations,
+            {
+                f"distribute-{target.index}": lambda **kw: images.begin_create_or_update(
+                    group, parts[-1], body, **kw
+                )
+            },
+            f"creating managed image {parts[-1]}",
+        )
+        return _output(target.run_output_name, target.artifact_id)
 
     async def _replace_managed_image(
         self, ctx: RunContext, clients: AzureClients, group: str, name: str, index: int
@@ -879,46 +893,29 @@ class AzureProvider:
         )
 
     async def _distribute_shared(
-        self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
+        self, ctx: RunContext, clients: AzureClients, target: PlannedTarget
     ) -> RunOutput:
+        """The version number comes from the plan, saved before this PUT: a run resumed
+        after a crash publishes that version, never a second one."""
+        assert target.gallery_image_id is not None and target.version is not None
         _, group, parts = parse_id(target.gallery_image_id)
-        gallery, definition = parts[1], parts[3]
-        decided = ctx.checkpoint.azure.gallery_versions
-        version = decided.get(str(index))
-        if version is None:  # decided once, saved before the PUT: a resumed run publishes it
-            decided[str(index)] = (
-                parts[5]
-                if len(parts) > 5
-                else await self._next_version(ctx, clients, group, gallery, definition, target)
-            )
-            raise ops.Pending(f"recording gallery version {decided[str(index)]}", retry_after=0)
-        regions = [
-            {
-                "name": r.name,
-                "regionalReplicaCount": r.replica_count or 1,
-                "storageAccountType": r.storage_account_type or "Standard_LRS",
-            }
-            for r in target.target_regions or []
-        ]
-        regions += [
-            {
-                "name": name,
-                "regionalReplicaCount": 1,
-                "storageAccountType": target.storage_account_type or "Standard_LRS",
-            }
-            for name in target.replication_regions or []
-        ]
-        if not any(r["name"] == ctx.spec.location for r in regions):
-            regions.append({"name": ctx.spec.location, "regionalReplicaCount": 1})
+        gallery, definition, version = parts[1], parts[3], target.version
         profile: dict[str, Any] = {
-            "targetRegions": regions,
-            "excludeFromLatest": bool(target.exclude_from_latest),
+            "targetRegions": [
+                {
+                    "name": r.name,
+                    "regionalReplicaCount": r.replica_count,
+                    "storageAccountType": r.storage_account_type,
+                }
+                for r in target.regions
+            ],
+            "excludeFromLatest": target.exclude_from_latest,
         }
         if target.replication_mode:
             profile["replicationMode"] = target.replication_mode
         body = {
-            "location": ctx.spec.location,
-            "tags": dict(target.artifact_tags or {}),
+            "location": target.location,
+            "tags": target.tags,
             "properties": {
                 "publishingProfile": profile,
                 "storageProfile": {"source": {"id": ctx.checkpoint.azure.vm_id}},
@@ -928,53 +925,30 @@ class AzureProvider:
         await ops.ensure_all(
             ctx.checkpoint.azure.operations,
             {
-                f"distribute-{index}": lambda **kw: versions.begin_create_or_update(
+                f"distribute-{target.index}": lambda **kw: versions.begin_create_or_update(
                     group, gallery, definition, version, body, **kw
                 )
             },
             f"publishing {definition} {version}",
         )
-        definition_id = target.gallery_image_id.split("/versions/")[0]
-        return _output(target.run_output_name, f"{definition_id}/versions/{version}")
-
-    async def _next_version(
-        self,
-        ctx: RunContext,
-        clients: AzureClients,
-        group: str,
-        gallery: str,
-        definition: str,
-        target: SharedImageDistributor,
-    ) -> str:
-        versions = clients.compute.gallery_image_versions
-        existing = [
-            v.name async for v in versions.list_by_gallery_image(group, gallery, definition)
-        ]
-        try:
-            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
-        except VersioningError as error:
-            raise ProviderError(str(error)) from error
+        return _output(target.run_output_name, target.artifact_id or "")
 
     async def _distribute_vhd(
-        self, ctx: RunContext, clients: AzureClients, target: VhdDistributor, index: int
+        self, ctx: RunContext, clients: AzureClients, target: PlannedTarget
     ) -> RunOutput:
         """Read access to the OS disk, a sparse page-blob copy, access revoked."""
         group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
-        copied = ctx.checkpoint.azure.copied_vhds
-        if str(index) not in copied:
-            poller = await ops.call(
-                clients.compute.disks.begin_grant_access(
-                    group, disk, {"access": "Read", "durationInSeconds": 3600}
-                )
+        poller = await ops.call(
+            clients.compute.disks.begin_grant_access(
+                group, disk, {"access": "Read", "durationInSeconds": 3600}
             )
-            access = await ops.call(poller.result())
-            try:
-                destination = await self._copy_pages(ctx, access.access_sas, target)
-            finally:
-                revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
-                await ops.call(revoke.result())
-            copied[str(index)] = destination
-        destination = copied[str(index)]
+        )
+        access = await ops.call(poller.result())
+        try:
+            destination = await self._copy_pages(ctx, access.access_sas, target)
+        finally:
+            revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
+            await ops.call(revoke.result())
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=destination,
@@ -982,16 +956,17 @@ class AzureProvider:
             provisioning_state="Succeeded",
         )
 
-    async def _copy_pages(self, ctx: RunContext, source_sas: str, target: VhdDistributor) -> str:
+    async def _copy_pages(self, ctx: RunContext, source_sas: str, target: PlannedTarget) -> str:
         options = transport_options(self.settings)
         source = BlobClient.from_blob_url(source_sas, **options)
-        if target.uri:  # a SAS in the URI, else the operator's own identity
+        uri = ctx.spec.distribute[target.index].uri if target.artifact_id else None
+        if uri:  # a SAS in the URI (never in the plan), else the operator's own identity
             credential = (
                 None
-                if "?" in target.uri
+                if "?" in uri
                 else (await self.clients(ctx.spec, ctx.template.namespace)).credential
             )
-            destination = BlobClient.from_blob_url(target.uri, credential=credential, **options)
+            destination = BlobClient.from_blob_url(uri, credential=credential, **options)
         else:
             service = await self._staging_blobs(ctx)
             container = service.get_container_client(VHD_CONTAINER)
