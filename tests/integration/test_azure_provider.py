@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import time
 import uuid
@@ -27,7 +26,9 @@ from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from fakes.azurite import Azurite
+from kiln import distribution
 from kiln.api.run import Checkpoint
+from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators import winrm
@@ -39,7 +40,7 @@ from kiln.communicators.winrm import (
 )
 from kiln.naming import BUILD_COMPUTER_NAME
 from kiln.pipeline.base import StepEnv
-from kiln.pipeline.image import DeprovisionStep
+from kiln.pipeline.image import DeprovisionStep, DistributeStep
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import ConnectStep
 from kiln.providers.azure import operations
@@ -120,6 +121,20 @@ async def until_done(action: Callable[[], Awaitable[T]], limit: int = 200) -> T:
     raise AssertionError("the step never finished")
 
 
+async def distributed(
+    provider: AzureProvider, ctx: RunContext, limit: int = 200
+) -> list[RunOutput]:
+    """The distribute step's passes until it ends, as the driver runs them; the outputs."""
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    for _ in range(limit):
+        outcome = await DistributeStep().reconcile(ctx, env)
+        if outcome.kind != "wait":
+            assert ctx.checkpoint.distribution is not None
+            return distribution.run_outputs(ctx.checkpoint.distribution)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the distribute step never finished")
+
+
 @pytest.fixture
 async def provider(arm: ArmEmulator, tmp_path: Path) -> AsyncIterator[AzureProvider]:
     azure = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
@@ -176,7 +191,8 @@ async def test_a_build_leaves_only_staging_and_outputs(
     rule = nsg.security_rules[0]
     assert (rule.source_address_prefix, rule.destination_port_range) == ("203.0.113.0/24", "22")
     assert await until_done(lambda: provider.stop_vm(ctx))
-    outputs = [await until_done(lambda i=i: provider.distribute(ctx, i)) for i in range(2)]
+    outputs = await distributed(provider, ctx)
+    assert [o.provisioning_state for o in outputs] == ["Succeeded", "Succeeded"]
     assert outputs[0].artifact_id == image_id
     assert outputs[1].artifact_id == f"{definition_id}/versions/1.0.0"
     version = arm.client(ComputeManagementClient).gallery_image_versions.get(
@@ -207,29 +223,32 @@ async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_f
     second.template = first.template  # two runs of one template
     second.checkpoint.template = first.template
     versions = arm.client(ComputeManagementClient).gallery_image_versions
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    step = DistributeStep()
     for ctx in (first, second):
         await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
         await provider.resolve_source(ctx)
         await until_done(lambda ctx=ctx: provider.create_vm(ctx))
         assert await until_done(lambda ctx=ctx: provider.stop_vm(ctx))
-        # the managed image exists after the first build: the second overwrites it (AIB)
-        await until_done(lambda ctx=ctx: provider.distribute(ctx, 0), limit=100)
-        image = arm.client(ComputeManagementClient).images.get("again", "base")
-        assert image.source_virtual_machine.id.lower() == ctx.checkpoint.azure.vm_id.lower()
-        # the gallery version is decided and saved (a pass ends) before anything is PUT
         existing = {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")}
-        with pytest.raises(ProviderError, match="recording gallery version"):
-            await provider.distribute(ctx, 1)
-        decided = ctx.checkpoint.azure.gallery_versions["1"]
-        assert decided not in existing
+        # pass 1 plans, pass 2 decides the version number: each pass ends persisted, and
+        # nothing is published before the number is saved
+        assert (await step.reconcile(ctx, env)).message.startswith("planned the distribution")
+        decided_pass = await step.reconcile(ctx, env)
+        assert decided_pass.kind == "wait" and "decided gallery version" in decided_pass.message
+        assert ctx.checkpoint.distribution is not None
+        decided = ctx.checkpoint.distribution.targets[1].version
+        assert decided is not None and decided not in existing
         assert {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")} == (
             existing
         )
-        with contextlib.suppress(ProviderError):
-            await provider.distribute(ctx, 1)  # the PUT goes out
+        await step.reconcile(ctx, env)  # the PUTs go out
         ctx.checkpoint.azure.operations.pop("distribute-1", None)  # crash before the token
-        output = await until_done(lambda ctx=ctx: provider.distribute(ctx, 1))
-        assert output.artifact_id.endswith(f"/versions/{decided}")
+        outputs = await distributed(provider, ctx)
+        # the managed image exists after the first build: the second overwrites it (AIB)
+        image = arm.client(ComputeManagementClient).images.get("again", "base")
+        assert image.source_virtual_machine.id.lower() == ctx.checkpoint.azure.vm_id.lower()
+        assert outputs[1].artifact_id.endswith(f"/versions/{decided}")
     names = sorted(v.name for v in versions.list_by_gallery_image("again", "kiln", "base"))
     assert names == ["1.0.0", "1.0.1"]  # one version per run, never a second one
     for ctx in (first, second):
@@ -560,7 +579,7 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     assert (await DeprovisionStep().reconcile(ctx, env)).kind == "done"
     assert not any("Sysprep.exe" in script for script in guest.scripts[scripts:])
     assert await provider.stop_vm(ctx)
-    assert (await until_done(lambda: provider.distribute(ctx, 0))).artifact_id == ids["image"]
+    assert (await distributed(provider, ctx))[0].artifact_id == ids["image"]
     await provider.delete_vm(ctx)
     assert arm.deleted_vaults() == []
     # The image built here runs Windows: a template built on it is a Windows build again.
