@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,14 +21,14 @@ import yaml
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from fakes.azurite import Azurite
 from kiln import distribution
-from kiln.api.run import Checkpoint
+from kiln.api.run import Checkpoint, RunState
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.api.tenancy import TenancyPolicy
@@ -43,9 +44,10 @@ from kiln.pipeline.base import StepEnv
 from kiln.pipeline.image import DeprovisionStep, DistributeStep
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import ConnectStep
-from kiln.providers.azure import operations
+from kiln.providers.azure import operations, vhdcopy
 from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
+from kiln.reconcile.runs import final_state
 from kiln.settings import OperatorSettings
 from kubehelpers import valid_spec
 
@@ -604,3 +606,171 @@ async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
     assert "running C:\\DeprovisioningScript.ps1" in (ctx.run_dir / "customization.log").read_text()
     await provider.delete_vm(ctx)
     await provider.close()
+
+
+# --- distribution: partial failures and resumed VHD copies ------------------------------
+
+DISK_MIB = 16
+
+
+class DiskBackend(NoopVmBackend):
+    """VMs only in ARM's books whose OS disks export as a sparse fixed-size VHD: data in
+    the first, third and last 4 MiB pages (the emulator serves it at the access SAS)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def disk_vhd(self, disk_id: str) -> Path:
+        path = self.directory / f"{uuid.uuid5(uuid.NAMESPACE_URL, disk_id.lower())}.vhd"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as handle:
+                handle.truncate(DISK_MIB * 1024 * 1024 + 512)
+                for page in (0, 2, DISK_MIB // 4 - 1):
+                    handle.seek(page * 4 * 1024 * 1024 + 4096)
+                    handle.write(f"page {page} of {disk_id}".encode() * 100)
+                handle.seek(DISK_MIB * 1024 * 1024)
+                handle.write(b"conectix".ljust(512, b"\0"))
+        return path
+
+
+@pytest.fixture
+def blob_arm(
+    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ArmEmulator]:
+    with ArmEmulator(
+        lro_duration=0.1,
+        retry_after=0.05,
+        blob_endpoint=azurite.blob_endpoint,
+        storage_account_key=azurite.account_key,
+        backend=DiskBackend(tmp_path / "disks"),
+    ) as emulator:
+        for name, value in emulator.environment().items():
+            if name.startswith("AZURE_"):
+                monkeypatch.setenv(name, value)
+        yield emulator
+
+
+async def built(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> tuple[AzureProvider, RunContext]:
+    """A provider and a run whose build VM is generalized: ready to distribute."""
+    provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+    ctx = context(arm, tmp_path, **spec)
+    await until_done(lambda: provider.ensure_staging(ctx))
+    await provider.resolve_source(ctx)
+    await until_done(lambda: provider.create_vm(ctx))
+    assert await until_done(lambda: provider.stop_vm(ctx))
+    return provider, ctx
+
+
+def os_disk_id(provider: AzureProvider, ctx: RunContext) -> str:
+    disk = provider._names(ctx)["osdisk"]
+    return f"{provider.staging_id(ctx.template, ctx.spec)}/providers/Microsoft.Compute/disks/{disk}"
+
+
+def expired_sas_uri(azurite: Azurite, container: str, blob: str) -> str:
+    """A blob URL whose SAS expired an hour ago (Azurite checks it as Azure does)."""
+    service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+    if not service.get_container_client(container).exists():
+        service.create_container(container)
+    sas = generate_blob_sas(
+        azurite.account_name,
+        container,
+        blob,
+        account_key=azurite.account_key,
+        permission=BlobSasPermissions(read=True, create=True, write=True),
+        expiry=datetime.now(UTC) - timedelta(hours=1),
+    )
+    return f"{azurite.blob_endpoint.rstrip('/')}/{container}/{blob}?{sas}"
+
+
+async def test_a_failing_target_leaves_the_others_published(
+    blob_arm: ArmEmulator, azurite: Azurite, tmp_path: Path
+) -> None:
+    """Every target is tried: a VHD whose SAS expired fails alone, with Azure Storage's
+    code; the managed image, the gallery version and the staging VHD are published and
+    the run ends PartiallySucceeded."""
+    arm = blob_arm
+    ids = create_gallery(arm, "partial", "kiln", "base", LOCATION)
+    expired = expired_sas_uri(azurite, "team", "os.vhd")
+    provider, ctx = await built(
+        arm,
+        tmp_path,
+        distribute=[
+            {"type": "ManagedImage", "runOutputName": "img", "imageId": ids["image"]}
+            | {"location": LOCATION},
+            {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": ids["gallery"]},
+            {"type": "VHD", "runOutputName": "vhd"},
+            {"type": "VHD", "runOutputName": "expired", "uri": expired},
+        ],
+    )
+    try:
+        outputs = {o.run_output_name: o for o in await distributed(provider, ctx)}
+        assert ctx.checkpoint.distribution is not None
+        targets = {t.run_output_name: t for t in ctx.checkpoint.distribution.targets}
+        assert [t.state for t in targets.values()] == ["Succeeded"] * 3 + ["Failed"]
+        assert targets["expired"].error_code == "AuthenticationFailed"
+        assert "writing the VHD blob failed" in (targets["expired"].message or "")
+        assert "sig=" not in ctx.checkpoint.model_dump_json()  # no SAS in the checkpoint
+        state, reason, message = final_state(ctx.checkpoint)
+        assert (state, reason) == (RunState.PartiallySucceeded, "PartiallySucceeded")
+        assert "3 of 4 outputs distributed" in message and "expired:" in message
+        compute = arm.client(ComputeManagementClient)
+        assert compute.gallery_image_versions.get("partial", "kiln", "base", "0.0.1")
+        assert compute.images.get("partial", "base").id == ids["image"]
+        blob = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+        vhd = blob.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
+        disk = await arm.backend.disk_vhd(os_disk_id(provider, ctx))
+        assert outputs["vhd"].artifact_id == vhd.url
+        assert vhd.get_blob_properties().size == disk.stat().st_size
+    finally:
+        await provider.delete_vm(ctx)
+        await provider.close()
+
+
+async def test_a_vhd_copy_resumes_where_it_stopped(
+    blob_arm: ArmEmulator, azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page a slice: the copy's progress is saved after each; a busy server, an
+    expired SAS and an operator restart are all resumed from there, not from the start."""
+    arm = blob_arm
+    monkeypatch.setattr(vhdcopy, "SLICE_SECONDS", 0.0)  # one 4 MiB page per pass
+    provider, ctx = await built(arm, tmp_path, distribute=[{"type": "VHD", "runOutputName": "vhd"}])
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    step = DistributeStep()
+    try:
+        assert (await step.reconcile(ctx, env)).message.startswith("planned")
+        first = await step.reconcile(ctx, env)
+        assert "recording the VHD copy" in first.message  # the copy id saved first
+        copy_id = ctx.checkpoint.azure.vhd_copies["0"].copy_id
+        copied = await step.reconcile(ctx, env)
+        assert "copying the OS disk" in copied.message
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 4 * 1024 * 1024
+        arm.fail_disk_reads(503, times=3)  # azure-core retries twice, then Kiln does
+        busy = await step.reconcile(ctx, env)
+        assert busy.reason == "RetryingServerBusy" and "ServerBusy" in busy.message
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 4 * 1024 * 1024
+        arm.fail_disk_reads(403)  # the SAS expired between two reads: a new grant goes on
+        expired = await step.reconcile(ctx, env)
+        assert expired.reason == "RetryingAuthenticationFailed"
+        await step.reconcile(ctx, env)
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 8 * 1024 * 1024
+        # the operator restarts: a new provider reads the checkpoint back from status
+        await provider.close()
+        provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+        env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+        ctx.checkpoint = Checkpoint.model_validate(ctx.checkpoint.wire())
+        [output] = await distributed(provider, ctx)
+        assert output.provisioning_state == "Succeeded"
+        reads = [r for m, r, status in arm.disk_reads.log if m == "GET" and status == 206]
+        offsets = [int((r or "=0-").split("=", 1)[1].split("-", 1)[0]) for r in reads]
+        assert sorted(offsets) == [p * 4 * 1024 * 1024 for p in range(DISK_MIB // 4 + 1)]
+        assert len(offsets) == len(set(offsets))  # no page was read twice: never restarted
+        service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+        blob = service.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
+        assert blob.get_blob_properties().metadata[vhdcopy.COPY_ID] == copy_id
+        disk = await arm.backend.disk_vhd(os_disk_id(provider, ctx))
+        assert blob.download_blob().readall() == disk.read_bytes()
+        assert ctx.checkpoint.distribution.targets[0].retries == 0  # reset by the success
+    finally:
+        await provider.delete_vm(ctx)
+        await provider.close()

@@ -139,6 +139,16 @@ class LocalCheckpoint(KubeModel):
     disk_sha256: str | None = _f("SHA-256 of the captured disk.")
 
 
+class VhdCopy(KubeModel):
+    """A VHD target's page copy of the OS disk: its id (in the blob's metadata) is saved
+    before the blob is created, and how far it got after every slice, so a retried or
+    resumed copy goes on from there."""
+
+    copy_id: str = Field(description="Marks the destination blob this copy created.")
+    size: int | None = _f("The disk's size in bytes.")
+    offset: int = _f("Bytes copied so far.", 0)
+
+
 class AzureCheckpoint(KubeModel):
     """What the azure provider needs to resume: operation tokens and decided names."""
 
@@ -148,6 +158,7 @@ class AzureCheckpoint(KubeModel):
     vm_id: str | None = _f("The build VM's resource ID.")
     winrm_certificate_url: str | None = _f("Key Vault secret URL of the WinRM certificate.")
     generalized: bool = _f("The build VM was deallocated and generalized.", False)
+    vhd_copies: dict[str, VhdCopy] = _map("distribute index -> its VHD copy.")
 
 
 class Checkpoint(KubeModel):

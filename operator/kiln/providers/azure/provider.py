@@ -16,6 +16,7 @@ import asyncio
 import base64
 import hashlib
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.capabilities import Provider, capabilities
 from kiln.api.distribution import PlannedTarget, TargetKind
+from kiln.api.run import VhdCopy
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     FileStep,
@@ -42,6 +44,7 @@ from kiln.kube import Kube
 from kiln.naming import BUILD_COMPUTER_NAME, staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
+from kiln.providers.azure import vhdcopy
 from kiln.providers.azure.clients import (
     AzureClients,
     IdentityRef,
@@ -62,7 +65,6 @@ VAULT_TYPE = "Microsoft.KeyVault/vaults"
 WINRM_SECRET = "winrm-certificate"
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
-PAGE = 4 * 1024 * 1024
 APPEND_BLOCK = 4 * 1024 * 1024  # the largest block an append blob takes
 ROLE_TAG, TEMPLATE_TAG, RUN_TAG = "kiln-role", "kiln-template-uid", "kiln-run-uid"
 _ARM_ID = re.compile(
@@ -936,52 +938,59 @@ class AzureProvider:
     async def _distribute_vhd(
         self, ctx: RunContext, clients: AzureClients, target: PlannedTarget
     ) -> RunOutput:
-        """Read access to the OS disk, a sparse page-blob copy, access revoked."""
+        """Read access to the OS disk, one slice of the page copy, access revoked; the
+        copy's id is saved before its blob is created and its progress after each slice."""
+        copies = ctx.checkpoint.azure.vhd_copies
+        state = copies.get(str(target.index))
+        if state is None:
+            copies[str(target.index)] = VhdCopy(copy_id=uuid.uuid4().hex)
+            raise ops.Pending("recording the VHD copy before it starts", retry_after=0)
         group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
+        destination = await self._vhd_blob(ctx, target)
         poller = await ops.call(
             clients.compute.disks.begin_grant_access(
                 group, disk, {"access": "Read", "durationInSeconds": 3600}
             )
         )
         access = await ops.call(poller.result())
+        source = BlobClient.from_blob_url(access.access_sas, **transport_options(self.settings))
         try:
-            destination = await self._copy_pages(ctx, access.access_sas, target)
+            async with source, destination:
+                done = await vhdcopy.copy_slice(source, destination, state)
         finally:
             revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
             await ops.call(revoke.result())
+        url = destination.url.split("?", 1)[0]
+        if not done:
+            share = state.offset * 100 // (state.size or 1)
+            raise ops.Pending(f"copying the OS disk to {url}: {share}%", retry_after=0)
         return RunOutput(
             run_output_name=target.run_output_name,
-            artifact_id=destination,
-            artifact_uri=destination,
+            artifact_id=url,
+            artifact_uri=url,
             provisioning_state="Succeeded",
         )
 
-    async def _copy_pages(self, ctx: RunContext, source_sas: str, target: PlannedTarget) -> str:
+    async def _vhd_blob(self, ctx: RunContext, target: PlannedTarget) -> BlobClient:
+        """The target's uri (a SAS in it, else the template's identity), or the staging
+        account's vhds container."""
         options = transport_options(self.settings)
-        source = BlobClient.from_blob_url(source_sas, **options)
         uri = ctx.spec.distribute[target.index].uri if target.artifact_id else None
-        if uri:  # a SAS in the URI (never in the plan), else the operator's own identity
+        if uri:  # the SAS is read from the spec, never kept in the plan
             credential = (
                 None
                 if "?" in uri
                 else (await self.clients(ctx.spec, ctx.template.namespace)).credential
             )
-            destination = BlobClient.from_blob_url(uri, credential=credential, **options)
-        else:
-            service = await self._staging_blobs(ctx)
-            container = service.get_container_client(VHD_CONTAINER)
+            return BlobClient.from_blob_url(uri, credential=credential, **options)
+        service = await self._staging_blobs(ctx)
+        container = service.get_container_client(VHD_CONTAINER)
+        try:
             if not await container.exists():
                 await container.create_container()
-            destination = container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd")
-        async with source, destination:
-            size = (await source.get_blob_properties()).size
-            await destination.create_page_blob(size)
-            for offset in range(0, size, PAGE):
-                length = min(PAGE, size - offset)
-                chunk = await (await source.download_blob(offset=offset, length=length)).readall()
-                if chunk.count(0) != len(chunk):  # page blobs are sparse: skip zeros
-                    await destination.upload_page(chunk, offset=offset, length=length)
-            return destination.url.split("?", 1)[0]
+        except AzureError as error:
+            raise classify(error) from error
+        return container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd")
 
 
 def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
