@@ -708,7 +708,8 @@ async def test_a_failing_target_leaves_the_others_published(
         assert ctx.checkpoint.distribution is not None
         targets = {t.run_output_name: t for t in ctx.checkpoint.distribution.targets}
         assert [t.state for t in targets.values()] == ["Succeeded"] * 3 + ["Failed"]
-        assert targets["expired"].error_code == "AuthenticationFailed"
+        # Azure answers an expired SAS AuthenticationFailed; Azurite AuthorizationFailure
+        assert targets["expired"].error_code in ("AuthenticationFailed", "AuthorizationFailure")
         assert "writing the VHD blob failed" in (targets["expired"].message or "")
         assert "sig=" not in ctx.checkpoint.model_dump_json()  # no SAS in the checkpoint
         state, reason, message = final_state(ctx.checkpoint)

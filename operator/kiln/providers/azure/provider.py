@@ -947,19 +947,20 @@ class AzureProvider:
             raise ops.Pending("recording the VHD copy before it starts", retry_after=0)
         group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
         destination = await self._vhd_blob(ctx, target)
-        poller = await ops.call(
-            clients.compute.disks.begin_grant_access(
-                group, disk, {"access": "Read", "durationInSeconds": 3600}
+        async with destination:
+            poller = await ops.call(
+                clients.compute.disks.begin_grant_access(
+                    group, disk, {"access": "Read", "durationInSeconds": 3600}
+                )
             )
-        )
-        access = await ops.call(poller.result())
-        source = BlobClient.from_blob_url(access.access_sas, **transport_options(self.settings))
-        try:
-            async with source, destination:
-                done = await vhdcopy.copy_slice(source, destination, state)
-        finally:
-            revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
-            await ops.call(revoke.result())
+            access = await ops.call(poller.result())
+            options = transport_options(self.settings)
+            try:
+                async with BlobClient.from_blob_url(access.access_sas, **options) as source:
+                    done = await vhdcopy.copy_slice(source, destination, state)
+            finally:
+                revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
+                await ops.call(revoke.result())
         url = destination.url.split("?", 1)[0]
         if not done:
             share = state.offset * 100 // (state.size or 1)
@@ -984,13 +985,16 @@ class AzureProvider:
             )
             return BlobClient.from_blob_url(uri, credential=credential, **options)
         service = await self._staging_blobs(ctx)
-        container = service.get_container_client(VHD_CONTAINER)
-        try:
-            if not await container.exists():
-                await container.create_container()
-        except AzureError as error:
-            raise classify(error) from error
-        return container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd")
+        async with service:
+            container = service.get_container_client(VHD_CONTAINER)
+            try:
+                if not await container.exists():
+                    await container.create_container()
+            except AzureError as error:
+                raise classify(error) from error
+            url = container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd").url
+        _, key = self._account_keys[storage_account_name(ctx.template.uid)]
+        return BlobClient.from_blob_url(url, credential=key, **options)
 
 
 def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
