@@ -12,6 +12,7 @@ from kiln.pipeline.logs import RunLogs
 from kiln.providers.base import ProviderError, RunContext
 
 DEPROVISION_JOB = "deprovision"
+Waiting = tuple[PlannedTarget, ProviderError]  # a target still under way, and why
 
 
 def builds_image(ctx: RunContext) -> bool:
@@ -135,7 +136,7 @@ class DistributeStep:
         plan = checkpoint.distribution
         pending = [t for t in plan.targets if not t.done]
         undecided = [t for t in pending if t.needs_version]
-        waits: list[ProviderError] = []
+        waits: list[Waiting] = []
         for target in undecided:
             try:
                 existing = await env.provider.gallery_versions(ctx, target)
@@ -168,28 +169,29 @@ class DistributeStep:
         """Outputs are the point of the run; they stay."""
 
 
-def _target_error(target: PlannedTarget, error: ProviderError, waits: list[ProviderError]) -> None:
+def _target_error(target: PlannedTarget, error: ProviderError, waits: list[Waiting]) -> None:
     """A fatal error ends the target; a retryable one is counted against the target's
     budget; an operation still running is plain waiting."""
     if error.fatal:
         distribution.record_failure(target, str(error), error.code)
     elif error.retry_kind is None:
-        waits.append(error)
+        waits.append((target, error))
     elif distribution.record_retry(target, str(error), error.code):
         metrics.reconcile_error(error.retry_kind)
-        waits.append(error)
+        waits.append((target, error))
 
 
-def _waiting(waits: list[ProviderError]) -> Outcome | None:
+def _waiting(waits: list[Waiting]) -> Outcome | None:
     """Come back for the targets still under way; a retry names its code in the reason."""
     if not waits:
         return None
-    retry = next((e for e in waits if e.retry_kind is not None), None)
-    delay = min(e.retry_after for e in waits)
-    if retry is not None and retry.code:
-        return Outcome.wait(
-            f"retrying in {retry.retry_after:.0f}s: {retry}",
-            delay=delay,
-            reason=reasons.retry_reason(retry.code),
-        )
-    return Outcome.wait(str(waits[0]), delay=delay)
+    delay = min(error.retry_after for _, error in waits)
+    for target, error in waits:
+        if error.retry_kind is not None and error.code:
+            return Outcome.wait(
+                f"{target.path} ({target.run_output_name}): retry {target.retries} of "
+                f"{distribution.MAX_TARGET_RETRIES} in {error.retry_after:.0f}s: {error}",
+                delay=delay,
+                reason=reasons.retry_reason(error.code),
+            )
+    return Outcome.wait(str(waits[0][1]), delay=delay)
