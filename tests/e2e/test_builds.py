@@ -148,7 +148,12 @@ def test_outputs_are_complete_images(base_build: dict) -> None:
     outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
     version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
     replicas = sorted(p.relative_to(version_dir) for p in version_dir.glob("replicas/*/*"))
-    assert replicas == [Path("replicas/east/0"), Path("replicas/east/1"), Path("replicas/west/0")]
+    assert replicas == [  # targetRegions, and the version's own location (as in Azure)
+        Path("replicas/east/0"),
+        Path("replicas/east/1"),
+        Path("replicas/local/0"),
+        Path("replicas/west/0"),
+    ]
     vhd = Path(outputs["vhd"]["artifactUri"].removeprefix("file://"))
     footer = check_fixed_vhd(vhd)
     assert footer.current_size % (1 << 20) == 0
