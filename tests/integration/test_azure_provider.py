@@ -662,9 +662,10 @@ async def built(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> tuple[AzurePro
     return provider, ctx
 
 
-def os_disk_id(provider: AzureProvider, ctx: RunContext) -> str:
-    disk = provider._names(ctx)["osdisk"]
-    return f"{provider.staging_id(ctx.template, ctx.spec)}/providers/Microsoft.Compute/disks/{disk}"
+def os_disk_id(arm: ArmEmulator, provider: AzureProvider, ctx: RunContext) -> str:
+    group = provider.staging_group(ctx.template, ctx.spec)
+    [disk] = [i.id for i in arm.inventory(group) if i.type == "Microsoft.Compute/disks"]
+    return disk
 
 
 def expired_sas_uri(azurite: Azurite, container: str, blob: str) -> str:
@@ -720,7 +721,7 @@ async def test_a_failing_target_leaves_the_others_published(
         assert compute.images.get("partial", "base").id == ids["image"]
         blob = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
         vhd = blob.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
-        disk = await arm.backend.disk_vhd(os_disk_id(provider, ctx))
+        disk = await arm.backend.disk_vhd(os_disk_id(arm, provider, ctx))
         assert outputs["vhd"].artifact_id == vhd.url
         assert vhd.get_blob_properties().size == disk.stat().st_size
     finally:
@@ -769,7 +770,7 @@ async def test_a_vhd_copy_resumes_where_it_stopped(
         service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
         blob = service.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
         assert blob.get_blob_properties().metadata[vhdcopy.COPY_ID] == copy_id
-        disk = await arm.backend.disk_vhd(os_disk_id(provider, ctx))
+        disk = await arm.backend.disk_vhd(os_disk_id(arm, provider, ctx))
         assert blob.download_blob().readall() == disk.read_bytes()
         assert ctx.checkpoint.distribution.targets[0].retries == 0  # reset by the success
     finally:
