@@ -195,8 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kiln.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except SettingsError as error:
+        print(f"kiln {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

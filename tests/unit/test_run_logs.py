@@ -126,3 +126,58 @@ def test_tail_replaces_undecodable_bytes(logs: RunLogs) -> None:
     logs.start("job-1", "one")
     logs.append("job-1", b"ok\n\xff\xfe bad\n")
     assert logs.tail("job-1") == ["ok", "\ufffd\ufffd bad"]
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> RunLogs:
+    return RunLogs(tmp_path / "capped", head_bytes=100, tail_bytes=50)
+
+
+def numbered(first: int, last: int) -> bytes:
+    """Lines of 10 bytes each: l00000012 and a newline."""
+    return b"".join(f"l{i:08d}\n".encode() for i in range(first, last))
+
+
+def test_the_cap_keeps_head_and_tail_and_says_what_it_dropped(capped: RunLogs) -> None:
+    capped.start("job-1", "loud")
+    output = numbered(0, 1000)  # 10,000 bytes, in polls of uneven size
+    for start in range(0, len(output), 777):
+        capped.append("job-1", output[start : start + 777])
+    assert capped.offset("job-1") == len(output)  # the next poll reads on from the end
+    capped.start("job-2", "next")  # the job before is flushed first
+    text = combined(capped)
+    assert text.startswith(b"==> loud\n" + output[:100])
+    assert (
+        text.split(b"\n")[11] == b"[kiln: 9850 bytes of this step's output were dropped here; "
+        b"the log keeps the first 100 and the last 50 bytes of each step]"
+    )
+    assert text.endswith(b"]\n" + output[-50:] + b"==> next\n")
+    assert capped.tail("job-1", 2) == ["l00000998", "l00000999"]
+
+
+def test_the_capped_job_stores_only_head_and_two_tail_segments(capped: RunLogs) -> None:
+    capped.start("job-1", "loud")
+    for _ in range(100):
+        capped.append("job-1", b"x" * 33)
+    stored = sorted(p.name for p in capped.directory.iterdir() if p.name.startswith("job-1"))
+    assert stored == ["job-1.log", "job-1.tail-3200.log", "job-1.tail-3250.log"]
+    assert capped.job_path("job-1").stat().st_size == 100
+    assert capped.offset("job-1") == 3300
+
+
+def test_the_run_end_flushes_a_capped_job_once(capped: RunLogs, tmp_path: Path) -> None:
+    capped.start("job-1", "loud")
+    capped.append("job-1", numbered(0, 30))
+    capped.flush_all()
+    again = RunLogs(tmp_path / "capped", head_bytes=100, tail_bytes=50)
+    again.flush_all()  # a restarted operator ends the run again: nothing is repeated
+    text = combined(capped)
+    assert text.count(b"[kiln: 150 bytes") == 1
+    assert text.endswith(numbered(25, 30))
+
+
+def test_output_under_the_cap_is_whole(capped: RunLogs) -> None:
+    capped.start("job-1", "quiet")
+    capped.append("job-1", numbered(0, 10))
+    capped.flush_all()
+    assert combined(capped) == b"==> quiet\n" + numbered(0, 10)

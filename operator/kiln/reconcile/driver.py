@@ -35,7 +35,7 @@ from kiln.kube import RUNS, TEMPLATES, refusal
 from kiln.naming import run_secret_name
 from kiln.pipeline import STEPS, STEPS_BY_NAME, CleanupStep, delete_all, pass_deadline
 from kiln.pipeline.base import Outcome, StepEnv
-from kiln.pipeline.logs import COMBINED
+from kiln.pipeline.logs import COMBINED, RunLogs
 from kiln.pipeline.machine import decode_keys
 from kiln.providers.base import ProviderError, RunContext
 from kiln.reconcile import runs as decide
@@ -624,7 +624,7 @@ class RunDriver:
         }
         if ctx is not None:
             patch |= {"checkpoint": ctx.checkpoint.wire(), **_outputs(ctx)}
-            await self._publish_logs(ctx)
+            await self._publish_logs(ctx, final=True)
         await self.write(run, patch)
         if self.env is not None and ctx is not None:
             await self.env.disconnect(ctx)
@@ -661,10 +661,13 @@ class RunDriver:
         self._log_published = (time.monotonic(), size)
         await self._publish_logs(ctx)
 
-    async def _publish_logs(self, ctx: RunContext) -> None:
-        """Best effort: a log that could not be uploaded must not change how the run ended."""
+    async def _publish_logs(self, ctx: RunContext, final: bool = False) -> None:
+        """Best effort: a log that could not be uploaded must not change how the run ended.
+        The final upload first brings every step's kept tail into the log (the cap)."""
         assert self.env is not None
         try:
+            if final:
+                await RunLogs(ctx.run_dir).aflush_all()
             await asyncio.wait_for(self.env.provider.publish_logs(ctx), 120)
         except Exception:
             log.warning(
