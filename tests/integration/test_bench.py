@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import packer
+from bench import packer, queue
 from bench.report import Figure, Goal, percentile
 from kiln.api.template import ImageTemplateSpec, PlatformImageSource
 from kiln.providers.local import baseimage, disks, qemu
@@ -49,6 +49,16 @@ def test_figure_line_has_the_ratio_last() -> None:
         "goal ratio <= 0.8 missed by 0.03 (4% over)"
     )
     assert percentile([float(i) for i in range(1, 1001)], 0.99) == 990.0
+
+
+def test_queued_runs_wait_both_for_a_template_and_for_a_slot() -> None:
+    holders, waiting = queue.plan(2, 6)
+    assert holders == ["bench-queue-hold-0", "bench-queue-hold-1"]
+    templates = [template for _, template in waiting]
+    assert templates[0::2] == [holders[0], holders[1], holders[0]]  # behind a building run
+    own = templates[1::2]  # admitted at once, then waiting for one of the 2 slots
+    assert len(set(own)) == 3 and not set(own) & set(holders)
+    assert len({name for name, _ in waiting}) == 6
 
 
 def test_packer_peer_boots_what_kiln_boots(tmp_path: Path) -> None:

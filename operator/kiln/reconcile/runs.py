@@ -256,7 +256,8 @@ def runs_to_prune(
 
 
 def index_entry(run: Body) -> Body:
-    """What admission, pruning and triggers need of a run (the kopf index keeps this)."""
+    """What admission, pruning, triggers and a template's status need of a run (the kopf
+    index keeps this)."""
     meta, status = run["metadata"], run.get("status") or {}
     return {
         "metadata": {
@@ -267,7 +268,10 @@ def index_entry(run: Body) -> Body:
         "spec": {"cancel": bool((run.get("spec") or {}).get("cancel"))},
         "status": {
             "runState": status.get("runState"),
+            "runSubState": status.get("runSubState"),
+            "message": status.get("message"),
             "endTime": status.get("endTime"),
             "templateSnapshot": bool(status.get("templateSnapshot")) or None,
+            "runOutputs": status.get("runOutputs"),
         },
     }
