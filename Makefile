@@ -11,7 +11,7 @@ STATE := .kiln
 export KUBECONFIG := $(CURDIR)/$(STATE)/kubeconfig
 
 .PHONY: setup system python images crds cluster-up cluster-down demo demo-down test \
-	unit integration e2e e2e-slow lint bench bench-quick bench-setup
+	unit integration e2e e2e-slow windows lint bench bench-quick bench-setup
 
 setup: system python images
 
@@ -58,6 +58,9 @@ e2e: setup
 
 e2e-slow: setup
 	@bash scripts/run-tests.sh -m slow
+
+windows: setup
+	@bash scripts/run-tests.sh -m windows
 
 lint: python
 	@$(VENV)/bin/ruff check operator devtools tests bench

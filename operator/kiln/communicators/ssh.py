@@ -56,6 +56,7 @@ class JobStatus(BaseModel):
     exit_code: int | None
     new_log: bytes
     next_offset: int
+    more: bool = False  # a full chunk was read: poll again at once
 
 
 class CommunicatorError(RuntimeError):
@@ -155,11 +156,16 @@ def _parse_poll(output: bytes, offset: int) -> JobStatus:
         running, exit_code = False, None
     else:
         raise CommunicatorError(f"unexpected job status line {header[:200]!r}")
-    if len(new_log) >= MAX_LOG_CHUNK:
+    more = len(new_log) >= MAX_LOG_CHUNK
+    if more:
         running = True  # more log to read: the job's end is reported with its last chunk
         exit_code = None
     return JobStatus(
-        running=running, exit_code=exit_code, new_log=new_log, next_offset=offset + len(new_log)
+        running=running,
+        exit_code=exit_code,
+        new_log=new_log,
+        next_offset=offset + len(new_log),
+        more=more,
     )
 
 

@@ -95,6 +95,11 @@ class RunDriver:
 
     async def write(self, run: Body, status: Body) -> None:
         status["observedGeneration"] = run["metadata"].get("generation")
+        if "checkpoint" in status:  # what the checkpoint dropped must go from status too
+            checkpoint = status["checkpoint"]
+            status["checkpoint"] = decide.merge_patch(_status(run).get("checkpoint"), checkpoint)
+            if isinstance(run.get("status"), dict):
+                run["status"]["checkpoint"] = checkpoint  # what the next write compares with
         await self.kube.patch_status(RUNS, self.namespace, self.name, status)
 
     def _halted(self, uid: str) -> bool:

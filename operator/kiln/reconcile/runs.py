@@ -275,3 +275,14 @@ def index_entry(run: Body) -> Body:
             "runOutputs": status.get("runOutputs"),
         },
     }
+
+
+def merge_patch(stored: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386, what a status patch is) that turns stored into new:
+    a field or map key that new lacks is sent as null, else the API server keeps the old
+    one, and a checkpoint reloaded after a restart would bring it back."""
+    if not isinstance(stored, dict) or not isinstance(new, dict):
+        return new
+    patch = {key: merge_patch(stored.get(key), value) for key, value in new.items()}
+    patch.update({key: None for key in stored if key not in new})
+    return patch
