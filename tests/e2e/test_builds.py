@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -72,9 +73,33 @@ def payload(kiln_operator: Any) -> Path:
     return path
 
 
+# A data disk (LUN 0) partitioned, formatted and written by a customizer; the VM's shape
+# checked against vmProfile.vmSize Standard_B2s (2 vCPUs, 4 GiB; the default is 1 GiB).
+DATA_DISK_STEP = [
+    "d=/dev/disk/by-id/virtio-lun0",
+    "test -b $d",
+    "echo 'start=2048, type=83' | sudo sfdisk -q $d",
+    "sudo udevadm settle",
+    "sudo mkfs.ext4 -q $d-part1",
+    "sudo mkdir -p /mnt/data && sudo mount $d-part1 /mnt/data",
+    "echo kiln-data | sudo tee /mnt/data/marker",
+    "sudo umount /mnt/data",
+    "echo vm-shape $(nproc) $(awk '/MemTotal/ {print $2}' /proc/meminfo)",
+]
+WORKLOAD_SCRIPT = "#!/bin/sh -e\necho workload-optimized | sudo tee /etc/kiln-workload\n"
+
+
 @pytest.fixture(scope="module")
-def base_build(kiln: Kiln, payload: Path) -> dict:
-    """The first template, built by autoRun: Shell, File, validation, three targets."""
+def workload(kiln_operator: Any) -> Path:
+    path = kiln_operator.file_root / "workload.sh"
+    path.write_text(WORKLOAD_SCRIPT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_build(kiln: Kiln, payload: Path, workload: Path) -> dict:
+    """The first template, built by autoRun: Shell, File, validation, three targets, a
+    data disk, a VM size and a workload optimization."""
     checksum = hashlib.sha256(payload.read_bytes()).hexdigest()
     manifest = template(
         "base",
@@ -91,7 +116,17 @@ def base_build(kiln: Kiln, payload: Path) -> dict:
                 "destination": "/tmp/payload.txt",
             },
             {"type": "Shell", "inline": ["sudo mv /tmp/payload.txt /etc/kiln-payload"]},
+            {"type": "Shell", "name": "data-disk", "inline": DATA_DISK_STEP},
         ],
+        additionalDataDisks=[{"sizeGB": 1}],
+        vmProfile={"vmSize": "Standard_B2s"},
+        optimize={
+            "workload": {
+                "state": "Enabled",
+                "scriptUri": workload.as_uri(),
+                "sha256Checksum": hashlib.sha256(workload.read_bytes()).hexdigest(),
+            }
+        },
         validate={
             "inVMValidations": [{"type": "Shell", "inline": ["grep -qx kiln-e2e /etc/kiln-marker"]}]
         },
@@ -148,7 +183,12 @@ def test_outputs_are_complete_images(base_build: dict) -> None:
     outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
     version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
     replicas = sorted(p.relative_to(version_dir) for p in version_dir.glob("replicas/*/*"))
-    assert replicas == [Path("replicas/east/0"), Path("replicas/east/1"), Path("replicas/west/0")]
+    assert replicas == [  # targetRegions, and the version's own location (as in Azure)
+        Path("replicas/east/0"),
+        Path("replicas/east/1"),
+        Path("replicas/local/0"),
+        Path("replicas/west/0"),
+    ]
     vhd = Path(outputs["vhd"]["artifactUri"].removeprefix("file://"))
     footer = check_fixed_vhd(vhd)
     assert footer.current_size % (1 << 20) == 0
@@ -173,7 +213,12 @@ async def test_the_built_image_boots_with_the_customization(
     path = Path(outputs[artifact]["artifactUri"].removeprefix("file://"))
     disk = path / "disk.qcow2" if path.is_dir() else path
     if path.is_dir():
-        assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["disk.qcow2", "image.json"]
+        assert sorted(p.name for p in path.iterdir() if p.is_file()) == [
+            "datadisk-0.qcow2",
+            "datadisk-0.vhd",
+            "disk.qcow2",
+            "image.json",
+        ]
     with vmboot.booted(disk, tmp_path, "kiln-check", generation=generation) as vm:
         comm = await vm.connect(timeout=vmboot.BOOT_TIMEOUT)
         try:
@@ -187,6 +232,47 @@ async def test_the_built_image_boots_with_the_customization(
     assert lines[1] == payload.read_text().strip()
     assert "no such user" in lines[2]  # deprovisioning removed the build user
     assert "No such file" in lines[3]  # ... and Kiln's job files
+
+
+def test_the_build_vm_had_the_size_and_the_data_disk(base_build: dict) -> None:
+    """Standard_B2s: 2 vCPUs and 4 GiB (the guest sees a little less); the workload
+    script ran after the customizers."""
+    log = Path(base_build["status"]["checkpoint"]["logPath"]).read_text()
+    shape = next(line.split() for line in log.splitlines() if line.startswith("vm-shape "))
+    assert shape[1] == "2" and int(shape[2]) > 3_500_000, shape
+    vm_step = step(base_build, "vm")
+    assert "Standard_B2s: 2 vCPU(s), 4096 MiB" in vm_step["message"]
+    assert log.index("Shell 'data-disk'") < log.index("Shell 'optimize.workload'")
+    assert "workload-optimized" in log
+
+
+def test_the_gallery_version_holds_the_data_disk(base_build: dict, tmp_path: Path) -> None:
+    """qcow2 + fixed VHD with their sha256, and the file the customizer wrote on it."""
+    outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
+    version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
+    manifest = json.loads((version_dir / "image.json").read_text())
+    [disk] = manifest["data_disks"]
+    qcow2, vhd = version_dir / disk["qcow2"], version_dir / disk["vhd"]
+    assert (disk["lun"], qcow2.name, vhd.name) == (0, "datadisk-0.qcow2", "datadisk-0.vhd")
+    assert sha256_file(qcow2) == disk["qcow2_sha256"]
+    assert sha256_file(vhd) == disk["vhd_sha256"]
+    assert check_fixed_vhd(vhd).current_size == 1 << 30
+    for replica in version_dir.glob("replicas/*/*"):
+        assert (replica / qcow2.name).samefile(qcow2)
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", str(vhd)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    )
+    offset = table["partitiontable"]["partitions"][0]["start"] * 512
+    marker = subprocess.run(
+        ["debugfs", "-R", "cat /marker", f"{vhd}?offset={offset}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert marker.stdout == "kiln-data\n"
 
 
 def test_kiln_logs_prints_the_customization_log(base_build: dict, kiln_operator: Any) -> None:
@@ -227,6 +313,46 @@ def test_a_chained_build_starts_from_the_gallery_output(kiln: Kiln, base_build: 
     body = wait_ended(kiln, "chained-1")
     assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
     assert body["status"]["exactSource"] == f"{GALLERY_IMAGE}/versions/2.0.0"
+
+
+def test_a_target_that_fails_leaves_the_others_published(kiln: Kiln, kiln_operator: Any) -> None:
+    """Every target is tried: a VHD whose destination cannot be written (its directory is
+    a file) fails alone, the gallery version is published, the run PartiallySucceeded."""
+    vhds = kiln_operator.data_dir / "gallery" / "vhds"
+    vhds.mkdir(parents=True, exist_ok=True)
+    (vhds / "blocker").write_text("a file where the VHD's directory would be\n")
+    definition = f"{SUB}/providers/Microsoft.Compute/galleries/g/images/partial"
+    kiln.create(
+        "imagetemplates",
+        template(
+            "partial",
+            customize=[],
+            distribute=[
+                {"type": "SharedImage", "runOutputName": "gallery", "galleryImageId": definition},
+                {"type": "VHD", "runOutputName": "vhd", "uri": str(vhds / "blocker" / "os.vhd")},
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("partial-1", "partial"))
+    body = wait_ended(kiln, "partial-1")
+    status = body["status"]
+    assert status["runState"] == "PartiallySucceeded", status["message"]
+    targets = {t["runOutputName"]: t for t in status["distribution"]}
+    assert targets["gallery"]["state"] == "Succeeded"
+    assert targets["gallery"]["artifactId"] == f"{definition}/versions/0.0.1"
+    assert targets["vhd"]["state"] == "Failed"
+    assert "spec.distribute[1]" in targets["vhd"]["message"]
+    outputs = {o["runOutputName"]: o for o in status["runOutputs"]}
+    assert outputs["gallery"]["provisioningState"] == "Succeeded"
+    assert outputs["vhd"]["provisioningState"] == "Failed" and "artifactId" not in outputs["vhd"]
+    published = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
+    assert (published / "disk.qcow2").is_file()
+    assert "vhd:" in status["message"] and "1 of 2 outputs distributed" in status["message"]
+    assert condition(body, "Stalled")["reason"] == "PartiallySucceeded"
+    assert condition_status(body, "Ready") == "False"
+    assert kstatus(body)[0]["status"] == "Failed"
+    assert step(body, "distribute")["state"] == "Succeeded"
+    assert_cleaned(kiln, kiln_operator, body)
 
 
 def test_a_failing_step_fails_the_run_with_its_exit_code_and_log(

@@ -23,8 +23,10 @@ from pydantic import BaseModel, Field
 
 from kiln.api.run import CapturedDataDisk
 from kiln.providers.local.disks import copy_sparse
+from kiln.settings import GALLERY_TREES
 from kiln.versions import version_key
 
+IMAGES, GALLERIES = GALLERY_TREES
 IMAGE_FILES = ("disk.qcow2",)
 MANIFEST = "image.json"
 
@@ -77,7 +79,7 @@ class LocalGallery:
             raise GalleryError(f"{image_id!r} is not a managed image ID")
         return (
             self.root
-            / "images"
+            / IMAGES
             / match["sub"].lower()
             / match["rg"].lower()
             / (match["name"].lower())
@@ -88,7 +90,7 @@ class LocalGallery:
         if not match:
             raise GalleryError(f"{gallery_image_id!r} is not a gallery image ID")
         parts = (match["sub"], match["rg"], match["gallery"], match["definition"])
-        return self.root.joinpath("galleries", *(p.lower() for p in parts))
+        return self.root.joinpath(GALLERIES, *(p.lower() for p in parts))
 
     @staticmethod
     def explicit_version(gallery_image_id: str) -> str | None:
@@ -147,9 +149,6 @@ class LocalGallery:
         return manifest.is_file() and (
             ImageManifest.model_validate_json(manifest.read_text()).run == run
         )
-
-    def version_published_by(self, gallery_image_id: str, run: str) -> ImageManifest | None:
-        return next((m for m in self.versions(gallery_image_id) if m.run == run), None)
 
     def publish(
         self, directory: Path, image_dir: Path, manifest: ImageManifest, *, replace: bool
