@@ -5,6 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 KILN := $(VENV)/bin/kiln
+# The control plane and demo tooling live beside the operator package, not in it (devtools/).
+DEVTOOLS := PYTHONPATH=devtools $(VENV)/bin/python -m kiln_devtools
 STATE := .kiln
 export KUBECONFIG := $(CURDIR)/$(STATE)/kubeconfig
 
@@ -31,14 +33,14 @@ crds: python
 	@$(KILN) crds
 
 cluster-up: system python
-	@$(KILN) cluster up --state-dir $(STATE) --crds crds
+	@$(DEVTOOLS) cluster up --state-dir $(STATE) --crds crds
 
 cluster-down: python
-	@$(KILN) demo stop --state-dir $(STATE) || true
-	@$(KILN) cluster down --state-dir $(STATE)
+	@$(DEVTOOLS) demo stop --state-dir $(STATE) || true
+	@$(DEVTOOLS) cluster down --state-dir $(STATE)
 
 demo: setup cluster-up
-	@$(KILN) demo run --state-dir $(STATE) --examples examples
+	@$(DEVTOOLS) demo run --state-dir $(STATE) --examples examples
 
 demo-down: cluster-down
 
@@ -64,8 +66,8 @@ chaos: setup
 	@mkdir -p $(STATE) && CHAOS_REPORT=$(CURDIR)/$(STATE)/chaos-report.txt bash scripts/run-tests.sh -m chaos tests/e2e/test_chaos.py
 
 lint: python
-	@$(VENV)/bin/ruff check operator tests bench
-	@$(VENV)/bin/ruff format --check operator tests bench
+	@$(VENV)/bin/ruff check operator devtools tests bench
+	@$(VENV)/bin/ruff format --check operator devtools tests bench
 
 # Benchmarks (bench/README.md): side-by-side figures, not part of `make test`.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--only capture --vm-lock /tmp/kiln-vm.lock".
@@ -75,7 +77,7 @@ bench-setup: setup
 	@bash scripts/setup-bench.sh
 
 bench: bench-setup
-	@$(VENV)/bin/python -m bench --size full $(BENCH_ARGS)
+	@PYTHONPATH=devtools $(VENV)/bin/python -m bench --size full $(BENCH_ARGS)
 
 bench-quick: bench-setup
-	@$(VENV)/bin/python -m bench --size quick --json bench/results-quick.json $(BENCH_ARGS)
+	@PYTHONPATH=devtools $(VENV)/bin/python -m bench --size quick --json bench/results-quick.json $(BENCH_ARGS)

@@ -19,9 +19,9 @@ from kubernetes import config, watch
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from kiln import GROUP, VERSION, localcluster
-from kiln.commands import demo
+from kiln import GROUP, VERSION
 from kiln.providers.local import qemu
+from kiln_devtools import demo, localcluster
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

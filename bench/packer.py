@@ -23,12 +23,12 @@ from bench.capture import FIXED_VHD
 from bench.env import EXAMPLES
 from kiln.api.template import FileStep, ImageTemplateSpec, PlatformImageSource, ShellStep
 from kiln.api.tenancy import FileRoot, TenancyPolicy
-from kiln.commands import demo
 from kiln.communicators.ssh import generate_keypair
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.providers.local import baseimage, disks, qemu
 from kiln.providers.local.provider import BUILD_USER
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
+from kiln_devtools import demo
 
 PACKER = "packer"
 DISK_NAME = "os.qcow2"

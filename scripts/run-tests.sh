@@ -4,8 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-.venv/bin/ruff check operator tests bench || exit 1
-.venv/bin/ruff format --check operator tests bench || exit 1
+.venv/bin/ruff check operator devtools tests bench || exit 1
+.venv/bin/ruff format --check operator devtools tests bench || exit 1
 bash scripts/setup-bench.sh >/dev/null || exit 1  # the bench's smoke test runs Packer
 
 # Without arguments (make test): everything but the long whole-build tests marked slow,

@@ -77,6 +77,18 @@ def create_gallery(
     }
 
 
+def create_identity(arm: Any, group: str, name: str, location: str) -> Any:
+    """A user-assigned managed identity (there is no azure-mgmt-msi here: the generic
+    resources API PUTs it, as `az resource create` would)."""
+    resource = arm.client(ResourceManagementClient)
+    resource.resource_groups.create_or_update(group, {"location": location})
+    prefix = f"/subscriptions/{arm.subscription_id}/resourceGroups/{group}/providers"
+    identity_id = f"{prefix}/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    return resource.resources.begin_create_or_update_by_id(
+        identity_id, {"location": location}, api_version="2023-01-31"
+    ).result()
+
+
 def operator_settings(arm: Any, namespace: str, location: str) -> dict[str, str]:
     """An operator's environment for the emulator, as it would be set for Azure."""
     credentials = {k: v for k, v in arm.environment().items() if k.startswith("AZURE_")}

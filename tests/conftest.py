@@ -17,8 +17,8 @@ import yaml
 from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiln import localcluster
-from kiln.commands.demo import EXAMPLES_ROOT
+from kiln_devtools import localcluster
+from kiln_devtools.demo import EXAMPLES_ROOT
 
 pytest_plugins = ["fakes.fixtures"]  # Azurite and the ARM emulator with QEMU VMs
 

@@ -17,7 +17,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi, RbacAuthorizationV1Ap
 from kubernetes.client.exceptions import ApiException
 from lupa import LuaRuntime
 
-from kiln import localcluster
+from kiln_devtools import localcluster
 
 GROUP, VERSION = "kiln.dev", "v1alpha1"
 Body = dict[str, Any]

@@ -1,4 +1,4 @@
-"""The `kiln` command: the operator, run logs, the AIB importer and local cluster helpers."""
+"""The `kiln` command: the operator, runs and their logs, the AIB importer, local images."""
 
 from __future__ import annotations
 
@@ -6,23 +6,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-
-def _cluster(args: argparse.Namespace) -> int:
-    from kiln import localcluster
-
-    state_dir = Path(args.state_dir)
-    if args.action == "up":
-        kubeconfig = localcluster.up(state_dir, crds_dir=Path(args.crds))
-        version = localcluster.kubernetes_version()
-        print(f"control plane (Kubernetes {version}) ready; KUBECONFIG={kubeconfig}")
-        print(f"kubectl of that release: {localcluster.binary(localcluster.KUBECTL)}")
-    elif args.action == "down":
-        localcluster.down(state_dir)
-        print("control plane stopped")
-    else:
-        print(localcluster.status(state_dir))
-    return 0
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -47,16 +30,6 @@ def _crds(args: argparse.Namespace) -> int:
     if args.reference:
         print(write_reference(Path(args.reference)))
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from kiln.commands import demo
-
-    state_dir = Path(args.state_dir)
-    if args.action == "stop":
-        demo.stop_operator(state_dir)
-        return 0
-    return demo.run_demo(state_dir, Path(args.examples))
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -207,12 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images.set_defaults(func=_images)
 
-    demo = commands.add_parser("demo", help="build examples/ on this machine (make demo)")
-    demo.add_argument("action", choices=["run", "stop"])
-    demo.add_argument("--state-dir", default=".kiln")
-    demo.add_argument("--examples", default="examples")
-    demo.set_defaults(func=_demo)
-
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument(
         "--out", nargs="+", default=["crds", "charts/kiln/crds"], help="directories to write to"
@@ -224,21 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crds.set_defaults(func=_crds)
 
-    cluster = commands.add_parser(
-        "cluster", help="a local control plane (etcd, kube-apiserver, controller manager)"
-    )
-    cluster.add_argument("action", choices=["up", "down", "status"])
-    cluster.add_argument(
-        "--state-dir", default=".kiln", help="where pids, certs and kubeconfig live"
-    )
-    cluster.add_argument("--crds", default="crds", help="CRD YAML to install after start")
-    cluster.set_defaults(func=_cluster)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kiln.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except SettingsError as error:
+        print(f"kiln {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from kiln.api.template import Provider
 from kiln.api.tenancy import DEFAULT_BLOCKED_RANGES, FileRoot, IPNetwork, TenancyPolicy
@@ -22,6 +22,10 @@ _EVERYWHERE = {"*", "any", "internet", "0.0.0.0/0", "::/0"}
 
 def _home() -> Path:
     return Path(os.environ.get("HOME", "/root"))
+
+
+class SettingsError(ValueError):
+    """A KILN_* environment variable that cannot be used; the message names it and says why."""
 
 
 class OperatorSettings(BaseModel):
@@ -205,4 +209,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
             values[field] = [] if items == ["none"] else items
     if env.get("KILN_NAMESPACES"):
         values["namespaces"] = [n.strip() for n in env["KILN_NAMESPACES"].split(",") if n.strip()]
-    return OperatorSettings.model_validate(values)
+    try:
+        return OperatorSettings.model_validate(values)
+    except ValidationError as error:
+        variables = {**names, **lists, "namespaces": "KILN_NAMESPACES"}
+        problems = [
+            f"{variables.get(str(e['loc'][0]), 'settings')}: {e['msg']}"
+            for e in error.errors(include_url=False, include_input=False)
+        ]
+        raise SettingsError("; ".join(problems)) from None

@@ -184,9 +184,11 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
     debian = cm.ImageReference(
         publisher="Debian", offer="debian-12", sku="12-gen2", version="latest"
     )
-    vm1 = compute.virtual_machines.begin_create_or_update(
-        rg, "vm1", vm_model(nic1.id, client1, host1, debian, "Standard_D2ds_v4")
-    ).result()
+    model1 = vm_model(nic1.id, client1, host1, debian, "Standard_D2ds_v4")
+    model1.storage_profile.data_disks = [
+        cm.DataDisk(lun=0, create_option="Empty", disk_size_gb=1, delete_option="Delete")
+    ]
+    vm1 = compute.virtual_machines.begin_create_or_update(rg, "vm1", model1).result()
     lap("vm1 create (boot to sshd)")
     assert vm1.provisioning_state == "Succeeded"
     assert vm1.storage_profile.image_reference.exact_version == arm.marketplace[0].versions[-1]
@@ -197,6 +199,7 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
     try:
         result = await comm.run(
             f"hostname; id -un; sudo -n sh -c 'echo {marker} > /etc/kiln-marker'; "
+            f"echo {marker} | sudo -n dd of=/dev/disk/by-id/virtio-lun0 conv=fsync 2>/dev/null; "
             "cat /etc/kiln-marker; sudo -n cat /var/lib/waagent/CustomData"
         )
         assert result.exit_status == 0, result.stderr
@@ -252,10 +255,13 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
     ).result()
     assert version.provisioning_state == "Succeeded"
     assert (backend.image_dir(image.id) / "disk.qcow2").is_file()
+    assert [d.lun for d in image.storage_profile.data_disks] == [0]
+    assert (backend.image_dir(version.id) / "data-lun0.qcow2").is_file()
     assert (backend.image_dir(version.id) / "disk.qcow2").is_file()
     lap("gallery version")
 
-    # --- VM 2 from the managed image, private IP only, bigger disk: VM 1's marker is there
+    # --- VM 2 from the managed image, private IP only, bigger disk: VM 1's markers are there
+    #     (its data disk too, which Azure attaches from the image at the same LUN)
     client2, host2 = generate_keypair(), generate_keypair()
     nic2 = nic(network, rg, "nic2", vnet.subnets[0].id, nsg.id, None)
     vm2 = compute.virtual_machines.begin_create_or_update(
@@ -276,9 +282,13 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
     assert private.startswith("127.0.3.")
     comm = await ssh(private, client2, host2)
     try:
-        result = await comm.run("hostname; cat /etc/kiln-marker; cat /sys/block/vda/size")
+        assert [d.lun for d in vm2.storage_profile.data_disks] == [0]
+        result = await comm.run(
+            "hostname; cat /etc/kiln-marker; cat /sys/block/vda/size; "
+            f"sudo -n head -c {len(marker)} /dev/disk/by-id/virtio-lun0"
+        )
         assert result.exit_status == 0, result.stderr
-        assert result.stdout.split() == ["vm2", marker, str(6 * 1024**3 // 512)]
+        assert result.stdout.split() == ["vm2", marker, str(6 * 1024**3 // 512), marker]
     finally:
         await comm.close()
     lap("vm2 ssh")
@@ -349,6 +359,8 @@ async def test_vm_ssh_capture_and_vhd_export(arm_qemu: ArmEmulator, tmp_path: Pa
         backend.vm_dir(vm2.id),
         backend.disk_dir(vm1.storage_profile.os_disk.managed_disk.id),
         backend.disk_dir(vm2.storage_profile.os_disk.managed_disk.id),
+        *(backend.disk_dir(d.managed_disk.id) for d in vm1.storage_profile.data_disks),
+        *(backend.disk_dir(d.managed_disk.id) for d in vm2.storage_profile.data_disks),
         backend.image_dir(image.id),
         backend.image_dir(version.id),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -140,6 +141,7 @@ def test_a_template_builds_in_azure_with_every_distribution(
     azurite: Azurite,
     outputs: dict[str, str],
     served: tuple[Path, str],
+    tmp_path: Path,
 ) -> None:
     payload, url = served
     checksum = hashlib.sha256(payload.read_bytes()).hexdigest()
@@ -163,7 +165,14 @@ def test_a_template_builds_in_azure_with_every_distribution(
                     "inline": ["cmp /tmp/payload.txt /tmp/payload.txt && echo copied"],
                 },
                 {"type": "Shell", "inline": ["echo streamed-marker", "sleep 60"]},
+                {  # the empty data disk, at LUN 0: written raw, captured beside the OS disk
+                    "type": "Shell",
+                    "inline": [
+                        "echo kiln-data-disk | sudo dd of=/dev/disk/by-id/virtio-lun0 conv=fsync"
+                    ],
+                },
             ],
+            additionalDataDisks=[{"sizeGB": 1}],
             distribute=[
                 {
                     "type": "ManagedImage",
@@ -210,6 +219,16 @@ def test_a_template_builds_in_azure_with_every_distribution(
     assert b"azure-build-marker" in log and b"copied" in log
     vhd = blobs.get_blob_client("vhds", "app-1-vhd.vhd").get_blob_properties()
     assert vhd.blob_type == "PageBlob" and vhd.size % 512 == 0
+    compute = arm_qemu.client(ComputeManagementClient)
+    image = compute.images.get("outputs", "app")
+    assert [(d.lun, d.disk_size_gb) for d in image.storage_profile.data_disks] == [(0, 1)]
+    version = compute.gallery_image_versions.get("outputs", "kiln", "app", "1.0.0")
+    assert [d.lun for d in version.storage_profile.data_disk_images] == [0]
+    captured = arm_qemu.backend.image_dir(version.id) / "data-lun0.qcow2"
+    raw = tmp_path / "data-lun0.head"
+    command = ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=4096", "count=1"]
+    subprocess.run([*command, f"if={captured}", f"of={raw}"], check=True, timeout=60)
+    assert raw.read_bytes().startswith(b"kiln-data-disk\n")
 
 
 def test_faults_and_an_operator_killed_during_vm_create(

@@ -34,7 +34,7 @@ from azure.mgmt.storage import StorageManagementClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from azurehelpers import vnet_and_nsg
+from azurehelpers import create_identity, vnet_and_nsg
 from fakes.arm import ArmEmulator, RecordingVmBackend
 
 pytestmark = [pytest.mark.azure, pytest.mark.integration, pytest.mark.timeout(120)]
@@ -165,6 +165,13 @@ def vm_model(
             network_interfaces=[cm.NetworkInterfaceReference(id=nic_id, primary=True)]
         ),
     )
+
+
+def refused(compute: ComputeManagementClient, rg: str, model: cm.VirtualMachine) -> Any:
+    """The error Azure answers a VM PUT with (the PUT must fail)."""
+    with pytest.raises(HttpResponseError) as err:
+        compute.virtual_machines.begin_create_or_update(rg, "vm-bad", model)
+    return err.value
 
 
 def power_state(compute: ComputeManagementClient, rg: str, name: str) -> list[str]:
@@ -643,28 +650,23 @@ def test_sku_not_available_and_vm_validation(
         and skus["Standard_D4s_v5"][0].reason_code == "NotAvailableForSubscription"
     )
 
-    def rejected(model: cm.VirtualMachine) -> Any:
-        with pytest.raises(HttpResponseError) as err:
-            compute.virtual_machines.begin_create_or_update(rg, "vm-bad", model)
-        return err.value
-
     bad = vm_model(nic.id)
     bad.os_profile.linux_configuration.ssh.public_keys[0].path = "/root/.ssh/authorized_keys"
-    err = rejected(bad)
+    err = refused(compute, rg, bad)
     assert (
         err.error.code == "InvalidParameter"
         and err.error.target == "linuxConfiguration.ssh.publicKeys.path"
     )
     bad = vm_model(nic.id, user="root")
-    assert rejected(bad).error.message == "The Admin Username specified is not allowed."
+    assert refused(compute, rg, bad).error.message == "The Admin Username specified is not allowed."
     bad = vm_model(nic.id)
     bad.os_profile.linux_configuration.ssh.public_keys = []
-    assert "SSH or by user name and password" in rejected(bad).error.message
+    assert "SSH or by user name and password" in refused(compute, rg, bad).error.message
     bad = vm_model(
         nic.id,
         image=cm.ImageReference(publisher="Canonical", offer="nope", sku="x", version="latest"),
     )
-    err = rejected(bad)
+    err = refused(compute, rg, bad)
     assert err.status_code == 404 and err.error.code == "PlatformImageNotFound"
     plan_image = cm.ImageReference(
         publisher="center-for-internet-security-inc",
@@ -672,16 +674,86 @@ def test_sku_not_available_and_vm_validation(
         sku="cis-ubuntu2204-l1-gen2",
         version="latest",
     )
-    assert rejected(vm_model(nic.id, image=plan_image)).error.code == "VMMarketplaceInvalidInput"
+    assert (
+        refused(compute, rg, vm_model(nic.id, image=plan_image)).error.code
+        == "VMMarketplaceInvalidInput"
+    )
     bad = vm_model(nic.id)
     bad.network_profile.network_interfaces[0].id = nic.id + "-missing"
-    assert rejected(bad).error.code == "NotFound"
+    assert refused(compute, rg, bad).error.code == "NotFound"
     assert (
         arm.creation_count(
             nic.id.rsplit("/", 3)[0] + "/providers/Microsoft.Compute/virtualMachines/vm-bad"
         )
         == 0
     )
+
+
+def test_data_disks_and_user_assigned_identities_of_a_vm(
+    arm: ArmEmulator,
+    resources: ResourceManagementClient,
+    network: NetworkManagementClient,
+    compute: ComputeManagementClient,
+) -> None:
+    rg = group(resources, "rg-disks")
+    nic = build_network(network, rg, public_ip=False)["nic"]
+    identity = create_identity(arm, rg, "builder", LOCATION)
+    assert identity.properties["principalId"] and identity.properties["clientId"]
+
+    def with_disks(*disks: cm.DataDisk, identities: tuple[str, ...] = ()) -> cm.VirtualMachine:
+        model = vm_model(nic.id)
+        model.storage_profile.data_disks = list(disks)
+        if identities:
+            model.identity = cm.VirtualMachineIdentity(
+                type="UserAssigned", user_assigned_identities={i: {} for i in identities}
+            )
+        return model
+
+    empty = {"create_option": "Empty", "disk_size_gb": 2}
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, **empty), cm.DataDisk(lun=0, **empty)))
+    assert (err.status_code, err.error.code) == (400, "InvalidParameter")
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, create_option="Empty")))
+    assert err.error.target == "dataDisk.diskSizeGB"
+    err = refused(compute, rg, with_disks(cm.DataDisk(lun=0, create_option="FromImage")))
+    assert "has no data disk at that LUN" in err.error.message
+    err = refused(compute, rg, with_disks(*(cm.DataDisk(lun=lun, **empty) for lun in range(5))))
+    assert (err.status_code, err.error.code) == (409, "OperationNotAllowed")
+    missing = identity.id.replace("/builder", "/nobody")
+    err = refused(compute, rg, with_disks(identities=(missing,)))
+    assert (err.status_code, err.error.code) == (400, "FailedIdentityOperation")
+    assert f"Resource '{missing}' was not found" in err.error.message
+
+    vm = compute.virtual_machines.begin_create_or_update(
+        rg,
+        "vm-disks",
+        with_disks(
+            cm.DataDisk(lun=0, delete_option="Delete", **empty),
+            cm.DataDisk(lun=1, create_option="Empty", disk_size_gb=3, caching="ReadWrite"),
+            identities=(identity.id,),
+        ),
+    ).result()
+    disks = vm.storage_profile.data_disks
+    assert [(d.lun, d.disk_size_gb, d.caching) for d in disks] == [
+        (0, 2, "None"),
+        (1, 3, "ReadWrite"),
+    ]
+    made = [compute.disks.get(rg, d.name) for d in disks]
+    assert [(d.disk_size_gb, d.creation_data.create_option) for d in made] == [
+        (2, "Empty"),
+        (3, "Empty"),
+    ]
+    assert all(d.managed_by.lower() == vm.id.lower() for d in made)
+    assigned = vm.identity.user_assigned_identities[identity.id]
+    assert assigned.principal_id == identity.properties["principalId"]
+    assert arm.vm_info(vm.id).identities == [identity.id]
+    assert [d.lun for d in arm.vm_info(vm.id).data_disks] == [0, 1]
+
+    compute.virtual_machines.begin_delete(rg, "vm-disks").result()
+    with pytest.raises(ResourceNotFoundError):  # deleteOption Delete
+        compute.disks.get(rg, disks[0].name)
+    kept = compute.disks.get(rg, disks[1].name)  # Detach, Azure's default
+    assert kept.managed_by is None and kept.disk_state == "Unattached"
+    compute.disks.begin_delete(rg, disks[1].name).result()
 
 
 def test_poller_resumed_from_continuation_token_in_new_client(

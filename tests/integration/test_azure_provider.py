@@ -23,7 +23,7 @@ from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 from azure.storage.blob import BlobServiceClient
 
-from azurehelpers import WINDOWS_SERVER_2022, create_gallery, vnet_and_nsg
+from azurehelpers import WINDOWS_SERVER_2022, create_gallery, create_identity, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from fakes.azurite import Azurite
@@ -382,6 +382,92 @@ async def test_vnet_config_builds_privately(
     assert "Microsoft.Network/virtualNetworks" not in kinds(arm, group)
     await provider.delete_vm(ctx)
     assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]
+
+
+async def test_the_build_vm_gets_the_templates_identities_as_aib_assigns_them(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    template = create_identity(arm, "identities", "aib-template", LOCATION)
+    extra = create_identity(arm, "identities", "build-extra", LOCATION)
+    ctx = context(
+        arm,
+        tmp_path,
+        identity={"type": "UserAssigned", "userAssignedIdentities": {template.id: {}}},
+        vmProfile={"userAssignedIdentities": [extra.id, template.id.upper()]},
+    )
+    await until_done(lambda: provider.ensure_staging(ctx))
+    await provider.resolve_source(ctx)
+    await until_done(lambda: provider.create_vm(ctx))
+    vm = arm.client(ComputeManagementClient).virtual_machines.get(
+        provider.staging_group(ctx.template, ctx.spec), f"kiln-{ctx.run_uid[:8]}-vm"
+    )
+    assert vm.identity.type == "UserAssigned"
+    assigned = {i.lower(): v.client_id for i, v in vm.identity.user_assigned_identities.items()}
+    assert assigned == {
+        template.id.lower(): template.properties["clientId"],
+        extra.id.lower(): extra.properties["clientId"],
+    }  # the template's once, though named twice
+    await provider.delete_vm(ctx)
+    missing = extra.id.replace("/build-extra", "/deleted-since")
+    gone = context(arm, tmp_path, vmProfile={"userAssignedIdentities": [missing]})
+    staging = await until_done(lambda: provider.ensure_staging(gone))
+    await provider.resolve_source(gone)
+    with pytest.raises(ProviderError) as failure:
+        await until_done(lambda: provider.create_vm(gone))
+    assert failure.value.fatal and "FailedIdentityOperation" in str(failure.value)
+    assert missing in str(failure.value)  # Azure's message names the identity
+    await provider.delete_vm(gone)
+    assert kinds(arm, staging.rsplit("/", 1)[-1]) == ["Microsoft.Storage/storageAccounts"]
+
+
+async def test_additional_data_disks_are_captured_with_the_os_disk(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    ids = create_gallery(arm, "disks", "kiln", "data", LOCATION)
+    ctx = context(
+        arm,
+        tmp_path,
+        additionalDataDisks=[{"sizeGB": 2}, {"sizeGB": 5}],
+        distribute=[
+            {"type": "ManagedImage", "runOutputName": "img", "imageId": ids["image"]}
+            | {"location": LOCATION},
+            {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": ids["gallery"]}
+            | {"versioning": {"scheme": "Latest", "major": 1}},
+        ],
+    )
+    staging = await until_done(lambda: provider.ensure_staging(ctx))
+    group = staging.rsplit("/", 1)[-1]
+    await provider.resolve_source(ctx)
+    await until_done(lambda: provider.create_vm(ctx))
+    compute = arm.client(ComputeManagementClient)
+    vm = compute.virtual_machines.get(group, f"kiln-{ctx.run_uid[:8]}-vm")
+    assert [(d.lun, d.disk_size_gb, d.create_option) for d in vm.storage_profile.data_disks] == [
+        (0, 2, "Empty"),
+        (1, 5, "Empty"),
+    ]
+    assert kinds(arm, group).count("Microsoft.Compute/disks") == 3  # the OS disk and two
+    assert await until_done(lambda: provider.stop_vm(ctx))
+    for index in range(2):
+        await until_done(lambda i=index: provider.distribute(ctx, i))
+    image = compute.images.get("disks", "data")
+    assert [(d.lun, d.disk_size_gb) for d in image.storage_profile.data_disks] == [(0, 2), (1, 5)]
+    version = compute.gallery_image_versions.get("disks", "kiln", "data", "1.0.0")
+    data_images = version.storage_profile.data_disk_images
+    assert [(d.lun, d.size_in_gb) for d in data_images] == [(0, 2), (1, 5)]
+    await provider.delete_vm(ctx)
+    assert kinds(arm, group) == ["Microsoft.Storage/storageAccounts"]  # disks went with the VM
+    # built on that image, a template's own data disks come after the image's
+    source = {"type": "ManagedImage", "imageId": ids["image"]}
+    again = context(arm, tmp_path, source=source, additionalDataDisks=[{"sizeGB": 3}])
+    await until_done(lambda: provider.ensure_staging(again))
+    await provider.resolve_source(again)
+    assert again.checkpoint.azure.source_data_disk_luns == [0, 1]
+    await until_done(lambda: provider.create_vm(again))
+    again_group = provider.staging_group(again.template, again.spec)
+    vm = compute.virtual_machines.get(again_group, f"kiln-{again.run_uid[:8]}-vm")
+    disks = [(d.lun, d.disk_size_gb, d.create_option) for d in vm.storage_profile.data_disks]
+    assert disks == [(0, 2, "FromImage"), (1, 5, "FromImage"), (2, 3, "Empty")]
+    await provider.delete_vm(again)
 
 
 async def test_a_custom_staging_group_must_be_empty_and_is_emptied_not_removed(

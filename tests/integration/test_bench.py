@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def _bench(tmp_path: Path, *args: str, timeout: float) -> tuple[list[str], dict]
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--size", "smoke", "--json", str(result), *args],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "devtools")},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from kiln import localcluster
+from kiln_devtools import localcluster
 
 pytestmark = pytest.mark.integration
 

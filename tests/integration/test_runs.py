@@ -203,3 +203,21 @@ def test_finished_runs_beyond_the_history_limit_are_deleted(kiln: Kiln) -> None:
         kiln.delete("imagetemplates", "hist")
         for run in runs_of(kiln, "hist"):
             kiln.delete("imagebuildruns", run["metadata"]["name"])
+
+
+def test_a_template_made_invalid_still_removes_its_staging_when_deleted(kiln: Kiln) -> None:
+    staging = _staging_after_a_failed_run(kiln, "spoiled")
+    outside = [{"type": "File", "sourceUri": "file:///etc/hostname", "destination": "/tmp/h"}]
+    kiln.patch("imagetemplates", "spoiled", {"spec": {"customize": outside}})
+    kiln.wait_for(
+        "imagetemplates",
+        "spoiled",
+        lambda b: (condition(b, "Stalled") or {}).get("reason") == "InvalidSpec",
+        30,
+        "the edit is refused by the operator",
+    )
+    assert kiln.get("imagetemplates", "spoiled")["status"]["exactStagingResourceGroup"]
+    kiln.delete("imagetemplates", "spoiled")
+    kiln.wait_for("imagetemplates", "spoiled", lambda b: b is None, 30)
+    assert not staging.exists()
+    kiln.delete("imagebuildruns", "spoiled-1")

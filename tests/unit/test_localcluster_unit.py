@@ -1,4 +1,4 @@
-"""The pure and process-safety parts of kiln.localcluster, without etcd or kube-apiserver."""
+"""The pure and process-safety parts of the local control plane, without etcd or kube-apiserver."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from kubernetes import config
 
-from kiln import localcluster
-from kiln.localcluster import StateDir
+from kiln_devtools import localcluster
+from kiln_devtools.localcluster import StateDir
 
 
 def test_kubeconfig_with_ca_is_loadable_by_the_client(tmp_path: Path) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from kiln.api.template import Provider
-from kiln.settings import OperatorSettings, load_settings
+from kiln.settings import OperatorSettings, SettingsError, load_settings
 
 FULL_ENVIRON = {
     "KILN_DEFAULT_PROVIDER": "azure",
@@ -130,7 +131,7 @@ def test_without_a_mapping_the_process_environment_is_read(
     ],
 )
 def test_invalid_values_are_rejected(name: str, value: str) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(SettingsError, match=f"^{name}: "):
         load_settings({name: value})
 
 
@@ -187,5 +188,32 @@ def test_none_blocks_no_range() -> None:
 
 @pytest.mark.parametrize("value", ["*", "Internet", "0.0.0.0/0", "::/0", "any"])
 def test_a_communicator_source_of_everywhere_is_refused(value: str) -> None:
-    with pytest.raises(ValidationError, match="KILN_AZURE_COMMUNICATOR_SOURCE"):
+    with pytest.raises(SettingsError, match="KILN_AZURE_COMMUNICATOR_SOURCE"):
         load_settings({"KILN_AZURE_COMMUNICATOR_SOURCE": value})
+
+
+def test_a_malformed_variable_is_named_without_its_value() -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"KILN_MAX_ACTIVE_RUNS": "two", "KILN_LIVENESS_PORT": "s3cr3t-ish"})
+    message = str(raised.value)
+    assert "KILN_MAX_ACTIVE_RUNS: Input should be a valid integer" in message
+    assert "KILN_LIVENESS_PORT" in message
+    assert "two" not in message and "s3cr3t-ish" not in message
+
+
+def test_the_cli_says_which_variable_is_wrong_instead_of_crashing(tmp_path: Path) -> None:
+    document = tmp_path / "aib.json"
+    document.write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "import", str(document)],
+        env={**os.environ, "KILN_MAX_ACTIVE_RUNS": "two"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "kiln import: KILN_MAX_ACTIVE_RUNS: Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )

@@ -365,3 +365,14 @@ def test_auto_run_enabled(spec: Body, enabled: bool) -> None:
 )
 def test_is_building(body: Body, building: bool) -> None:
     assert is_building(body) is building
+
+
+def test_an_invalid_edit_keeps_the_staging_an_earlier_generation_made() -> None:
+    """Deleting the template reads the staging from status: an invalid edit must not lose it."""
+    invalid = {**VALID_SPEC, "distribute": [{"type": "VHD"}]}
+    built = template(invalid, generation=2, provider="local", exactStagingResourceGroup="/old")
+    status = template_status(built, [], LOCAL, None, NOW)
+    assert condition(status, "Stalled")["status"] == "True"
+    assert (status["provider"], status["exactStagingResourceGroup"]) == ("local", "/old")
+    never_built = template(invalid)
+    assert template_status(never_built, [], LOCAL, None, NOW)["exactStagingResourceGroup"] is None

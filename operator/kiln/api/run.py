@@ -144,6 +144,10 @@ class AzureCheckpoint(KubeModel):
     operations: dict[str, str] = _map("Long-running operations: key -> token, or done.")
     image_reference: dict[str, str] | None = _f("The build VM's imageReference.")
     hyper_v_generation: str | None = _f("The source image's Hyper-V generation.")
+    source_data_disk_luns: list[int] = Field(
+        default_factory=list,
+        description="LUNs of the source image's own data disks (additionalDataDisks follow).",
+    )
     vm_id: str | None = _f("The build VM's resource ID.")
     winrm_certificate_url: str | None = _f("Key Vault secret URL of the WinRM certificate.")
     generalized: bool = _f("The build VM was deallocated and generalized.", False)

@@ -195,12 +195,13 @@ class RunLogs:
         copied = max(copied, head_end)
         keep_from = max(copied, size - self.tail_bytes, self._lowest_kept(job_id))
         if keep_from > copied:
-            newline = b"" if not data or data.endswith(b"\n") else b"\n"
-            data += newline + (
-                f"[kiln: {keep_from - copied} bytes of this step's output were dropped here; "
-                f"the log keeps the first {self.head_bytes} and the last {self.tail_bytes} "
-                "bytes of each step]\n"
-            ).encode()
+            newline = "" if not data or data.endswith(b"\n") else "\n"
+            marker = (
+                f"{newline}[kiln: {keep_from - copied} bytes of this step's output were dropped "
+                f"here; the log keeps the first {self.head_bytes} and the last "
+                f"{self.tail_bytes} bytes of each step]\n"
+            )
+            data += marker.encode()
         self._copy(index, job_id, data + self._read(job_id, keep_from, size), size)
 
     def flush_all(self) -> None:

@@ -160,10 +160,16 @@ def template_status(
             now,
         )
         conditions = _build_conditions(template, runs, conditions, now)
+    recorded = template.get("status") or {}
+    provider = spec.get("provider")
+    if problems and recorded.get("exactStagingResourceGroup"):
+        # An invalid edit names no staging, but one made by an earlier generation may still
+        # exist: keep it (and its provider) on record, so deleting the template removes it.
+        provider, staging = recorded.get("provider"), recorded["exactStagingResourceGroup"]
     status: Body = {
         "observedGeneration": generation,
         "conditions": conditions,
-        "provider": spec.get("provider"),
+        "provider": provider,
         "exactStagingResourceGroup": staging,
         "lastRun": None,
         "latestOutputs": None,

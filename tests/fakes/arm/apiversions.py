@@ -4,7 +4,8 @@ Each set holds the version the installed azure-mgmt SDKs send by default (read f
 SDK sources: resource 26 -> 2025-04-01, storage 25.3 -> 2026-09-01, network 33.1 ->
 2026-03-01, compute 39: VMs/images/marketplace 2026-04-01, disks 2026-03-02, galleries
 2026-03-03, resource SKUs 2021-07-01, keyvault 14.1 -> 2026-05-15 and 2015-11-01 for its
-vaults.list over /resources) plus older GA versions a pinned client may send.
+vaults.list over /resources; managed identities, which Kiln reaches only through a VM's identity
+block, at their GA versions) plus older GA versions a pinned client may send.
 tests/unit/test_arm_emulator.py re-reads the SDK sources to keep this table honest.
 """
 
@@ -70,6 +71,7 @@ GALLERIES = frozenset(
     {"2022-03-03", "2022-08-03", "2023-07-03", "2024-03-03", "2025-03-03", "2026-03-03"}
 )
 SKUS = frozenset({"2019-04-01", "2021-07-01"})
+MANAGED_IDENTITY = frozenset({"2018-11-30", "2023-01-31", "2024-11-30"})
 KEYVAULT = frozenset({"2022-07-01", "2023-02-01", "2023-07-01", "2024-11-01", "2026-05-15"})
 
 BY_TYPE: dict[str, frozenset[str]] = {
@@ -99,6 +101,7 @@ BY_TYPE: dict[str, frozenset[str]] = {
     "microsoft.keyvault/vaults/secrets": KEYVAULT,
     "microsoft.keyvault/locations": KEYVAULT,
     "microsoft.keyvault/deletedvaults": KEYVAULT,
+    "microsoft.managedidentity/userassignedidentities": MANAGED_IDENTITY,
 }
 
 _FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")

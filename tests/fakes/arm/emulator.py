@@ -68,6 +68,7 @@ from .providers.keyvault import (
     list_deleted_vaults,
     sweep_purged,
 )
+from .providers.msi import UserAssignedIdentities
 from .providers.network import (
     NetworkInterfaces,
     NetworkSecurityGroups,
@@ -121,6 +122,7 @@ def _handlers() -> dict[str, ResourceType]:
         GalleryImageVersions(),
         Vaults(),
         Secrets(),
+        UserAssignedIdentities(),
     ]
     return {t.key: t for t in types}
 

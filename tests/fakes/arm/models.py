@@ -237,6 +237,16 @@ class WinRmListener(BaseModel):
     private_key_pem: str | None = Field(default=None, repr=False)
 
 
+class DataDiskInfo(BaseModel):
+    """A VM's data disk: its LUN, size and managed disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lun: int
+    size_gb: int
+    id: str | None = None
+
+
 class VmInfo(BaseModel):
     """What a VmBackend learns about a VM: where it lives, who logs in, what runs at boot."""
 
@@ -259,6 +269,8 @@ class VmInfo(BaseModel):
     plan: dict[str, Any] | None = None
     os_disk_id: str | None = None
     os_disk_size_gb: int | None = None
+    data_disks: list[DataDiskInfo] = Field(default_factory=list)
+    identities: list[str] = Field(default_factory=list)  # user-assigned identity IDs
     # the managed image or gallery image version the OS disk is made from (None: marketplace)
     source_image_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)

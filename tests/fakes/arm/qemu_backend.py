@@ -18,6 +18,8 @@
   until the disk resource is deleted (`delete_disk`), as in Azure.
 - capture: a managed image or gallery image version becomes a standalone qcow2; it boots
   by firmware alone, SeaBIOS for Gen1 (V1) and OVMF for Gen2 (V2), as the source did.
+  A VM's data disks (empty qcow2s, or overlays on an image's data disks) are virtio disks
+  with serial lun<N> (/dev/disk/by-id/virtio-lun<N>); capture copies them beside the OS disk.
 - disk_vhd: the OS disk as a fixed VHD (converted once per disk content), which the
   emulator serves at the disk's accessSAS URL.
 
@@ -52,7 +54,7 @@ from kiln.providers.local.disks import ToolError, atomic_output, run_tool, to_fi
 from kiln.providers.local.seed import write_cidata
 
 from .errors import ArmError
-from .models import DEFAULT_MARKETPLACE, MarketplaceImage, VmInfo
+from .models import DEFAULT_MARKETPLACE, DataDiskInfo, MarketplaceImage, VmInfo
 from .winrm_guest import FakeWindowsGuest, WindowsGuestBackend
 
 log = logging.getLogger("fakes.arm.qemu")
@@ -115,6 +117,7 @@ class VmRecord(BaseModel):
     name: str
     disk_id: str
     addresses: list[str]
+    data_disk_ids: list[str] = []  # in LUN order; each disk's file is data.qcow2
 
 
 class ImageRecord(BaseModel):
@@ -308,9 +311,17 @@ class QemuVmBackend:
             disk_id = vm.os_disk_id or f"{vm.id}/osDisk"
             async with self._lock(_key(disk_id)):
                 await self._prepare_disk(vm, disk_id)
+            for data_disk in vm.data_disks:
+                await self._prepare_data_disk(vm, data_disk)
             addresses = [a for a in (vm.public_ip, vm.private_ip) if a]
             _write(
-                VmRecord(id=vm.id, name=vm.name, disk_id=disk_id, addresses=addresses),
+                VmRecord(
+                    id=vm.id,
+                    name=vm.name,
+                    disk_id=disk_id,
+                    addresses=addresses,
+                    data_disk_ids=[self._data_disk_id(vm, d) for d in vm.data_disks],
+                ),
                 self.vm_dir(vm.id) / "vm.json",
             )
             await self._boot(vm)
@@ -361,9 +372,15 @@ class QemuVmBackend:
             if image is not None:
                 src_dir = self.image_dir(source_id)
                 files = _Source(disk=src_dir / "disk.qcow2", generation=image.generation)
+                data = {p.name: p for p in src_dir.glob("data-lun*.qcow2")}
                 copy = _link_or_copy
             else:
                 files = self._disk_source(source_id)
+                vm = self._vm(source_id)
+                data = {
+                    f"data-lun{lun}.qcow2": self.disk_dir(disk_id) / "data.qcow2"
+                    for lun, disk_id in enumerate(vm.data_disk_ids if vm else [])
+                }
                 copy = to_qcow2
             tmp = target.with_name(f".tmp-{target.name}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -371,6 +388,8 @@ class QemuVmBackend:
             tmp.mkdir(parents=True)
             try:
                 await asyncio.to_thread(copy, files.disk, tmp / "disk.qcow2")
+                for name, path in data.items():  # the data disks, beside the OS disk
+                    await asyncio.to_thread(copy, path, tmp / name)
                 _write(
                     ImageRecord(id=target_id, source_id=source_id, generation=files.generation),
                     tmp / "image.json",
@@ -551,6 +570,32 @@ class QemuVmBackend:
             d / "disk.json",
         )
 
+    @staticmethod
+    def _data_disk_id(vm: VmInfo, data_disk: DataDiskInfo) -> str:
+        return data_disk.id or f"{vm.id}/lun{data_disk.lun}"
+
+    async def _prepare_data_disk(self, vm: VmInfo, data_disk: DataDiskInfo) -> None:
+        """An empty qcow2 of the disk's size, or an overlay on the image's data disk at its
+        LUN (FromImage); a disk that exists is kept."""
+        disk_id = self._data_disk_id(vm, data_disk)
+        if self._disk(disk_id) is not None:
+            return
+        d = self.disk_dir(disk_id)
+        image = self.image_dir(vm.source_image_id) if vm.source_image_id else None
+        backing = image / f"data-lun{data_disk.lun}.qcow2" if image else None
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        if backing is not None and backing.exists():
+            await asyncio.to_thread(
+                qemu.create_overlay, backing, d / "data.qcow2", data_disk.size_gb
+            )
+        else:
+            size = f"{data_disk.size_gb}G"
+            command = ["qemu-img", "create", "-q", "-f", "qcow2", str(d / "data.qcow2"), size]
+            await asyncio.to_thread(run_tool, command)
+        record = DiskRecord(id=disk_id, vm_id=vm.id, backing=str(backing or ""))
+        _write(record, d / "disk.json")
+
     def _argv(self, vm: VmInfo, rec: VmRecord, disk: DiskRecord, accel: list[str]) -> list[str]:
         state, d = self.vm_dir(vm.id), self.disk_dir(rec.disk_id)
         name = "".join(c if c.isalnum() or c in "._-" else "-" for c in vm.name)
@@ -559,6 +604,9 @@ class QemuVmBackend:
         argv += ["-nodefaults", "-display", "none", "-vga", "none"]
         argv += qemu.firmware_args(disk.generation, state)
         argv += ["-drive", f"file={d / 'os.qcow2'},if=virtio,format=qcow2,discard=unmap"]
+        for lun, disk_id in enumerate(rec.data_disk_ids):  # /dev/disk/by-id/virtio-lun<N>
+            data = self.disk_dir(disk_id) / "data.qcow2"
+            argv += ["-drive", f"file={data},if=virtio,format=qcow2,discard=unmap,serial=lun{lun}"]
         if (d / "seed.iso").exists():
             argv += ["-drive", f"file={d / 'seed.iso'},if=virtio,format=raw,readonly=on"]
         forwards = "".join(f",hostfwd=tcp:{a}:{SSH_PORT}-:22" for a in rec.addresses)

@@ -5,21 +5,17 @@ logs; per run a network (or a NIC in the template's subnet), a build VM reached 
 with a per-run key and a host key injected through customData, or for a Windows source
 over WinRM/HTTPS with a per-run password and a certificate that Azure's VM agent installs
 from a per-run Key Vault; capture by deallocate + generalize; distribution to managed
-images, gallery image versions and VHD blobs.
-Everything Kiln creates is tagged with the template and run; only tagged resources are
-ever deleted.
+images, gallery image versions and VHD blobs. Each resource is a small spec
+(providers/azure/resources); a build is their ordered list, cleanup its reverse, and only
+resources tagged as Kiln's own are ever deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
@@ -39,9 +35,9 @@ from kiln.api.template import (
     WindowsUpdateStep,
 )
 from kiln.communicators.ssh import SshCommunicator
-from kiln.communicators.winrm import WINRM_HTTPS_PORT, key_vault_certificate
+from kiln.communicators.winrm import WINRM_HTTPS_PORT
 from kiln.kube import Kube
-from kiln.naming import BUILD_COMPUTER_NAME, staging_group_name
+from kiln.naming import staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
 from kiln.providers.azure.clients import (
@@ -52,43 +48,36 @@ from kiln.providers.azure.clients import (
     tenant_of,
     transport_options,
 )
+from kiln.providers.azure.resources import (
+    GROUP,
+    RUN_TAG,
+    VAULT,
+    Spec,
+    delete,
+    deletion_order,
+    ensure,
+    found,
+    images,
+    network,
+    owned,
+    owner,
+    parse_id,
+    vault,
+    vm,
+)
+from kiln.providers.azure.resources.network import name
+from kiln.providers.azure.resources.staging import check_free, storage_account_name
+from kiln.providers.azure.resources.staging import specs as staging_specs
+from kiln.providers.azure.resources.vm import BUILD_USER
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
 from kiln.versions import VersioningError, next_version, version_key
 
 WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
-BUILD_USER = "packer"
-SSH_PORT = 22
-VAULT_TYPE = "Microsoft.KeyVault/vaults"
-WINRM_SECRET = "winrm-certificate"
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
 PAGE = 4 * 1024 * 1024
 APPEND_BLOCK = 4 * 1024 * 1024  # the largest block an append blob takes
-ROLE_TAG, TEMPLATE_TAG, RUN_TAG = "kiln-role", "kiln-template-uid", "kiln-run-uid"
-_ARM_ID = re.compile(
-    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/(?P<ns>[^/]+)/"
-    r"(?P<rest>.+)$",
-    re.I,
-)
-
-
-def parse_id(resource_id: str) -> tuple[str, str, list[str]]:
-    """(subscription, resource group, [type, name, type, name, ...]) of an ARM ID."""
-    match = _ARM_ID.match(resource_id)
-    if not match:
-        raise ProviderError(f"{resource_id!r} is not an Azure resource ID")
-    return match["sub"], match["rg"], match["rest"].split("/")
-
-
-def storage_account_name(template_uid: str) -> str:
-    """3-24 lowercase letters and digits, unique per template (accounts are global)."""
-    return "kiln" + hashlib.sha256(template_uid.encode()).hexdigest()[:20]
-
-
-def vault_name(run_uid: str) -> str:
-    """3-24 characters starting with a letter, unique per run (vault names are global)."""
-    return "kiln" + hashlib.sha256(run_uid.encode()).hexdigest()[:20]
 
 
 def _enum_value(value: Any) -> str:
@@ -157,7 +146,7 @@ class AzureProvider:
             await clients.close()
         self._clients.clear()
 
-    # --- names and tags ----------------------------------------------------------------
+    # --- names and staging ----------------------------------------------------------------
 
     def staging_group(self, template: TemplateIdentity, spec: ImageTemplateSpec) -> str:
         if spec.staging_resource_group:
@@ -171,63 +160,11 @@ class AzureProvider:
     def run_dir(self, template: TemplateIdentity, spec: ImageTemplateSpec, run: str) -> Path:
         return self.settings.data_root / "azure" / self.staging_group(template, spec) / run
 
-    @staticmethod
-    def _tags(ctx: RunContext, role: str, run: bool = True) -> dict[str, str]:
-        tags = dict(ctx.spec.managed_resource_tags or {})
-        tags |= {
-            "createdBy": "AzureVMImageBuilder",
-            "imageTemplateName": ctx.template.name,
-            "imageTemplateResourceGroupName": ctx.spec.resource_group or "",
-            ROLE_TAG: role,
-            TEMPLATE_TAG: ctx.template.uid,
-        }
-        if run:
-            tags[RUN_TAG] = ctx.run_uid
-        return tags
-
-    def _names(self, ctx: RunContext) -> dict[str, str]:
-        prefix = f"kiln-{ctx.run_uid[:8]}"
-        return {kind: f"{prefix}-{kind}" for kind in ("vnet", "nsg", "pip", "nic", "vm", "osdisk")}
-
-    # --- staging -------------------------------------------------------------------------
-
     async def ensure_staging(self, ctx: RunContext) -> str:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
-        location = ctx.spec.location
-        exists = await ops.call(clients.resource.resource_groups.check_existence(group))
-        if exists:
-            current = await ops.call(clients.resource.resource_groups.get(group))
-            owner = (current.tags or {}).get(TEMPLATE_TAG)
-            if owner != ctx.template.uid:
-                resources = [
-                    r async for r in clients.resource.resources.list_by_resource_group(group)
-                ]
-                if owner is not None or resources:
-                    raise ProviderError(
-                        f"staging resource group {group} is not empty and not this template's; "
-                        "spec.stagingResourceGroup must name an empty or new group"
-                    )
-        body = {"location": location, "tags": self._tags(ctx, "staging", run=False)}
-        await ops.call(clients.resource.resource_groups.create_or_update(group, body))
-        account = storage_account_name(ctx.template.uid)
-        account_body = {
-            "location": location,
-            "sku": {"name": "Standard_LRS"},
-            "kind": "StorageV2",
-            "tags": self._tags(ctx, "staging-storage", run=False),
-            "properties": {"minimumTlsVersion": "TLS1_2", "allowBlobPublicAccess": False},
-        }
-        operations = ctx.checkpoint.azure.operations
-        await ops.ensure_all(
-            operations,
-            {
-                "storage": lambda **kw: clients.storage.storage_accounts.begin_create(
-                    group, account, account_body, **kw
-                )
-            },
-            "creating the staging storage account",
-        )
+        await check_free(clients, group, ctx.template.uid)
+        await ensure(clients, ctx.checkpoint.azure.operations, staging_specs(ctx, group))
         return self.staging_id(ctx.template, ctx.spec)
 
     async def delete_staging(
@@ -238,49 +175,26 @@ class AzureProvider:
         keep_group: bool,
         service_account: str | None = None,
     ) -> None:
-        parts = staging.strip("/").split("/")  # subscriptions/SUB/resourceGroups/NAME
-        ref = IdentityRef(template.namespace, service_account)
-        clients = await self.clients_for(parts[1], ref)
-        await self._delete_group(clients, parts[3], template, keep_group)
-
-    async def _delete_group(
-        self, clients: AzureClients, group: str, template: TemplateIdentity, keep_group: bool
-    ) -> None:
-        if not await ops.call(clients.resource.resource_groups.check_existence(group)):
-            return
-        current = await ops.call(clients.resource.resource_groups.get(group))
-        if (current.tags or {}).get(TEMPLATE_TAG) != template.uid:
+        """The template's vaults are purged first (deleting a group only soft-deletes
+        them); then the group goes, or with keep_group what Kiln made in it."""
+        _, subscription, _, group = staging.strip("/").split("/")
+        clients = await self.clients_for(
+            subscription, IdentityRef(template.namespace, service_account)
+        )
+        ours = owner(template=template.uid)
+        current = await ops.find(clients.resource.resource_groups.get(group))
+        if current is None or not owned(current.tags, ours):
             return  # never delete what Kiln did not make
-        vaults = [
-            resource
-            async for resource in clients.resource.resources.list_by_resource_group(group)
-            if (resource.type or "").lower() == VAULT_TYPE.lower()
-        ]
-        for resource in vaults:
-            await self._delete_vault(
-                clients, group, resource.name, resource.location, TEMPLATE_TAG, template.uid
-            )
-        if not keep_group:
-            poller = await ops.call(clients.resource.resource_groups.begin_delete(group))
-            await ops.call(poller.result())
-            return
-        ours = [
-            resource
-            async for resource in clients.resource.resources.list_by_resource_group(group)
-            if (resource.tags or {}).get(TEMPLATE_TAG) == template.uid
-        ]
-        kinds = _deletable(clients)
-        for resource in sorted(
-            ours, key=lambda r: list(kinds).index(r.type) if r.type in kinds else 99
-        ):
-            if resource.type not in kinds:
+        specs = []
+        async for resource in clients.resource.resources.list_by_resource_group(group):
+            spec = found(resource, group, ours)
+            if spec is None and keep_group and owned(resource.tags, ours):
                 raise ProviderError(f"Kiln cannot delete {resource.type} {resource.id}")
-            operation_group, long_running = kinds[resource.type]
-            if long_running:
-                poller = await ops.call(operation_group.begin_delete(group, resource.name))
-                await ops.call(poller.result())
-            else:
-                await ops.call(operation_group.delete(group, resource.name))
+            if spec is not None and (keep_group or spec.kind is VAULT):
+                specs.append(spec)
+        if not keep_group:
+            specs.append(Spec(GROUP, (group,), ours))
+        await delete(clients, deletion_order(specs) if keep_group else specs)
 
     async def publish_logs(self, ctx: RunContext) -> None:
         """The customization log to the staging account, as AIB's packerlogs/<run>/: an
@@ -342,23 +256,30 @@ class AzureProvider:
             }
             exact = ":".join((source.publisher, source.offer, source.sku, version))
             ctx.checkpoint.source_version = version
+            data_disks = image.data_disk_images
         elif isinstance(source, ManagedImageSource):
             _, group, parts = parse_id(source.image_id)
             managed = await ops.call(clients.compute.images.get(group, parts[-1]))
             os_type = managed.storage_profile.os_disk.os_type
             generation = managed.hyper_v_generation
             reference, exact = {"id": source.image_id}, source.image_id
+            data_disks = managed.storage_profile.data_disks
         else:
             exact = await self._gallery_version(clients, source.image_version_id)
             _, group, parts = parse_id(exact)
             definition = await ops.call(
                 clients.compute.gallery_images.get(group, parts[1], parts[3])
             )
+            version = await ops.call(
+                clients.compute.gallery_image_versions.get(group, parts[1], parts[3], parts[5])
+            )
+            data_disks = version.storage_profile.data_disk_images
             os_type = definition.os_type
             generation = definition.hyper_v_generation
             reference = {"id": exact}
             ctx.checkpoint.source_version = exact.rsplit("/", 1)[-1]
         ctx.checkpoint.os_type = _enum_value(os_type)
+        ctx.checkpoint.azure.source_data_disk_luns = [disk.lun for disk in data_disks or []]
         ctx.checkpoint.azure.hyper_v_generation = _enum_value(generation) if generation else "V1"
         check_steps_fit(ctx.spec, ctx.checkpoint.os_type)
         ctx.checkpoint.azure.image_reference = reference
@@ -410,285 +331,43 @@ class AzureProvider:
 
     # --- build VM ------------------------------------------------------------------------
 
-    @staticmethod
-    def _vm_size(ctx: RunContext) -> str:
-        """AIB's defaults: Standard_D1_v2 for Gen1 images, Standard_D2ds_v4 for Gen2."""
-        profile = ctx.spec.vm_profile
-        if profile and profile.vm_size:
-            return profile.vm_size
-        return "Standard_D2ds_v4" if _generation(ctx) == "V2" else "Standard_D1_v2"
-
-    def _custom_data(self, ctx: RunContext) -> str:
-        """cloud-init: the host key Kiln generated, so the VM is verified, never trusted."""
-        config = {
-            "ssh_deletekeys": True,
-            "ssh_keys": {
-                "ed25519_private": ctx.host_private_key,
-                "ed25519_public": ctx.host_public_key,
-            },
-        }
-        document = "#cloud-config\n" + yaml.safe_dump(config)
-        return base64.b64encode(document.encode()).decode()
-
-    @staticmethod
-    def _port(ctx: RunContext) -> int:
-        return WINRM_HTTPS_PORT if ctx.windows else SSH_PORT
-
-    def _os_profile(self, ctx: RunContext, vault_id: str, certificate_url: str) -> dict[str, Any]:
-        """Linux: key login only, host key via cloud-init. Windows: password login over
-        a WinRM HTTPS listener whose certificate the VM agent installs from Key Vault."""
-        if not ctx.windows:
-            return {
-                "computerName": BUILD_COMPUTER_NAME,
-                "adminUsername": BUILD_USER,
-                "customData": self._custom_data(ctx),
-                "linuxConfiguration": {
-                    "disablePasswordAuthentication": True,
-                    "ssh": {
-                        "publicKeys": [
-                            {
-                                "path": f"/home/{BUILD_USER}/.ssh/authorized_keys",
-                                "keyData": ctx.client_public_key,
-                            }
-                        ]
-                    },
-                },
-            }
-        assert ctx.winrm is not None
-        return {
-            "computerName": BUILD_COMPUTER_NAME,
-            "adminUsername": BUILD_USER,
-            "adminPassword": ctx.winrm.password.get_secret_value(),
-            "secrets": [
-                {
-                    "sourceVault": {"id": vault_id},
-                    "vaultCertificates": [
-                        {"certificateUrl": certificate_url, "certificateStore": "My"}
-                    ],
-                }
-            ],
-            "windowsConfiguration": {
-                "provisionVMAgent": True,
-                "enableAutomaticUpdates": False,
-                "winRM": {"listeners": [{"protocol": "Https", "certificateUrl": certificate_url}]},
-            },
-        }
-
-    async def _winrm_vault(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
-        """The vault ID; the certificate's secret URL goes to the checkpoint (one version)."""
-        assert ctx.winrm is not None
-        name = vault_name(ctx.run_uid)
-        body = {
-            "location": ctx.spec.location,
-            "tags": self._tags(ctx, "winrm-vault"),
-            "properties": {
-                "tenantId": await tenant_of(clients.credential, self.settings.azure_arm_endpoint),
-                "sku": {"family": "A", "name": "standard"},
-                "accessPolicies": [],
-                "enabledForDeployment": True,
-                "softDeleteRetentionInDays": 7,
-            },
-        }
-        await ops.ensure_all(
-            ctx.checkpoint.azure.operations,
-            {
-                "vault": lambda **kw: clients.keyvault.vaults.begin_create_or_update(
-                    group, name, body, **kw
-                )
-            },
-            "creating the Key Vault for the WinRM certificate",
-        )
-        if ctx.checkpoint.azure.winrm_certificate_url is None:
-            secret = await ops.call(
-                clients.keyvault.secrets.create_or_update(
-                    group,
-                    name,
-                    WINRM_SECRET,
-                    {
-                        "properties": {
-                            "value": key_vault_certificate(ctx.winrm),
-                            "contentType": "application/x-pkcs12",
-                        }
-                    },
-                )
-            )
-            ctx.checkpoint.azure.winrm_certificate_url = secret.properties.secret_uri_with_version
-        return f"{self.staging_id(ctx.template, ctx.spec)}/providers/{VAULT_TYPE}/{name}"
-
-    async def _network(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
-        """The NIC's ID: in the template's subnet, or on a new network with a public IP."""
-        names = self._names(ctx)
-        location = ctx.spec.location
-        operations = ctx.checkpoint.azure.operations
-        network = clients.network
-        vnet_config = ctx.spec.vm_profile.vnet_config if ctx.spec.vm_profile else None
-        ip_configuration: dict[str, Any]
-        if vnet_config and vnet_config.subnet_id:
-            ip_configuration = {"subnet": {"id": vnet_config.subnet_id}}
-            nsg_ref: dict[str, Any] = {}
-        else:
-            vnet = {
-                "location": location,
-                "tags": self._tags(ctx, "network"),
-                "properties": {
-                    "addressSpace": {"addressPrefixes": ["10.0.0.0/24"]},
-                    "subnets": [{"name": "build", "properties": {"addressPrefix": "10.0.0.0/24"}}],
-                },
-            }
-            nsg = {
-                "location": location,
-                "tags": self._tags(ctx, "network"),
-                "properties": {
-                    "securityRules": [
-                        {
-                            "name": "AllowCommunicator",
-                            "properties": {
-                                "protocol": "Tcp",
-                                "access": "Allow",
-                                "direction": "Inbound",
-                                "priority": 100,
-                                "sourceAddressPrefix": self.settings.azure_communicator_source,
-                                "sourcePortRange": "*",
-                                "destinationAddressPrefix": "*",
-                                "destinationPortRange": str(self._port(ctx)),
-                            },
-                        }
-                    ]
-                },
-            }
-            pip = {
-                "location": location,
-                "tags": self._tags(ctx, "network"),
-                "sku": {"name": "Standard"},
-                "properties": {"publicIPAllocationMethod": "Static"},
-            }
-            await ops.ensure_all(
-                operations,
-                {
-                    "vnet": lambda **kw: network.virtual_networks.begin_create_or_update(
-                        group, names["vnet"], vnet, **kw
-                    ),
-                    "nsg": lambda **kw: network.network_security_groups.begin_create_or_update(
-                        group, names["nsg"], nsg, **kw
-                    ),
-                    "pip": lambda **kw: network.public_ip_addresses.begin_create_or_update(
-                        group, names["pip"], pip, **kw
-                    ),
-                },
-                "creating the build network",
-            )
-            prefix = f"{self.staging_id(ctx.template, ctx.spec)}/providers/Microsoft.Network"
-            ip_configuration = {
-                "subnet": {"id": f"{prefix}/virtualNetworks/{names['vnet']}/subnets/build"},
-                "publicIPAddress": {"id": f"{prefix}/publicIPAddresses/{names['pip']}"},
-            }
-            nsg_ref = {
-                "networkSecurityGroup": {"id": f"{prefix}/networkSecurityGroups/{names['nsg']}"}
-            }
-        nic = {
-            "location": location,
-            "tags": self._tags(ctx, "network"),
-            "properties": {
-                **nsg_ref,
-                "ipConfigurations": [
-                    {
-                        "name": "build",
-                        "properties": {"privateIPAllocationMethod": "Dynamic", **ip_configuration},
-                    }
-                ],
-            },
-        }
-        await ops.ensure_all(
-            operations,
-            {
-                "nic": lambda **kw: network.network_interfaces.begin_create_or_update(
-                    group, names["nic"], nic, **kw
-                )
-            },
-            "creating the build VM's network interface",
-        )
-        created = await ops.call(network.network_interfaces.get(group, names["nic"]))
-        return str(created.id)
+    def _build(self, ctx: RunContext, tenant: str = "") -> list[Spec]:
+        """The run's build resources in creation order (cleanup is the reverse): a
+        Windows VM's Key Vault, the network, the VM. tenant: for creating the vault."""
+        staging_id = self.staging_id(ctx.template, ctx.spec)
+        group = staging_id.rsplit("/", 1)[-1]
+        source, port = self.settings.azure_communicator_source, vm.port(ctx)
+        return [
+            *([vault.spec(ctx, group, tenant)] if ctx.windows else []),
+            *network.specs(ctx, staging_id, source, port),
+            vm.spec(ctx, staging_id),
+        ]
 
     async def create_vm(self, ctx: RunContext) -> Endpoint:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         group = self.staging_group(ctx.template, ctx.spec)
-        names = self._names(ctx)
-        # The network and a Windows VM's Key Vault do not depend on each other.
-        prepared = await asyncio.gather(
-            self._network(ctx, clients, group),
-            self._winrm_vault(ctx, clients, group) if ctx.windows else _nothing(),
-            return_exceptions=True,
-        )
-        errors = [outcome for outcome in prepared if isinstance(outcome, BaseException)]
-        if errors:  # a fatal error before one that only says "not yet"
-            raise min(errors, key=lambda e: isinstance(e, ProviderError) and not e.fatal)
-        nic_id, vault_id = (str(outcome) for outcome in prepared)
-        profile = ctx.spec.vm_profile
-        os_disk: dict[str, Any] = {
-            "name": names["osdisk"],
-            "createOption": "FromImage",
-            "deleteOption": "Delete",
-            "managedDisk": {"storageAccountType": "Standard_LRS"},
-        }
-        if profile and profile.os_disk_size_gb:
-            os_disk["diskSizeGB"] = profile.os_disk_size_gb
-        vm: dict[str, Any] = {
-            "location": ctx.spec.location,
-            "tags": self._tags(ctx, "build-vm"),
-            "properties": {
-                "hardwareProfile": {"vmSize": self._vm_size(ctx)},
-                "storageProfile": {
-                    "imageReference": ctx.checkpoint.azure.image_reference,
-                    "osDisk": os_disk,
-                },
-                "osProfile": self._os_profile(
-                    ctx, vault_id, ctx.checkpoint.azure.winrm_certificate_url or ""
-                ),
-                "networkProfile": {
-                    "networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]
-                },
-            },
-        }
-        source = ctx.spec.source
-        if isinstance(source, PlatformImageSource) and source.plan_info:
-            plan = source.plan_info
-            vm["plan"] = {
-                "name": plan.plan_name,
-                "product": plan.plan_product,
-                "publisher": plan.plan_publisher,
-            }
-        if profile and profile.user_assigned_identities:
-            vm["identity"] = {
-                "type": "UserAssigned",
-                "userAssignedIdentities": {
-                    identity: {} for identity in profile.user_assigned_identities
-                },
-            }
         operations = ctx.checkpoint.azure.operations
-        await ops.ensure_all(
-            operations,
-            {
-                "vm": lambda **kw: clients.compute.virtual_machines.begin_create_or_update(
-                    group, names["vm"], vm, **kw
-                )
-            },
-            "creating the build VM",
-        )
+        tenant = ""
+        if ctx.windows and operations.get("vault") != ops.DONE:
+            tenant = await tenant_of(clients.credential, self.settings.azure_arm_endpoint)
+        *prepared, build_vm = self._build(ctx, tenant)
+        await ensure(clients, operations, prepared)
+        if ctx.windows:  # the VM's osProfile names the certificate's secret
+            await vault.store_certificate(ctx, clients, group)
+        await ensure(clients, operations, [build_vm])
         ctx.checkpoint.azure.vm_id = (
-            await ops.call(clients.compute.virtual_machines.get(group, names["vm"]))
+            await ops.call(clients.compute.virtual_machines.get(group, build_vm.name))
         ).id
         return Endpoint(
-            host=await self._address(ctx, clients, group), port=self._port(ctx), user=BUILD_USER
+            host=await self._address(ctx, clients, group), port=vm.port(ctx), user=BUILD_USER
         )
 
     async def _address(self, ctx: RunContext, clients: AzureClients, group: str) -> str:
-        names = self._names(ctx)
-        nic = await ops.call(clients.network.network_interfaces.get(group, names["nic"]))
+        nic = await ops.call(clients.network.network_interfaces.get(group, name(ctx, "nic")))
         configuration = nic.ip_configurations[0]
         if configuration.public_ip_address is None:
             return str(configuration.private_ip_address)
-        pip = await ops.call(clients.network.public_ip_addresses.get(group, names["pip"]))
+        pip = await ops.call(clients.network.public_ip_addresses.get(group, name(ctx, "pip")))
         return str(pip.ip_address)
 
     async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
@@ -699,17 +378,17 @@ class AzureProvider:
         if ctx.checkpoint.azure.generalized:
             return True
         clients = await self.clients(ctx.spec, ctx.template.namespace)
-        group, name = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["vm"]
+        group, vm_name = self.staging_group(ctx.template, ctx.spec), name(ctx, "vm")
         await ops.ensure_all(
             ctx.checkpoint.azure.operations,
             {
                 "deallocate": lambda **kw: clients.compute.virtual_machines.begin_deallocate(
-                    group, name, **kw
+                    group, vm_name, **kw
                 )
             },
             "deallocating the build VM",
         )
-        await ops.call(clients.compute.virtual_machines.generalize(group, name))
+        await ops.call(clients.compute.virtual_machines.generalize(group, vm_name))
         ctx.checkpoint.azure.generalized = True
         return True
 
@@ -733,25 +412,9 @@ class AzureProvider:
         )
 
     async def delete_vm(self, ctx: RunContext) -> None:
-        """Build resources in reverse order; only those tagged with this run."""
+        """The build in reverse order; only what is tagged with this run."""
         clients = await self.clients(ctx.spec, ctx.template.namespace)
-        group = self.staging_group(ctx.template, ctx.spec)
-        names = self._names(ctx)
-        run_resources = {
-            "Microsoft.Compute/virtualMachines": names["vm"],
-            "Microsoft.Compute/disks": names["osdisk"],
-            "Microsoft.Network/networkInterfaces": names["nic"],
-            "Microsoft.Network/publicIPAddresses": names["pip"],
-            "Microsoft.Network/networkSecurityGroups": names["nsg"],
-            "Microsoft.Network/virtualNetworks": names["vnet"],
-        }
-        for kind, (operation_group, _) in _deletable(clients).items():
-            if kind in run_resources:
-                await self._delete_if_ours(ctx, operation_group, group, run_resources[kind])
-        if ctx.windows:  # only Windows build VMs get a Key Vault
-            await self._delete_vault(
-                clients, group, vault_name(ctx.run_uid), ctx.spec.location, RUN_TAG, ctx.run_uid
-            )
+        await delete(clients, reversed(self._build(ctx)))
 
     async def sweep(self, keep: set[str]) -> list[str]:
         """Resources tagged with a run UID not in keep, in every subscription in use,
@@ -762,28 +425,13 @@ class AzureProvider:
         removed: list[str] = []
         for subscription, ref in sorted(keys, key=lambda k: (k[0], k[1].describe())):
             clients = await self.clients_for(subscription, ref)
-            tagged = [
-                r
+            orphans = [
+                spec
                 async for r in clients.resource.resources.list(filter=f"tagName eq '{RUN_TAG}'")
-                if (r.tags or {}).get(RUN_TAG) not in keep
+                if (run := (r.tags or {}).get(RUN_TAG)) not in keep
+                and (spec := found(r, parse_id(r.id)[1], owner(run=run))) is not None
             ]
-            kinds = _deletable(clients)
-            order = [*kinds, VAULT_TYPE]
-            tagged.sort(key=lambda r: order.index(r.type) if r.type in order else len(order))
-            for resource in tagged:
-                _, group, _ = parse_id(resource.id)
-                owner = (resource.tags or {})[RUN_TAG]
-                if resource.type == VAULT_TYPE:
-                    await self._delete_vault(
-                        clients, group, resource.name, resource.location, RUN_TAG, owner
-                    )
-                elif resource.type in kinds:
-                    operation_group, _ = kinds[resource.type]
-                    poller = await ops.call(operation_group.begin_delete(group, resource.name))
-                    await ops.call(poller.result())
-                else:
-                    continue
-                removed.append(resource.id)
+            removed += [spec.id for spec in await delete(clients, deletion_order(orphans))]
         return removed
 
     async def leftovers(self, ctx: RunContext) -> list[str]:
@@ -795,34 +443,8 @@ class AzureProvider:
         return [
             resource.id
             async for resource in clients.resource.resources.list_by_resource_group(group)
-            if (resource.tags or {}).get(RUN_TAG) == ctx.run_uid
+            if owned(resource.tags, owner(run=ctx.run_uid))
         ]
-
-    @staticmethod
-    async def _delete_vault(
-        clients: AzureClients, group: str, name: str, location: str, tag: str, owner: str
-    ) -> None:
-        """Delete, then purge: a soft-deleted vault would keep its name and its secret."""
-        vaults = clients.keyvault.vaults
-        vault = await ops.find(vaults.get(group, name))
-        if vault is not None:
-            if (vault.tags or {}).get(tag) != owner:
-                return  # never delete what Kiln did not make
-            await ops.call(vaults.delete(group, name))
-        deleted = await ops.find(vaults.get_deleted(name, location))
-        if deleted is None or (deleted.properties.tags or {}).get(tag) != owner:
-            return
-        poller = await ops.call(vaults.begin_purge_deleted(name, location))
-        await ops.call(poller.result())
-
-    async def _delete_if_ours(
-        self, ctx: RunContext, operation_group: Any, group: str, name: str
-    ) -> None:
-        resource = await ops.find(operation_group.get(group, name))
-        if resource is None or (resource.tags or {}).get(RUN_TAG) != ctx.run_uid:
-            return  # gone, or never made by Kiln for this run
-        poller = await ops.call(operation_group.begin_delete(group, name))
-        await ops.call(poller.result())
 
     # --- distribution ----------------------------------------------------------------------
 
@@ -831,27 +453,11 @@ class AzureProvider:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         operations = ctx.checkpoint.azure.operations
         key = f"distribute-{index}"
-        tags = dict(target.artifact_tags or {})
         if isinstance(target, ManagedImageDistributor):
-            _, group, parts = parse_id(target.image_id)
-            await self._replace_managed_image(ctx, clients, group, parts[-1], index)
-            body = {
-                "location": target.location,
-                "tags": tags,
-                "properties": {
-                    "sourceVirtualMachine": {"id": ctx.checkpoint.azure.vm_id},
-                    "hyperVGeneration": _generation(ctx),
-                },
-            }
-            await ops.ensure_all(
-                operations,
-                {
-                    key: lambda **kw: clients.compute.images.begin_create_or_update(
-                        group, parts[-1], body, **kw
-                    )
-                },
-                f"creating managed image {parts[-1]}",
-            )
+            tags = dict(target.artifact_tags or {})
+            image = images.managed_image(ctx, target.image_id, target.location, tags, key)
+            await self._replace_managed_image(ctx, clients, *image.path, index)
+            await ensure(clients, operations, [image])
             return _output(target.run_output_name, target.image_id)
         if isinstance(target, SharedImageDistributor):
             return await self._distribute_shared(ctx, clients, target, index)
@@ -892,47 +498,19 @@ class AzureProvider:
                 else await self._next_version(ctx, clients, group, gallery, definition, target)
             )
             raise ops.Pending(f"recording gallery version {decided[str(index)]}", retry_after=0)
-        regions = [
-            {
-                "name": r.name,
-                "regionalReplicaCount": r.replica_count or 1,
-                "storageAccountType": r.storage_account_type or "Standard_LRS",
-            }
-            for r in target.target_regions or []
-        ]
-        regions += [
-            {
-                "name": name,
-                "regionalReplicaCount": 1,
-                "storageAccountType": target.storage_account_type or "Standard_LRS",
-            }
-            for name in target.replication_regions or []
-        ]
-        if not any(r["name"] == ctx.spec.location for r in regions):
-            regions.append({"name": ctx.spec.location, "regionalReplicaCount": 1})
-        profile: dict[str, Any] = {
-            "targetRegions": regions,
-            "excludeFromLatest": bool(target.exclude_from_latest),
-        }
-        if target.replication_mode:
-            profile["replicationMode"] = target.replication_mode
-        body = {
-            "location": ctx.spec.location,
-            "tags": dict(target.artifact_tags or {}),
-            "properties": {
-                "publishingProfile": profile,
-                "storageProfile": {"source": {"id": ctx.checkpoint.azure.vm_id}},
-            },
-        }
-        versions = clients.compute.gallery_image_versions
-        await ops.ensure_all(
+        await ensure(
+            clients,
             ctx.checkpoint.azure.operations,
-            {
-                f"distribute-{index}": lambda **kw: versions.begin_create_or_update(
-                    group, gallery, definition, version, body, **kw
+            [
+                images.gallery_version(
+                    ctx,
+                    target.gallery_image_id,
+                    version,
+                    images.publishing_profile(ctx, target),
+                    dict(target.artifact_tags or {}),
+                    f"distribute-{index}",
                 )
-            },
-            f"publishing {definition} {version}",
+            ],
         )
         definition_id = target.gallery_image_id.split("/versions/")[0]
         return _output(target.run_output_name, f"{definition_id}/versions/{version}")
@@ -959,7 +537,7 @@ class AzureProvider:
         self, ctx: RunContext, clients: AzureClients, target: VhdDistributor, index: int
     ) -> RunOutput:
         """Read access to the OS disk, a sparse page-blob copy, access revoked."""
-        group, disk = self.staging_group(ctx.template, ctx.spec), self._names(ctx)["osdisk"]
+        group, disk = self.staging_group(ctx.template, ctx.spec), name(ctx, "osdisk")
         copied = ctx.checkpoint.azure.copied_vhds
         if str(index) not in copied:
             poller = await ops.call(
@@ -1009,24 +587,6 @@ class AzureProvider:
             return destination.url.split("?", 1)[0]
 
 
-def _deletable(clients: AzureClients) -> dict[str, tuple[Any, bool]]:
-    """What Kiln creates, in the order it can be deleted: (operation group, long-running)."""
-    compute, network = clients.compute, clients.network
-    return {
-        "Microsoft.Compute/virtualMachines": (compute.virtual_machines, True),
-        "Microsoft.Compute/disks": (compute.disks, True),
-        "Microsoft.Network/networkInterfaces": (network.network_interfaces, True),
-        "Microsoft.Network/publicIPAddresses": (network.public_ip_addresses, True),
-        "Microsoft.Network/networkSecurityGroups": (network.network_security_groups, True),
-        "Microsoft.Network/virtualNetworks": (network.virtual_networks, True),
-        "Microsoft.Storage/storageAccounts": (clients.storage.storage_accounts, False),
-    }
-
-
-async def _nothing() -> str:
-    return ""
-
-
 def _read_from(path: Path, offset: int, limit: int) -> bytes:
     with path.open("rb") as handle:
         handle.seek(offset)
@@ -1036,11 +596,6 @@ def _read_from(path: Path, offset: int, limit: int) -> bytes:
 def _same_id(left: str | None, right: str | None) -> bool:
     """ARM IDs compare case-insensitively."""
     return (left or "").lower() == (right or "").lower()
-
-
-def _generation(ctx: RunContext) -> str:
-    """The source image's Hyper-V generation, as resolved (V1 when Azure names none)."""
-    return ctx.checkpoint.azure.hyper_v_generation or "V1"
 
 
 def _output(name: str, artifact_id: str) -> RunOutput:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from .. import diskaccess, ids
 from ..errors import ArmError, invalid_parameter, missing_parameter
 from ..models import (
+    DataDiskInfo,
     MarketplaceImage,
     Operation,
     StoredResource,
@@ -47,12 +48,14 @@ from ..validation import (
 )
 from .base import Ctx, Reply, ResourceType, require_group
 from .keyvault import VAULT, find_secret, parse_secret_url, vault_uri, version_of
+from .msi import USER_ASSIGNED_IDENTITY
 from .network import NIC, nic_addresses, nic_vm
 
 if TYPE_CHECKING:
     from ..emulator import ArmEmulator
 
 VM = "Microsoft.Compute/virtualMachines"
+DATA_DISKS = "properties.storageProfile.dataDisks"
 DISK = "Microsoft.Compute/disks"
 IMAGE = "Microsoft.Compute/images"
 GALLERY = "Microsoft.Compute/galleries"
@@ -199,6 +202,28 @@ def target_region_names(version: StoredResource) -> list[str]:
     return [
         r["name"] for r in get_path(version.body, "properties.publishingProfile.targetRegions", [])
     ]
+
+
+def data_disk_images(source: StoredResource | None) -> list[dict[str, Any]]:
+    """The data disks a VM, managed image or gallery version carries: [{lun, sizeGB, caching}]."""
+    if source is None or source.type not in (VM, IMAGE, GALLERY_VERSION):
+        return []
+    props = source.body["properties"]
+    if source.type == GALLERY_VERSION:
+        return [
+            {"lun": d["lun"], "sizeGB": d["sizeInGB"], "caching": d.get("hostCaching", "None")}
+            for d in get_path(props, "storageProfile.dataDiskImages", [])
+        ]
+    return [
+        {"lun": d["lun"], "sizeGB": d["diskSizeGB"], "caching": d.get("caching", "None")}
+        for d in get_path(props, "storageProfile.dataDisks", [])
+    ]
+
+
+def max_data_disks(size: str) -> int:
+    """maxDataDiskCount of a size: two per vCPU, at least four (what Azure's table shows
+    for the general-purpose sizes the emulator offers)."""
+    return max(4, 2 * SIZE_FACTS.get(size, (2, 8192))[0])
 
 
 def resolve_image_reference(emu: ArmEmulator, ref: dict[str, Any], location: str) -> ImageSource:
@@ -475,11 +500,7 @@ class VirtualMachines(ComputeType):
             os_disk["name"] = ids.split(managed["id"])[-1]
         if storage.get("imageReference") and source.exact_version and source.marketplace:
             storage["imageReference"]["exactVersion"] = source.exact_version
-        storage.setdefault("dataDisks", [])
-        if storage["dataDisks"]:
-            raise invalid_parameter(
-                "Data disks are not supported by the ARM emulator.", "dataDisks"
-            )
+        storage["dataDisks"] = self._data_disks(ctx, res, existing, storage, source, size)
         # os profile
         if create_option == "FromImage" and source.os_state == "Generalized":
             self._check_os_profile(props, res, source.os_type)
@@ -550,11 +571,22 @@ class VirtualMachines(ComputeType):
             if "SystemAssigned" in kind:
                 identity["principalId"] = res.meta.setdefault("principalId", str(uuid.uuid4()))
                 identity["tenantId"] = emu.tenant_id
-            for uid, value in (identity.get("userAssignedIdentities") or {}).items():
-                v = value if isinstance(value, dict) else {}
-                v.setdefault("principalId", str(uuid.uuid5(uuid.NAMESPACE_URL, uid + "/p")))
-                v.setdefault("clientId", str(uuid.uuid5(uuid.NAMESPACE_URL, uid + "/c")))
-                identity["userAssignedIdentities"][uid] = v
+            for uid in identity.get("userAssignedIdentities") or {}:
+                found = emu.lookup(uid)
+                if found is None or found.type != USER_ASSIGNED_IDENTITY:
+                    raise ArmError(
+                        400,
+                        "FailedIdentityOperation",
+                        f"Identity operation for resource '{res.id}' failed with error 'Failed "
+                        "to perform resource identity operation. Status: 'BadRequest'. "
+                        f'Response: \'{{"error":{{"code":"BadRequest","message":"Resource '
+                        f"'{uid}' was not found.\"}}}}'.'.",
+                    )
+                ids_of = found.body["properties"]
+                identity["userAssignedIdentities"][uid] = {
+                    "principalId": ids_of["principalId"],
+                    "clientId": ids_of["clientId"],
+                }
         # updates: what Azure refuses to change
         if existing is not None:
             old = existing.body["properties"]
@@ -581,6 +613,116 @@ class VirtualMachines(ComputeType):
         if source.resource is not None and source.resource.type == GALLERY_VERSION:
             res.meta["source_gallery_version"] = source.resource.id
         return res
+
+    def _data_disks(
+        self,
+        ctx: Ctx,
+        res: StoredResource,
+        existing: StoredResource | None,
+        storage: dict[str, Any],
+        source: ImageSource,
+        size: str,
+    ) -> list[dict[str, Any]]:
+        """storageProfile.dataDisks: empty managed disks (createOption Empty) and the image's
+        own data disks (FromImage; added at their LUNs when not listed), as Azure checks them."""
+        disks = storage.get("dataDisks") or []
+        if not isinstance(disks, list):
+            raise invalid_parameter("storageProfile.dataDisks must be an array.", "dataDisks")
+        from_image = {d["lun"]: d for d in data_disk_images(source.resource)}
+        old = {d["lun"]: d for d in get_path(existing.body if existing else {}, DATA_DISKS, [])}
+        out: dict[int, dict[str, Any]] = {}
+        for disk in disks:
+            lun = disk.get("lun")
+            if not isinstance(lun, int) or not 0 <= lun <= 63:
+                raise invalid_parameter(
+                    f"The value {lun} of parameter 'dataDisk.lun' is out of range. The value "
+                    "must be between 0 and 63, inclusive.",
+                    "dataDisk.lun",
+                )
+            if lun in out:
+                raise invalid_parameter(f"Two data disks use LUN {lun}.", "dataDisks")
+            option = check_enum(
+                disk.get("createOption"), {"Empty", "FromImage", "Attach"}, "dataDisk.createOption"
+            )
+            if option == "Attach":
+                raise invalid_parameter(
+                    "Attaching existing data disks is not supported by the ARM emulator.",
+                    "dataDisk.createOption",
+                )
+            if (option == "FromImage") != (lun in from_image):
+                raise invalid_parameter(
+                    f"The data disk at LUN {lun} has createOption {option}, but the image "
+                    + ("has no data disk at that LUN." if option == "FromImage" else "has one."),
+                    "dataDisk.createOption",
+                )
+            out[lun] = dict(disk)
+        for lun, image_disk in from_image.items():
+            out.setdefault(lun, {"lun": lun, "createOption": "FromImage"})
+            out[lun].setdefault("diskSizeGB", image_disk["sizeGB"])
+            out[lun].setdefault("caching", image_disk["caching"])
+        if set(old) and set(old) != set(out):
+            raise invalid_parameter(
+                "Attaching or detaching data disks of an existing VM is not supported by the "
+                "ARM emulator.",
+                "dataDisks",
+            )
+        limit = max_data_disks(size)
+        if len(out) > limit:
+            raise ArmError(
+                409,
+                "OperationNotAllowed",
+                f"The maximum number of data disks allowed to be attached to a VM of this size "
+                f"is {limit}.",
+            )
+        for lun, disk in sorted(out.items()):
+            self._data_disk(ctx, res, disk, old.get(lun))
+        return [out[lun] for lun in sorted(out)]
+
+    def _data_disk(
+        self, ctx: Ctx, res: StoredResource, disk: dict[str, Any], old: dict[str, Any] | None
+    ) -> None:
+        """One data disk's size, caching, storage type, delete option and name, defaulted."""
+        size_gb = disk.get("diskSizeGB")
+        if size_gb is None:
+            raise missing_parameter("dataDisk.diskSizeGB")
+        if not isinstance(size_gb, int) or not 1 <= size_gb <= 32767:
+            raise invalid_parameter(
+                f"The value {size_gb} of parameter 'dataDisk.diskSizeGB' is out of range. The "
+                "value must be between 1 and 32767, inclusive.",
+                "dataDisk.diskSizeGB",
+            )
+        managed = disk.setdefault("managedDisk", {})
+        sku = managed["storageAccountType"] = check_enum(
+            managed.get("storageAccountType") or "Standard_LRS",
+            VM_DISK_TYPES,
+            "dataDisk.managedDisk.storageAccountType",
+        )
+        disk["caching"] = check_enum(
+            disk.get("caching") or ("ReadOnly" if sku.startswith("Premium") else "None"),
+            {"None", "ReadOnly", "ReadWrite"},
+            "dataDisk.caching",
+        )
+        disk["deleteOption"] = check_enum(
+            disk.get("deleteOption") or "Detach", {"Delete", "Detach"}, "dataDisk.deleteOption"
+        )
+        if old is not None:  # the same VM again: its disks stay
+            disk["name"], managed["id"] = old["name"], get_path(old, "managedDisk.id")
+            return
+        name = disk.setdefault("name", f"{res.name}_disk{disk['lun'] + 2}_{uuid.uuid4().hex}")
+        validate_compute_name(name, "dataDisk.name")
+        assert ctx.path is not None
+        disk_id = ids.format_id(
+            ctx.path.subscription, ctx.path.resource_group, "Microsoft.Compute", ["disks"], [name]
+        )
+        if ctx.emu.lookup(disk_id) is not None:
+            raise ArmError(
+                409,
+                "ConflictingUserInput",
+                f"Disk {name} already exists in resource group "
+                f"{(ctx.path.resource_group or '').upper()}. Only CreateOption.Attach is "
+                "supported.",
+                target="/disks/" + name,
+            )
 
     def _check_os_profile(self, props: dict[str, Any], res: StoredResource, os_type: str) -> None:
         osp = props.get("osProfile")
@@ -782,6 +924,13 @@ class VirtualMachines(ComputeType):
             plan=res.body.get("plan"),
             os_disk_id=get_path(props, "storageProfile.osDisk.managedDisk.id"),
             os_disk_size_gb=get_path(props, "storageProfile.osDisk.diskSizeGB"),
+            data_disks=[
+                DataDiskInfo(
+                    lun=d["lun"], size_gb=d["diskSizeGB"], id=get_path(d, "managedDisk.id")
+                )
+                for d in get_path(props, "storageProfile.dataDisks", [])
+            ],
+            identities=sorted(get_path(res.body, "identity.userAssignedIdentities", {})),
             source_image_id=res.meta.get("source_gallery_version")
             or get_path(props, "storageProfile.imageReference.id"),
             tags=dict(res.tags),
@@ -800,34 +949,44 @@ class VirtualMachines(ComputeType):
             return
         os_disk = props["storageProfile"]["osDisk"]
         if os_disk["createOption"] == "FromImage" and not get_path(os_disk, "managedDisk.id"):
-            disk = self._create_os_disk(emu, res)
+            disk = self._create_disk(emu, res, os_disk)
             os_disk["managedDisk"]["id"] = disk.id
         elif os_disk["createOption"] == "Attach":
             disk = emu.lookup(os_disk["managedDisk"]["id"])
             if disk is not None:
                 disk.body["managedBy"] = res.id
+        for data_disk in props["storageProfile"]["dataDisks"]:
+            data_disk["managedDisk"]["id"] = self._create_disk(
+                emu, res, data_disk, data_disk["lun"]
+            ).id
         res.meta["backend_started"] = True
         await emu.backend.create(self.info(emu, res))
         res.meta["power"] = "running"
 
-    def _create_os_disk(self, emu: ArmEmulator, vm: StoredResource) -> StoredResource:
+    def _create_disk(
+        self, emu: ArmEmulator, vm: StoredResource, disk: dict[str, Any], lun: int | None = None
+    ) -> StoredResource:
+        """The managed disk of the VM's OS disk (lun None) or of one of its data disks."""
         props = vm.body["properties"]
-        os_disk = props["storageProfile"]["osDisk"]
         ref = props["storageProfile"].get("imageReference") or {}
         disk_id = ids.format_id(
-            vm.subscription, vm.resource_group, "Microsoft.Compute", ["disks"], [os_disk["name"]]
+            vm.subscription, vm.resource_group, "Microsoft.Compute", ["disks"], [disk["name"]]
         )
-        sku = os_disk["managedDisk"]["storageAccountType"]
-        if ref.get("id"):
+        sku = disk["managedDisk"]["storageAccountType"]
+        at = {} if lun is None else {"lun": lun}
+        if disk["createOption"] == "Empty":
+            creation: dict[str, Any] = {"createOption": "Empty"}
+        elif ref.get("id"):
             creation = (
                 {
                     "createOption": "FromImage",
                     "galleryImageReference": {
-                        "id": vm.meta.get("source_gallery_version", ref["id"])
+                        "id": vm.meta.get("source_gallery_version", ref["id"]),
+                        **at,
                     },
                 }
                 if "/galleries/" in ref["id"].lower()
-                else {"createOption": "FromImage", "imageReference": {"id": ref["id"]}}
+                else {"createOption": "FromImage", "imageReference": {"id": ref["id"], **at}}
             )
         else:
             img = find_marketplace(emu, ref["publisher"], ref["offer"], ref["sku"])
@@ -840,11 +999,15 @@ class VirtualMachines(ComputeType):
                     )
                 },
             }
-        size = int(os_disk["diskSizeGB"])
-        disk = StoredResource(
+        os_facts = {
+            "osType": vm.meta.get("os_type", "Linux"),
+            "hyperVGeneration": vm.meta.get("hyper_v_generation", "V1"),
+        }
+        size = int(disk["diskSizeGB"])
+        stored = StoredResource(
             id=disk_id,
             type=DISK,
-            name=os_disk["name"],
+            name=disk["name"],
             subscription=vm.subscription,
             resource_group=vm.resource_group,
             location=vm.location,
@@ -857,8 +1020,7 @@ class VirtualMachines(ComputeType):
                     "tier": "Premium" if sku.startswith("Premium") else "Standard",
                 },
                 "properties": {
-                    "osType": vm.meta.get("os_type", "Linux"),
-                    "hyperVGeneration": vm.meta.get("hyper_v_generation", "V1"),
+                    **(os_facts if lun is None else {}),
                     "creationData": creation,
                     "diskSizeGB": size,
                     "diskSizeBytes": size * 1024**3,
@@ -871,8 +1033,8 @@ class VirtualMachines(ComputeType):
                 },
             },
         )
-        emu.store(disk, new=True)
-        return disk
+        emu.store(stored, new=True)
+        return stored
 
     def on_failed(self, emu: ArmEmulator, op: Operation, res: StoredResource) -> None:
         res.provisioning_state = "Failed"
@@ -881,11 +1043,13 @@ class VirtualMachines(ComputeType):
         if res.meta.get("backend_started"):
             await emu.backend.delete(self.info(emu, res))
         props = res.body["properties"]
-        os_disk = get_path(props, "storageProfile.osDisk", {})
-        disk_id = get_path(os_disk, "managedDisk.id")
-        disk = emu.lookup(disk_id) if disk_id else None
-        if disk is not None:
-            if os_disk.get("deleteOption") == "Delete":
+        disks = get_path(props, "storageProfile.dataDisks", [])
+        for attached in [get_path(props, "storageProfile.osDisk", {}), *disks]:
+            disk_id = get_path(attached, "managedDisk.id")
+            disk = emu.lookup(disk_id) if disk_id else None
+            if disk is None:
+                continue
+            if attached.get("deleteOption") == "Delete":
                 await emu.delete_resource(disk)
             else:
                 disk.body.pop("managedBy", None)
@@ -1186,7 +1350,16 @@ class Images(ComputeType):
                         os_disk, "managedDisk.storageAccountType", "Standard_LRS"
                     ),
                 },
-                "dataDisks": [],
+                "dataDisks": [
+                    {
+                        "lun": d["lun"],
+                        "diskSizeGB": d["diskSizeGB"],
+                        "caching": d["caching"],
+                        "managedDisk": {"id": get_path(d, "managedDisk.id")},
+                        "storageAccountType": get_path(d, "managedDisk.storageAccountType"),
+                    }
+                    for d in get_path(vm.body, DATA_DISKS, [])
+                ],
                 "zoneResilient": bool(get_path(props, "storageProfile.zoneResilient", False)),
             }
             res.meta["source_plan"] = vm.meta.get("image_plan")
@@ -1437,7 +1610,10 @@ class GalleryImageVersions(GalleryChild):
             if source.type != VM
             else {"id": source.id, "virtualMachineId": source.id},
             "osDiskImage": {"sizeInGB": size, "hostCaching": "ReadWrite"},
-            "dataDiskImages": [],
+            "dataDiskImages": [
+                {"lun": d["lun"], "sizeInGB": d["sizeGB"], "hostCaching": d["caching"]}
+                for d in data_disk_images(source)
+            ],
         }
         props.setdefault(
             "safetyProfile",
@@ -1671,7 +1847,7 @@ def vm_sizes_route(ctx: Ctx, location: str) -> Reply:
                     "osDiskSizeInMB": 1047552,
                     "resourceDiskSizeInMB": 16384,
                     "memoryInMB": SIZE_FACTS.get(s, (2, 8192))[1],
-                    "maxDataDiskCount": 4,
+                    "maxDataDiskCount": max_data_disks(s),
                 }
                 for s in sizes
             ]

@@ -1,4 +1,4 @@
-"""`kiln demo`: the operator in the background and a real build of examples/ on this machine."""
+"""`make demo`: the operator in the background and a real build of examples/ on this machine."""
 
 from __future__ import annotations
 
