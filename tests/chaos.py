@@ -5,11 +5,12 @@ the ARM emulator fails a share of requests (429 with Retry-After, 5xx, 409 confl
 Every run must end, and end truthfully:
 
 - clean: nothing fatal injected (operator kills and cloud faults are survivable): Succeeded.
-- freeze: the build VM is frozen mid-customization, whose script outlasts the run's short
-  buildTimeoutInMinutes: Failed with Stalled reason TimedOut, ending within WATCH_SLACK of
-  its timeout (counted from startTime), the VM killed and cleaned up.
-- kill-vm: the build VM's QEMU is SIGKILLed mid-customization: Failed, cleaned up
-  (Succeeded if the VM was never reached to be killed).
+- freeze: the build VM is frozen mid-customization (or while it boots, on a busy machine),
+  and the customization outlasts the run's short buildTimeoutInMinutes anyway: Failed
+  with Stalled reason TimedOut, ending within WATCH_SLACK of its timeout (counted from
+  startTime), the VM killed and cleaned up.
+- kill-vm: the build VM's QEMU is SIGKILLed mid-customization (or booting): Failed,
+  cleaned up (Succeeded if the VM was never reached to be killed).
 - cancel: spec.cancel at a seeded moment: Canceled (Succeeded only if the run had already
   recorded its ending when the cancel came).
 
@@ -46,6 +47,7 @@ GALLERY = (
     "/providers/Microsoft.Compute/galleries/chaos/images"
 )
 FREEZE_TIMEOUT_MINUTES = 4
+BOOT_GRACE = 120.0  # a VM not customizing this long after it appeared is acted on booting
 WATCH_SLACK = 90.0  # how long past its timeout a frozen run may take to end (a kill too)
 AZURE_BUILD_TYPES = {
     "Microsoft.Compute/virtualMachines",
@@ -66,7 +68,8 @@ class Plan:
     seed: int
     local: list[str]  # case kinds: clean, freeze, kill-vm, cancel
     azure: list[str]  # clean, cancel
-    kill_every: tuple[float, float] = (45.0, 150.0)  # seconds between operator kills
+    kill_every: tuple[float, float] = (45.0, 150.0)  # seconds between local operator kills
+    azure_kill_every: tuple[float, float] = (8.0, 30.0)  # azure builds take about a minute
     down_for: tuple[float, float] = (0.5, 4.0)  # seconds the operator stays dead
     fault_rate: float = 0.1
     deadline: float = 3600.0  # the whole suite; a run not ended by then is stuck
@@ -101,6 +104,7 @@ class Case:
     body: Body | None = None
     pids: set[int] = field(default_factory=set)
     customizing_since: float | None = None
+    vm_seen: float | None = None
     frozen_pid: int | None = None
 
     @property
@@ -229,7 +233,7 @@ class Chaos:
         for case in fleet.cases:
             created = kiln.create("imagebuildruns", run(case.name, case.name))
             case.uid, case.created = created["metadata"]["uid"], now
-        fleet.next_kill = now + self.rng.uniform(*self.plan.kill_every)
+        fleet.next_kill = now + self.rng.uniform(*self.kill_every(fleet))
         self.fleets.append(fleet)
         return fleet
 
@@ -247,21 +251,35 @@ class Chaos:
             if all(c.ended for f in self.fleets for c in f.cases):
                 break
             time.sleep(1.0)
-        for fleet in self.fleets:  # the operator ends alive, to prove nothing needed it
+        for fleet in self.fleets:  # the operator ends alive
             if fleet.restart_at is not None:
-                fleet.operator.start()
+                self._start(fleet)
         if self.arm is not None:
             self.arm.clear_faults()
         report = self.judge()
         report.seconds = time.monotonic() - started
         return report
 
+    def kill_every(self, fleet: Fleet) -> tuple[float, float]:
+        return self.plan.kill_every if fleet.provider == "local" else self.plan.azure_kill_every
+
+    def _start(self, fleet: Fleet) -> None:
+        """Restart the operator; one slow to report healthy on a busy machine is left to
+        come up (one that exited is started again on the next tick)."""
+        try:
+            fleet.operator.start()
+        except RuntimeError as error:
+            self.log(f"chaos: the {fleet.provider} operator is slow to start: {error}")
+
     def _operator_chaos(self, fleet: Fleet) -> None:
         now = time.monotonic()
+        process = fleet.operator.process
+        if fleet.restart_at is None and process is not None and process.poll() is not None:
+            fleet.restart_at = now  # it exited by itself (or never came up): start it again
         if fleet.restart_at is not None and now >= fleet.restart_at:
-            fleet.operator.start()
+            self._start(fleet)
             fleet.restart_at = None
-            fleet.next_kill = now + self.rng.uniform(*self.plan.kill_every)
+            fleet.next_kill = now + self.rng.uniform(*self.kill_every(fleet))
             self.log(f"chaos: {fleet.provider} operator restarted")
         elif fleet.restart_at is None and now >= fleet.next_kill:
             if all(c.ended for c in fleet.cases):
@@ -285,6 +303,8 @@ class Chaos:
             self.log(f"chaos: {case.name} ended {case.status.get('runState')}")
             return
         now = time.monotonic()
+        if case.pids and case.vm_seen is None:
+            case.vm_seen = now
         if case.customizing_since is None and "running customize-" in case.status.get(
             "message", ""
         ):
@@ -298,12 +318,7 @@ class Chaos:
             case.cancel_after_ending = bool(ending) or status.get("runState") in TERMINAL
             case.acted_at = now
             self.log(f"chaos: canceled {case.name}")
-        elif (
-            case.kind in ("freeze", "kill-vm")
-            and case.customizing_since is not None
-            and now - case.customizing_since >= case.act_after
-            and case.pids
-        ):
+        elif case.kind in ("freeze", "kill-vm") and self._vm_due(case, now):
             pid = max(case.pids)
             sig = signal.SIGSTOP if case.kind == "freeze" else signal.SIGKILL
             try:
@@ -312,7 +327,16 @@ class Chaos:
                 return
             case.frozen_pid = pid if case.kind == "freeze" else None
             case.acted_at = now
-            self.log(f"chaos: {sig.name} to the build VM of {case.name} (pid {pid})")
+            phase = "customizing" if case.customizing_since is not None else "booting"
+            self.log(f"chaos: {sig.name} to the build VM of {case.name} (pid {pid}, {phase})")
+
+    @staticmethod
+    def _vm_due(case: Case, now: float) -> bool:
+        """Act act_after seconds into customization, or (a VM slow to boot on a busy
+        machine) BOOT_GRACE + act_after seconds after the VM appeared."""
+        if case.customizing_since is not None:
+            return now - case.customizing_since >= case.act_after
+        return case.vm_seen is not None and now - case.vm_seen >= BOOT_GRACE + case.act_after
 
     # --- judging ---------------------------------------------------------------------------
 
