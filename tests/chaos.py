@@ -69,7 +69,7 @@ class Plan:
     local: list[str]  # case kinds: clean, freeze, kill-vm, cancel
     azure: list[str]  # clean, cancel
     kill_every: tuple[float, float] = (45.0, 150.0)  # seconds between local operator kills
-    azure_kill_every: tuple[float, float] = (8.0, 30.0)  # azure builds take about a minute
+    azure_kill_every: tuple[float, float] = (25.0, 75.0)  # azure builds take a few minutes
     down_for: tuple[float, float] = (0.5, 4.0)  # seconds the operator stays dead
     fault_rate: float = 0.1
     deadline: float = 3600.0  # the whole suite; a run not ended by then is stuck
