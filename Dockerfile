@@ -3,8 +3,13 @@
 #   docker build --target azure -t kiln:<version>-azure .   the azure provider only: no QEMU
 #   docker build -t kiln:<version> .                         the local provider too (QEMU)
 # Both run as UID 65532 (the chart's securityContext), from a venv built in its own stage.
-# The base is pinned by digest; to move it, take the new digest from
-# `docker buildx imagetools inspect python:3.11-slim-bookworm` and change PYTHON_BASE.
+# The base is pinned by digest: the multi-platform index of python:3.11-slim-bookworm
+# (3.11.16) as Docker Hub published it in September-October 2026. It was NOT resolved
+# against a registry when it was written (the machines Kiln is developed on reach no
+# container registry); it was cross-checked only against public projects that pin the
+# same tag to the same digest. The first `docker build` with registry access verifies it
+# (a pull by digest fails unless the content matches). To move it, take the new digest
+# from `docker buildx imagetools inspect python:3.11-slim-bookworm` and change PYTHON_BASE.
 ARG PYTHON_BASE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 FROM ${PYTHON_BASE} AS build

@@ -11,7 +11,7 @@ STATE := .kiln
 export KUBECONFIG := $(CURDIR)/$(STATE)/kubeconfig
 
 .PHONY: setup system python images crds cluster-up cluster-down demo demo-down test \
-	unit integration e2e e2e-slow chaos lint bench bench-quick bench-setup
+	unit integration e2e e2e-slow chaos windows lint bench bench-quick bench-setup
 
 setup: system python images
 
@@ -64,6 +64,9 @@ e2e-slow: setup
 # CHAOS_SEED=N picks another seed; the figures also go to .kiln/chaos-report.txt.
 chaos: setup
 	@mkdir -p $(STATE) && CHAOS_REPORT=$(CURDIR)/$(STATE)/chaos-report.txt bash scripts/run-tests.sh -m chaos tests/e2e/test_chaos.py
+
+windows: setup
+	@bash scripts/run-tests.sh -m windows
 
 lint: python
 	@$(VENV)/bin/ruff check operator devtools tests bench

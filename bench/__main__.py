@@ -19,18 +19,19 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bench import builds, capture, fleet, queue
+from bench import boot, builds, capture, fleet, queue
 from bench.env import Cluster, Operator
 from bench.report import Figure, write_json
 from kiln.providers.local import baseimage, qemu
 from kiln.settings import load_settings
 
-FIGURES = ("build", "capture", "fleet", "queue")
+FIGURES = ("boot", "build", "capture", "fleet", "queue")
 
 
 class Sizes(BaseModel):
     """How big each figure is; the presets are below, every field can be overridden."""
 
+    boot_repeats: int = Field(default=3, ge=1, description="Boots of each kind.")
     build_repeats: int = Field(default=3, ge=1, description="Kiln and Packer builds each.")
     capture_repeats: int = Field(default=3, ge=1)
     templates: int = Field(default=1000, ge=1)
@@ -48,6 +49,7 @@ class Sizes(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {
+        "boot_repeats": 1,
         "build_repeats": 1,
         "capture_repeats": 1,
         "templates": 100,
@@ -58,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "settle_seconds": 5,
     },
     "smoke": {
+        "boot_repeats": 1,
         "build_repeats": 1,
         "capture_repeats": 1,
         "templates": 4,
@@ -112,6 +115,8 @@ def run(only: list[str], sizes: Sizes, work: Path, lock: Path | None) -> list[Fi
                 print(line, flush=True)
         figures.extend(new)
 
+    if "boot" in only:
+        report(boot.run(work / "boot", sizes.boot_repeats, lock))
     if "capture" in only:
         report(capture.run(_capture_disk(sizes, work), work / "capture", sizes.capture_repeats))
     if not {"build", "fleet", "queue"} & set(only):

@@ -11,25 +11,39 @@ from bench.env import Body, Cluster, vm_lock, wait_until
 from bench.report import Figure, Goal
 from kiln.kube import RUNS, TEMPLATES
 
-TEMPLATE = "bench-queue"
 FLAT_GOAL = 1.1  # requests/min with every run queued, x with none queued
 HOLD = "sleep 3600"  # the slot holders customize for an hour, until they are canceled
 
 
-def _template() -> Body:
+def _template(name: str) -> Body:
     body = demo_template()
     spec = {**body["spec"], "customize": [{"type": "Shell", "name": "hold", "inline": [HOLD]}]}
     spec.pop("validate", None)
-    return {**body, "metadata": {"name": TEMPLATE}, "spec": spec}
+    return {**body, "metadata": {"name": name}, "spec": spec}
 
 
-def _run(name: str) -> Body:
+def _run(name: str, template: str) -> Body:
     return {
         "apiVersion": "kiln.dev/v1alpha1",
         "kind": "ImageBuildRun",
         "metadata": {"name": name},
-        "spec": {"templateRef": {"name": TEMPLATE}},
+        "spec": {"templateRef": {"name": template}},
     }
+
+
+def plan(slots: int, queued: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The slot holders' templates (one each: a template builds one run at a time), and
+    (run, template) for the queued runs: every other one waits behind a holder's template,
+    the others have a template of their own and wait for a build slot."""
+    holders = [f"bench-queue-hold-{i}" for i in range(slots)]
+    waiting = [
+        (
+            f"bench-queued-{i:03d}",
+            holders[(i // 2) % slots] if i % 2 == 0 else f"bench-queue-own-{i:03d}",
+        )
+        for i in range(queued)
+    ]
+    return holders, waiting
 
 
 def _status(cluster: Cluster, name: str) -> Body:
@@ -55,20 +69,24 @@ def _rate(cluster: Cluster, window: float) -> float:
 def run(
     cluster: Cluster, slots: int, queued: int, window: float, settle: float, lock: Path | None
 ) -> list[Figure]:
-    cluster.create(TEMPLATES, _template())
-    holders = [f"bench-hold-{i}" for i in range(slots)]
+    holder_templates, planned = plan(slots, queued)
+    templates = holder_templates + sorted({t for _, t in planned} - set(holder_templates))
+    for name in templates:
+        cluster.create(TEMPLATES, _template(name))
+    holders = [f"{name}-run" for name in holder_templates]
     waiting: list[str] = []
     rates: dict[int, float] = {}
     try:
         with vm_lock(lock):
-            for name in holders:
-                cluster.create(RUNS, _run(name))
+            for name, template in zip(holders, holder_templates, strict=True):
+                cluster.create(RUNS, _run(name, template))
             for name in holders:
                 wait_until(lambda n=name: _customizing(cluster, n), 900, f"{name} customizing")
             for level in levels(queued):
                 while len(waiting) < level:
-                    waiting.append(f"bench-queued-{len(waiting):03d}")
-                    cluster.create(RUNS, _run(waiting[-1]))
+                    name, template = planned[len(waiting)]
+                    cluster.create(RUNS, _run(name, template))
+                    waiting.append(name)
                 time.sleep(settle)
                 rates[level] = _rate(cluster, window)
             not_waiting = [n for n in waiting if _status(cluster, n).get("runSubState") != "Queued"]
@@ -87,7 +105,8 @@ def run(
         for name in holders + waiting:
             cluster.delete(RUNS, name)
         wait_until(lambda: not cluster.names(RUNS), 600, "queue runs deleted")
-        cluster.delete(TEMPLATES, TEMPLATE)
+        for name in templates:
+            cluster.delete(TEMPLATES, name)
     if not_waiting:
         raise RuntimeError(f"runs {not_waiting} did not wait for a slot (slots {slots})")
     base, full = rates[0], rates[max(rates)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
+from kiln.providers.local import qemu
 from kiln_devtools import localcluster
 from kiln_devtools.demo import EXAMPLES_ROOT
 
@@ -25,6 +27,16 @@ pytest_plugins = ["fakes.fixtures"]  # Azurite and the ARM emulator with QEMU VM
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = REPO_ROOT / "crds"
 OPERATOR_NAMESPACE = "kiln-system"  # the test operators' own: per-run key Secrets live there
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (`timeout`, CI cancelling a job) ends the run as Ctrl-C does, so fixtures
+    still tear down: operators stop, build VMs are killed, control planes go."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,15 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill_build_vms(self) -> list[str]:
+        """SIGKILL the build VMs left under its data directory (they outlive the operator by
+        design, so a test that stops before its runs end would leave them running)."""
+        handles = [qemu.find(d) for d in sorted((self.data_dir / "vm").glob("*"))]
+        found = [handle for handle in handles if handle is not None]
+        for handle in found:
+            qemu.kill(handle)
+        return [handle.name for handle in found]
 
     def http(self, path: str) -> str:
         """GET path on the operator's HTTP port (metrics, run logs, health)."""

@@ -1,17 +1,22 @@
 """The few Kubernetes calls Kiln makes outside kopf's handler patches.
 
-The official client is synchronous; every call runs in a worker thread so that no
-handler blocks the event loop.
+The official client is synchronous; every call runs in a worker thread of Kiln's own
+pool (API_THREADS, the client's connection pool as large), so that no handler blocks the
+event loop, and neither slow API responses nor long host tools (qemu-img in the default
+executor) hold the other calls up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kubernetes
-from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from kiln import GROUP, VERSION
@@ -35,13 +40,18 @@ def refusal(error: ApiException) -> str:
     return f"{message} ({error.status})"
 
 
+API_THREADS = 32  # API calls in flight at once: 1,000 templates applied together need many
+
+
 def load_client() -> ApiClient:
     """In-cluster service account when there is one, else KUBECONFIG / ~/.kube/config."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    return ApiClient()
+    configuration = Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = API_THREADS
+    return ApiClient(configuration)
 
 
 REQUEST_TIMEOUT = (10, 60)  # (connect, read) seconds for every API server call
@@ -51,11 +61,17 @@ class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.custom = CustomObjectsApi(client)
         self.core = CoreV1Api(client)
+        self._pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
+
+    async def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A blocking client call in the API threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
 
     async def _custom(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A CustomObjectsApi call for Kiln's group, in a thread, with a timeout."""
         call = getattr(self.custom, method)
-        return await asyncio.to_thread(
+        return await self._call(
             call, GROUP, VERSION, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs
         )
 
@@ -105,7 +121,7 @@ class Kube:
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            secret = await asyncio.to_thread(
+            secret = await self._call(
                 self.core.read_namespaced_secret, name, namespace, _request_timeout=REQUEST_TIMEOUT
             )
         except ApiException as error:
@@ -116,7 +132,7 @@ class Kube:
 
     async def create_secret(self, namespace: str, body: Body) -> None:
         try:
-            await asyncio.to_thread(
+            await self._call(
                 self.core.create_namespaced_secret,
                 namespace,
                 body,
@@ -129,9 +145,7 @@ class Kube:
     async def service_account_annotations(self, namespace: str, name: str) -> dict[str, str] | None:
         """A ServiceAccount's annotations; None when it does not exist."""
         try:
-            account = await asyncio.to_thread(
-                self.core.read_namespaced_service_account, name, namespace
-            )
+            account = await self._call(self.core.read_namespaced_service_account, name, namespace)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -143,21 +157,21 @@ class Kube:
     ) -> tuple[str, float]:
         """A TokenRequest token for a ServiceAccount, and when it expires (epoch seconds)."""
         body = {"spec": {"audiences": [audience], "expirationSeconds": seconds}}
-        result = await asyncio.to_thread(
+        result = await self._call(
             self.core.create_namespaced_service_account_token, name, namespace, body
         )
         return result.status.token, result.status.expiration_timestamp.timestamp()
 
     async def list_secrets(self, namespace: str, label_selector: str) -> list[Body]:
         """Metadata of the matching Secrets (their data is never needed, so never kept)."""
-        result = await asyncio.to_thread(
+        result = await self._call(
             self.core.list_namespaced_secret, namespace, label_selector=label_selector
         )
         return [{"metadata": item.metadata.to_dict()} for item in result.items]
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await asyncio.to_thread(
+            await self._call(
                 self.core.delete_namespaced_secret,
                 name,
                 namespace,
@@ -169,7 +183,7 @@ class Kube:
 
     async def read_config_map(self, namespace: str, name: str) -> Body | None:
         try:
-            found = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)
+            found = await self._call(self.core.read_namespaced_config_map, name, namespace)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -177,10 +191,10 @@ class Kube:
         return self.core.api_client.sanitize_for_serialization(found)
 
     async def create_config_map(self, namespace: str, body: Body) -> None:
-        await asyncio.to_thread(self.core.create_namespaced_config_map, namespace, body)
+        await self._call(self.core.create_namespaced_config_map, namespace, body)
 
     async def patch_config_map(self, namespace: str, name: str, body: Body) -> None:
-        await asyncio.to_thread(self.core.patch_namespaced_config_map, name, namespace, body)
+        await self._call(self.core.patch_namespaced_config_map, name, namespace, body)
 
 
 async def template_runs(kube: Kube, template: Body) -> list[Body]:

@@ -42,14 +42,16 @@ def pair(
         for name in ("a", "b")
     )
     first, second = replicas
-    first.start()
-    wait_role(first, "active", 30)
-    second.start()
     try:
+        first.start()
+        wait_role(first, "active", 30)
+        second.start()
         yield first, second
     finally:
         for replica in replicas:
             replica.stop()
+        # Both replicas share the data directory: its VMs are gone however the test ended.
+        first.kill_build_vms()
 
 
 def test_the_standby_takes_over_a_run_in_flight_on_the_same_vm(
@@ -95,6 +97,7 @@ def test_the_standby_takes_over_a_run_in_flight_on_the_same_vm(
     status = body["status"]
     assert status["runState"] == "Succeeded", status["message"]
     assert status["checkpoint"]["local"]["vm"] == vm_before, "the same VM finished the build"
+    assert not qemu.is_running(vm), "the replica that took over removed the build VM"
     log = Path(status["checkpoint"]["logPath"]).read_text()
     assert log.count("before") == 1 and log.count("after-takeover") == 1
     starts = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import packer
+from bench import packer, queue
 from bench.report import Figure, Goal, percentile
 from kiln.api.template import ImageTemplateSpec, PlatformImageSource
 from kiln.providers.local import baseimage, disks, qemu
@@ -49,6 +49,16 @@ def test_figure_line_has_the_ratio_last() -> None:
         "goal ratio <= 0.8 missed by 0.03 (4% over)"
     )
     assert percentile([float(i) for i in range(1, 1001)], 0.99) == 990.0
+
+
+def test_queued_runs_wait_both_for_a_template_and_for_a_slot() -> None:
+    holders, waiting = queue.plan(2, 6)
+    assert holders == ["bench-queue-hold-0", "bench-queue-hold-1"]
+    templates = [template for _, template in waiting]
+    assert templates[0::2] == [holders[0], holders[1], holders[0]]  # behind a building run
+    own = templates[1::2]  # admitted at once, then waiting for one of the 2 slots
+    assert len(set(own)) == 3 and not set(own) & set(holders)
+    assert len({name for name, _ in waiting}) == 6
 
 
 def test_packer_peer_boots_what_kiln_boots(tmp_path: Path) -> None:
@@ -106,15 +116,25 @@ def test_bench_smoke_capture_and_templates(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_bench_smoke_builds_and_queue(tmp_path: Path) -> None:
-    """One Kiln build, one Packer build, one slot holder with two runs queued behind it."""
-    lines, doc = _bench(tmp_path, "--only", "build,queue", timeout=3000)
+    """Three boots (UEFI, BIOS, direct kernel), one Kiln build, one Packer build, one slot
+    holder with two runs queued behind it."""
+    lines, doc = _bench(tmp_path, "--only", "boot,build,queue", timeout=3600)
     figures = _figures(doc)
-    assert set(figures) == {"local build vs packer", "boot to ssh vs packer", "queued runs"}
+    assert set(figures) == {
+        "boot to ssh, firmware vs direct kernel",
+        "local build vs packer",
+        "boot to ssh vs packer",
+        "queued runs",
+    }
     for name in figures:
         line = next(line for line in lines if line.startswith(f"{name}: "))
         assert LINE.match(line), line
     samples = figures["local build vs packer"]["raw"]["samples"]
     assert samples["kiln"][0]["boot_to_ssh"] < samples["kiln"][0]["total"]
     assert samples["packer"][0]["boot_to_ssh"] < samples["packer"][0]["total"]
+    boots = figures["boot to ssh, firmware vs direct kernel"]["raw"]["samples"]
+    assert all(boot["ssh"] <= boot["cloud_init"] for peer in boots.values() for boot in peer)
+    for peer in ("uefi", "bios"):  # firmware and GRUB take a while before the kernel runs
+        assert 0 < boots[peer][0]["before_kernel"] < boots[peer][0]["ssh"], boots[peer]
     rates = figures["queued runs"]["raw"]["requests_per_minute"]
     assert set(rates) == {"0", "1", "2"} and all(rate > 0 for rate in rates.values())

@@ -72,6 +72,12 @@ CASES = [
         "needs runElevated",
     ),
     (
+        "update-filter",
+        {**AZURE, "customize": [{"type": "WindowsUpdate", "filters": ["$_.Title -like '*x*'"]}]},
+        "spec.customize[0].filters",
+        "include:<expression> or exclude:<expression>",
+    ),
+    (
         "file-outside-tmp",
         {"customize": [file_step("/etc/x")]},
         "spec.customize[0].destination",

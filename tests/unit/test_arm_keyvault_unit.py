@@ -18,6 +18,7 @@ from fakes.arm.models import VmInfo, WinRmListener
 from fakes.arm.providers.compute import load_vault_certificate
 from fakes.arm.providers.keyvault import parse_secret_url, version_of
 from fakes.arm.tls import pfx, self_signed
+from fakes.arm.windows_os import split_statements
 from fakes.arm.winrm_guest import (
     IMAGE_STATE_COMPLETE,
     IMAGE_STATE_GENERALIZED,
@@ -26,7 +27,6 @@ from fakes.arm.winrm_guest import (
     certificate_hash,
     fixed_vhd,
     script_of,
-    split_statements,
 )
 from kiln.providers.local.disks import check_fixed_vhd
 

@@ -161,3 +161,27 @@ def test_waagent_leaves_provisioning_to_cloud_init(tmp_path: Path) -> None:
         "ResourceDisk.EnableSwap=n",
         "ResourceDisk.Format=n",
     ]
+
+
+SHOW_METAPACKAGE = """\
+Package: linux-image-cloud-amd64
+Source: linux-signed-amd64 (5.10.262+1)
+Version: 5.10.262-1
+Depends: linux-image-5.10.0-46-cloud-amd64 (= 5.10.262-1)
+Description: Linux for x86-64 cloud (meta-package)
+"""
+
+
+def test_the_versioned_kernel_is_what_the_metapackage_depends_on() -> None:
+    assert baseimage.kernel_dependency(SHOW_METAPACKAGE) == "linux-image-5.10.0-46-cloud-amd64"
+    assert baseimage.kernel_dependency("Package: linux-image-cloud-amd64\n") is None
+
+
+def test_only_images_of_todays_recipe_are_reused(cache: Path) -> None:
+    """An image built by another recipe (or before images recorded theirs) is never
+    what ensure_image hands out; resolving its version still finds it."""
+    images = baseimage.list_images(cache, "Debian", "debian-12", "12")
+    assert baseimage.current_images(images, "12") == []
+    today = images[1].model_copy(update={"recipe": baseimage.recipe_digest("12")})
+    assert baseimage.current_images([images[0], today], "12") == [today]
+    assert baseimage.recipe_digest("12") != baseimage.recipe_digest("13")

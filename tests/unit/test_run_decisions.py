@@ -9,7 +9,14 @@ import pytest
 from kiln.api.run import Checkpoint, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import find
-from kiln.reconcile.runs import admit, final_state, next_step, run_conditions, run_manifest
+from kiln.reconcile.runs import (
+    admit,
+    final_state,
+    merge_patch,
+    next_step,
+    run_conditions,
+    run_manifest,
+)
 
 Body = dict[str, Any]
 NOW = "2024-05-01T10:00:00Z"
@@ -282,3 +289,19 @@ def test_run_manifest_label_values_fit_63_characters() -> None:
     assert all(len(v) <= 63 for v in manifest["metadata"]["labels"].values())
     assert manifest["spec"]["templateRef"]["name"] == "t" * 100
     assert manifest["metadata"]["ownerReferences"][0]["name"] == "t" * 100
+
+
+def test_a_checkpoint_patch_removes_what_the_checkpoint_dropped() -> None:
+    stored = {
+        "scriptIndex": {"customize": 3},
+        "windows": {"step": "customize-03", "update": {"pending": {"a": 1, "b": 2}}},
+        "azure": {"operations": {"vm": "token", "nic": "done"}},
+    }
+    new = {"scriptIndex": {"customize": 4}, "azure": {"operations": {"nic": "done"}}}
+    assert merge_patch(stored, new) == {
+        "scriptIndex": {"customize": 4},
+        "azure": {"operations": {"nic": "done", "vm": None}},
+        "windows": None,
+    }
+    assert merge_patch(None, new) == new
+    assert merge_patch({"a": [1, 2]}, {"a": [3]}) == {"a": [3]}

@@ -172,7 +172,14 @@ def test_the_index_keeps_what_admission_needs() -> None:
     assert entry == {
         "metadata": {"name": "r", "uid": "u", "creationTimestamp": STARTED},
         "spec": {"cancel": True},
-        "status": {"runState": "Running", "endTime": None, "templateSnapshot": True},
+        "status": {
+            "runState": "Running",
+            "runSubState": None,
+            "message": None,
+            "endTime": None,
+            "templateSnapshot": True,
+            "runOutputs": None,
+        },
     }
     other = {"metadata": {"name": "o", "uid": "o", "creationTimestamp": "2024-05-01T09:00:00Z"}}
     other |= {"spec": {"templateRef": {"name": "t"}}}

@@ -19,8 +19,8 @@ def _sh(command: str, stdin: bytes = b"") -> bytes:
     ).stdout
 
 
-def _start(jobs: Path, job_id: str, script: str) -> None:
-    _sh(ssh._start_command(str(jobs), job_id, script, elevated=False), script.encode())
+def _start(jobs: Path, job_id: str, script: str) -> bytes:
+    return _sh(ssh._start_command(str(jobs), job_id, script, elevated=False), script.encode())
 
 
 def _poll(jobs: Path, job_id: str, offset: int = 0) -> ssh.JobStatus:
@@ -48,9 +48,9 @@ def test_job_runs_detached_and_records_exit_code(tmp_path: Path) -> None:
 
 def test_start_is_idempotent(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
-    _start(jobs, "j", "echo first")
+    assert _start(jobs, "j", "echo first") == b"KILN new\n"  # start_job logs it once
     _wait(jobs, "j")
-    _start(jobs, "j", "echo second; exit 1")
+    assert _start(jobs, "j", "echo second; exit 1") == b""
     time.sleep(0.5)
     assert _wait(jobs, "j").new_log == b"first\n"
     assert _wait(jobs, "j").exit_code == 0

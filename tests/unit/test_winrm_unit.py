@@ -128,8 +128,6 @@ def test_a_windows_run_secret_carries_a_winrm_login_and_restores_it() -> None:
     [
         ("Linux", {"type": "PowerShell", "inline": ["Get-Date"]}, "needs Windows"),
         ("Windows", {"type": "Shell", "inline": ["date"]}, "needs Linux"),
-        ("Windows", {"type": "PowerShell", "inline": ["Get-Date"]}, "does not run customizers"),
-        ("Windows", {"type": "WindowsRestart"}, "does not run customizers"),
     ],
 )
 def test_steps_must_suit_the_source_os(os_type: str, step: dict, message: str) -> None:
@@ -137,6 +135,20 @@ def test_steps_must_suit_the_source_os(os_type: str, step: dict, message: str) -
     with pytest.raises(ProviderError, match=message) as failure:
         check_steps_fit(spec, os_type)
     assert "spec.customize[0]" in str(failure.value) and failure.value.fatal
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"type": "PowerShell", "inline": ["Get-Date"]},
+        {"type": "WindowsRestart"},
+        {"type": "WindowsUpdate"},
+        {"type": "File", "sourceUri": "https://example.com/a", "destination": "C:\\a.txt"},
+    ],
+)
+def test_windows_steps_fit_a_windows_source(step: dict) -> None:
+    spec = ImageTemplateSpec.model_validate({**valid_spec(), "customize": [step]})
+    check_steps_fit(spec, "Windows")
 
 
 def test_linux_steps_on_linux_and_no_steps_on_windows_fit() -> None:

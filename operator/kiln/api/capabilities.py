@@ -32,7 +32,7 @@ CAPABILITIES: dict[Provider, ProviderCapabilities] = {
     ),
     Provider.azure: ProviderCapabilities(
         windows_build_vms=True,
-        windows_customizers=False,
+        windows_customizers=True,
         file_uris=False,
         vhd_destination="blob",
         account_fields=("location", "resourceGroup", "subscriptionId"),

@@ -157,6 +157,33 @@ class AzureCheckpoint(KubeModel):
     copied_vhds: dict[str, str] = _map("distribute index -> the VHD blob it copied.")
 
 
+class WindowsRestart(KubeModel):
+    """A restart of a Windows build VM in flight: the boot it must leave behind."""
+
+    boot_time: str = Field(description="LastBootUpTime before the restart was asked for.")
+    deadline: float = Field(description="When waiting for the VM gives up (epoch s).")
+    issued: bool = _f("The restart command was sent.", False)
+    seen: str | None = _f("What the last look at the VM found (for a timeout's message).")
+
+
+class WindowsUpdateProgress(KubeModel):
+    """Where a WindowsUpdate step is: its search/install cycles, and a restart between."""
+
+    cycle: int = _f("The current cycle (1 first); each is one job on the VM.", 1)
+    installed: int = _f("Updates installed so far.", 0)
+    failed: dict[str, str] = _map("Update ID -> the HResult its install failed with.")
+    pending: dict[str, int] = _map("Update ID -> cycles in a row it was installed again.")
+    restart: WindowsRestart | None = _f("The restart after a cycle that needed one.")
+
+
+class WindowsProgress(KubeModel):
+    """The Windows step in flight (customize or validate); cleared when it ends."""
+
+    step: str = Field(description="The step it belongs to, e.g. customize-03.")
+    restart: WindowsRestart | None = _f("A WindowsRestart step's restart.")
+    update: WindowsUpdateProgress | None = _f("A WindowsUpdate step's progress.")
+
+
 class Checkpoint(KubeModel):
     """The run driver's persisted state between passes; a restart resumes from it."""
 
@@ -173,6 +200,7 @@ class Checkpoint(KubeModel):
     collected: bool = _f("Boot files were fetched from the VM before shutdown.", False)
     poweroff_requested: bool = _f("Deprovisioning ended and the VM powers off.", False)
     script_index: dict[str, int] = _map("customize/validate -> index of the next step.")
+    windows: WindowsProgress | None = _f("The Windows step in flight: restarts, updates.")
     outputs: dict[str, RunOutput] = _map("distribute index -> its output.")
     validation_failure: str | None = _f("Why validation failed (continueDistributeOnFailure).")
     vm_kept: bool = _f("The build VM was kept (errorHandling abort).", False)

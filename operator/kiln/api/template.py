@@ -49,6 +49,7 @@ MAX_REGIONS = 64  # Azure has about 60 public regions
 MAX_REGION_NAME = 64
 
 WINDOWS_STEP_TYPES = ("PowerShell", "WindowsRestart", "WindowsUpdate")
+DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"  # AIB's restartTimeout, e.g. 1h30m
 _WINDOWS_CEL = "[" + ", ".join(f"'{t}'" for t in WINDOWS_STEP_TYPES) + "]"
 
 
@@ -316,22 +317,42 @@ class WindowsRestartStep(KubeModel):
     )
     restart_timeout: str | None = Field(
         default=None,
-        pattern=r"^[0-9]+[smh]$",
-        description="How long to wait, as a number and unit, e.g. 5m or 2h. Default: 5m.",
+        min_length=2,
+        pattern=DURATION_PATTERN,
+        description="How long to wait for the VM to come back, as numbers with units, e.g. "
+        "5m, 2h or 1h30m. Default: 5m.",
     )
 
 
 class WindowsUpdateStep(KubeModel):
-    """Installs Windows updates."""
+    """Installs Windows updates, restarting when they need it, until none applies."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.filters) || self.filters.all(f, f.startsWith('include:') || "
+            "f.startsWith('exclude:'))",
+            message="each filter is include:<expression> or exclude:<expression>, e.g. "
+            "exclude:$_.Title -like '*Preview*'",
+            field_path=".filters",
+        ),
+    )
 
     type: Literal["WindowsUpdate"] = Field(description="Kind of step.")
     name: str | None = Field(default=None, description="Friendly name of this step.")
     search_criteria: str | None = Field(
-        default=None, description="Criteria to search updates. Default: all."
+        default=None,
+        max_length=1000,
+        description="Windows Update search criteria. Default: BrowseOnly=0 and IsInstalled=0.",
     )
-    filters: list[str] | None = Field(default=None, description="Filters to select updates.")
+    filters: list[str] | None = Field(
+        default=None,
+        max_length=50,
+        description="include:<PowerShell expression on $_> or exclude:<...>; the first "
+        "that matches an update decides, none matching excludes it. Default: "
+        "exclude:$_.Title -like '*Preview*', include:$true.",
+    )
     update_limit: int | None = Field(
-        default=None, ge=0, description="Most updates applied at a time. 0 or unset: 1000."
+        default=None, ge=0, description="Most updates installed by this step. 0 or unset: 1000."
     )
 
 

@@ -231,6 +231,14 @@ def _step_rules(step: KubeModel, path: str, provider: Provider) -> Iterator[Spec
                 path=f"{path}.sha256Checksum",
                 message="only applies to scriptUri; remove it or use scriptUri",
             )
+    if isinstance(step, WindowsUpdateStep):
+        for index, rule in enumerate(step.filters or []):
+            if not rule.startswith(("include:", "exclude:")):
+                yield SpecProblem(
+                    path=f"{path}.filters[{index}]",
+                    message="each filter is include:<expression> or exclude:<expression>, "
+                    "e.g. exclude:$_.Title -like '*Preview*'",
+                )
     if isinstance(step, PowerShellStep) and step.run_as_system and not step.run_elevated:
         yield SpecProblem(
             path=f"{path}.runAsSystem",

@@ -56,6 +56,7 @@ class JobStatus(BaseModel):
     exit_code: int | None
     new_log: bytes
     next_offset: int
+    more: bool = False  # a full chunk was read: poll again at once
 
 
 class CommunicatorError(RuntimeError):
@@ -97,7 +98,8 @@ echo $? >"$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"
 
 
 def _start_command(jobs_dir: str, job_id: str, script: str, elevated: bool) -> str:
-    """Stage the job (script on stdin), publish it by rename, then launch it detached."""
+    """Stage the job (script on stdin), publish it by rename, then launch it detached.
+    Prints `KILN new` when this call published the job (not when it existed already)."""
     job_dir = _job_dir(jobs_dir, job_id)
     path = shlex.quote(f"{job_dir}/script")
     argv = path if script.startswith("#!") else f"/bin/bash {path}"
@@ -116,7 +118,7 @@ else
   cat >"$s/script"
   chmod 0700 "$s/script"
   printf '%s' {shlex.quote(runner)} >"$s/run"
-  mv -T "$s" {d} 2>/dev/null || rm -rf "$s"
+  if mv -T "$s" {d} 2>/dev/null; then echo "KILN new"; else rm -rf "$s"; fi
 fi
 setsid -f /bin/sh {d}/run </dev/null >/dev/null 2>&1
 """
@@ -154,11 +156,16 @@ def _parse_poll(output: bytes, offset: int) -> JobStatus:
         running, exit_code = False, None
     else:
         raise CommunicatorError(f"unexpected job status line {header[:200]!r}")
-    if len(new_log) >= MAX_LOG_CHUNK:
+    more = len(new_log) >= MAX_LOG_CHUNK
+    if more:
         running = True  # more log to read: the job's end is reported with its last chunk
         exit_code = None
     return JobStatus(
-        running=running, exit_code=exit_code, new_log=new_log, next_offset=offset + len(new_log)
+        running=running,
+        exit_code=exit_code,
+        new_log=new_log,
+        next_offset=offset + len(new_log),
+        more=more,
     )
 
 
@@ -281,13 +288,17 @@ class SshCommunicator:
         async with self.connection.start_sftp_client() as sftp:
             await sftp.get(remote_path, str(local_path))
 
-    async def start_job(self, job_id: str, script: str, elevated: bool = False) -> None:
-        """Start script detached under JOBS_DIR/job_id; a job id that exists is left alone."""
+    async def start_job(self, job_id: str, script: str, elevated: bool = False) -> bool:
+        """Start script detached under JOBS_DIR/job_id; a job id that exists is left alone
+        (steps call this on every pass). True when this call started it."""
         command = _start_command(self._jobs_dir, job_id, script, elevated)
         result = await self.run(command, stdin=script.encode())
         if result.exit_status != 0:
             raise CommunicatorError(f"could not start job {job_id}: {result.stderr.strip()}")
-        log.info("job %s started (elevated=%s)", job_id, elevated)
+        started = "KILN new" in result.stdout.splitlines()
+        if started:
+            log.info("job %s started (elevated=%s)", job_id, elevated)
+        return started
 
     async def poll_job(self, job_id: str, log_offset: int = 0) -> JobStatus:
         """State of a job and the log written since log_offset (at most 1 MiB at a time:

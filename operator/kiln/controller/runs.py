@@ -2,7 +2,7 @@
 
 runs_by_template is a kopf index (namespace, template) -> a slim view of each run, kept
 current by the watch: queue admission, history limits and schedule triggers read it
-instead of listing runs.
+instead of listing runs (templates_by_name, in controller.templates, is its peer).
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ async def drive_run(
     memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
     runs_by_template: kopf.Index[tuple[str, str], dict[str, Any]],
+    templates_by_name: kopf.Index[tuple[str, str], dict[str, Any]],
     **_: Any,
 ) -> None:
-    """Runs for as long as the build does; on an operator restart it starts again and resumes."""
+    """Runs for as long as the build does; on an operator restart it starts again and resumes.
+    body is kopf's live view of the run (current with every watch event): a run waiting in
+    the queue or for a build slot reads it instead of the API server."""
     runtime: Runtime = memo.runtime
     runtime.runs_index = runs_by_template
-    await RunDriver(runtime, body.metadata.namespace, body.metadata.name, stopped).drive()
+    runtime.templates_index = templates_by_name
+    driver = RunDriver(runtime, body.metadata.namespace, body.metadata.name, stopped, live=body)
+    await driver.drive()
 
 
 @kopf.on.delete(GROUP, VERSION, RUNS)

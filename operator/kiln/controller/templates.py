@@ -9,7 +9,7 @@ import kopf
 
 from kiln import GROUP, VERSION, reasons
 from kiln.api.template import ImageTemplateSpec, ScheduleTrigger
-from kiln.kube import RUNS, TEMPLATES, template_runs
+from kiln.kube import RUNS, TEMPLATES
 from kiln.reconcile import templates as decide
 from kiln.reconcile import triggers
 from kiln.reconcile.runs import run_manifest
@@ -19,11 +19,22 @@ from kiln.runtime import Runtime
 DELETE_WAIT = timedelta(minutes=20)
 
 
+@kopf.index(GROUP, VERSION, TEMPLATES)
+def templates_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(body.metadata.namespace, body.metadata.name): decide.index_entry(dict(body))}
+
+
 @kopf.on.resume(GROUP, VERSION, TEMPLATES)
 @kopf.on.create(GROUP, VERSION, TEMPLATES)
 @kopf.on.update(GROUP, VERSION, TEMPLATES)
-async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile_template(
+    body: kopf.Body,
+    memo: kopf.Memo,
+    runs_by_template: kopf.Index[tuple[str, str], dict[str, Any]],
+    **_: Any,
+) -> None:
     runtime: Runtime = memo.runtime
+    runtime.runs_index = runs_by_template
     spec = decide.effective_spec(dict(body.spec), runtime.settings)
     problems = decide.problems_of(spec, runtime.settings)
     if problems:
@@ -31,7 +42,7 @@ async def reconcile_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     elif decide.auto_run_enabled(spec):
         manifest = run_manifest(dict(body), decide.auto_run_name(dict(body)), "autoRun")
         await runtime.kube.create(RUNS, body.metadata.namespace, manifest)
-    await refresh_template(runtime, body.metadata.namespace, body.metadata.name)
+    await refresh_template(runtime, body.metadata.namespace, body.metadata.name, dict(body))
 
 
 @kopf.on.delete(GROUP, VERSION, TEMPLATES)
@@ -41,7 +52,8 @@ async def delete_template(body: kopf.Body, memo: kopf.Memo, runtime: timedelta, 
     DELETE_WAIT the staging goes regardless: deletion is never blocked for good."""
     kiln: Runtime = memo.runtime
     namespace = body.metadata.namespace
-    unfinished = [r for r in await template_runs(kiln.kube, dict(body)) if not decide.has_ended(r)]
+    runs = await kiln.runs_of(namespace, body.metadata.name)
+    unfinished = [r for r in runs if not decide.has_ended(r)]
     for run in unfinished:
         if not (run.get("spec") or {}).get("cancel"):
             await kiln.kube.patch(

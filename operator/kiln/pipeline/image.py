@@ -5,6 +5,7 @@ from __future__ import annotations
 from kiln import reasons
 from kiln.api.run import RunSubState
 from kiln.api.status import RunOutput
+from kiln.communicators import winrm_jobs
 from kiln.customizers import windows
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
 from kiln.pipeline.base import Outcome, StepEnv
@@ -74,6 +75,7 @@ class DeprovisionStep:
         if state.stdout.strip() == windows.GENERALIZED_STATE:
             await logs.aappend(DEPROVISION_JOB, b"the VM is generalized already\n")
             return await self._deprovisioned(ctx, env)
+        await communicator.run_powershell(winrm_jobs.CLEANUP)  # Kiln's tasks stay out of the image
         override = await communicator.run_powershell(windows.HAS_OVERRIDE)
         script = windows.DEPROVISION_SCRIPT
         if override.stdout.strip() == "True":

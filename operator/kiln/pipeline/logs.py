@@ -236,6 +236,11 @@ class RunLogs:
     async def atail(self, job_id: str, lines: int = 20) -> list[str]:
         return await asyncio.to_thread(self.tail, job_id, lines)
 
+    async def aread(self, job_id: str) -> str:
+        """A job's whole log as text (for logs known to be small)."""
+        path = self.job_path(job_id)
+        return await asyncio.to_thread(path.read_text, "utf-8", "replace")
+
     async def aoffset(self, job_id: str) -> int:
         return await asyncio.to_thread(self.offset, job_id)
 

@@ -2,7 +2,8 @@
 
 Scripts run as detached jobs, so a long script survives an operator restart; each pass
 starts the current job (a no-op if it is started already), reads its new log lines and
-moves on when it has an exit code. The index of the current step is checkpointed.
+moves on when it has an exit code. The index of the current step is checkpointed, and
+so is a Windows step's progress (restarts, update cycles: pipeline/windows.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from kiln.api.template import FileStep, ShellStep
 from kiln.customizers.linux import shell_script
 from kiln.customizers.sources import FetchError, fetch, redact
 from kiln.pipeline.base import Outcome, StepEnv
+from kiln.pipeline.jobs import run_job
 from kiln.pipeline.logs import RunLogs
+from kiln.pipeline.windows import WindowsStep, run_windows_step
 from kiln.providers.base import RunContext
 
-POLL_SECONDS = 3.0
+AnyStep = ShellStep | WindowsStep
 
 
-def _title(phase: str, index: int, step: ShellStep | FileStep) -> str:
+def _title(phase: str, index: int, step: AnyStep) -> str:
     label = f" {step.name!r}" if step.name else ""
     return f"{phase}[{index}] {step.type}{label}"
 
@@ -31,7 +34,7 @@ class ScriptPhase:
     sub_state: RunSubState
     failure_reason: str
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         raise NotImplementedError
 
     def applies(self, ctx: RunContext) -> bool:
@@ -55,6 +58,7 @@ class ScriptPhase:
                     outcome.message = f"{title}: {outcome.message}"
                 return outcome
             done[self.name] = index + 1
+            ctx.checkpoint.windows = None
         return Outcome.done(f"{len(steps)} step(s) succeeded")
 
     async def _run_step(
@@ -63,9 +67,11 @@ class ScriptPhase:
         env: StepEnv,
         logs: RunLogs,
         job_id: str,
-        step: ShellStep | FileStep,
+        step: AnyStep,
     ) -> Outcome | None:
         """None when the step finished well; otherwise what to tell the driver."""
+        if ctx.windows and not isinstance(step, ShellStep):
+            return await run_windows_step(ctx, env, logs, job_id, step, self.failure_reason)
         communicator = await env.communicator(ctx)
         if isinstance(step, FileStep):
             data = await fetch(step.source_uri, env.policy, step.sha256_checksum)
@@ -74,24 +80,10 @@ class ScriptPhase:
                 job_id, f"uploaded {redact(step.source_uri)} to {step.destination}\n".encode()
             )
             return None
-        await communicator.start_job(job_id, await shell_script(step, env.policy))
-        status = await communicator.poll_job(job_id, await logs.aoffset(job_id))
-        await logs.aappend(job_id, status.new_log)
-        if status.running:
-            return Outcome.wait(f"running {job_id}", delay=POLL_SECONDS)
-        if status.exit_code == 0:
-            return None
-        code = (
-            "no exit code (the script was killed)"
-            if status.exit_code is None
-            else (f"exit code {status.exit_code}")
-        )
-        return Outcome.failed(
-            f"failed with {code}",
-            self.failure_reason,
-            exit_code=status.exit_code,
-            log_tail=await logs.atail(job_id),
-        )
+        if not isinstance(step, ShellStep):  # the provider refuses these on Linux VMs
+            return Outcome.failed(f"{step.type} needs a Windows build VM", self.failure_reason)
+        script = await shell_script(step, env.policy)
+        return await run_job(communicator, logs, job_id, script, self.failure_reason)
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """Jobs live on the build VM and go with it."""
@@ -102,11 +94,11 @@ class CustomizeStep(ScriptPhase):
     sub_state = RunSubState.Customizing
     failure_reason = reasons.CUSTOMIZER_FAILED
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         validate = ctx.spec.validate_
         if validate and validate.source_validation_only:
             return []
-        return [s for s in ctx.spec.customize or [] if isinstance(s, ShellStep | FileStep)]
+        return list(ctx.spec.customize or [])
 
 
 class ValidateStep(ScriptPhase):
@@ -114,7 +106,6 @@ class ValidateStep(ScriptPhase):
     sub_state = RunSubState.Validating
     failure_reason = reasons.VALIDATION_FAILED
 
-    def steps(self, ctx: RunContext) -> list[ShellStep | FileStep]:
+    def steps(self, ctx: RunContext) -> list[AnyStep]:
         validate = ctx.spec.validate_
-        steps = (validate.in_vm_validations if validate else None) or []
-        return [s for s in steps if isinstance(s, ShellStep | FileStep)]
+        return list((validate.in_vm_validations if validate else None) or [])

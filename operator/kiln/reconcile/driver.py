@@ -16,9 +16,10 @@ Metrics and tracing hook in at _step_started/_step_ended and finish().
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,19 @@ class RunDriver:
         namespace: str,
         name: str,
         stopped: kopf.DaemonStopped | None = None,
+        live: Mapping[str, Any] | None = None,
     ) -> None:
         self.runtime = runtime
         self.kube = runtime.kube
         self.namespace = namespace
         self.name = name
         self.stopped = stopped
+        # The daemon's view of the run, kept current by kopf's watch; it may lag this
+        # driver's own last write by a moment, so waits read it only for cancel/deletion.
+        self.live = live
         self.env: StepEnv | None = None
         self._log_published = (0.0, -1)  # (monotonic time, size) of the last upload
+        self._queued_message: str | None = None  # the last Queued message written
 
     async def get(self) -> Body | None:
         run = await self.kube.get(RUNS, self.namespace, self.name)
@@ -89,6 +95,11 @@ class RunDriver:
 
     async def write(self, run: Body, status: Body) -> None:
         status["observedGeneration"] = run["metadata"].get("generation")
+        if "checkpoint" in status:  # what the checkpoint dropped must go from status too
+            checkpoint = status["checkpoint"]
+            status["checkpoint"] = decide.merge_patch(_status(run).get("checkpoint"), checkpoint)
+            if isinstance(run.get("status"), dict):
+                run["status"]["checkpoint"] = checkpoint  # what the next write compares with
         await self.kube.patch_status(RUNS, self.namespace, self.name, status)
 
     def _halted(self, uid: str) -> bool:
@@ -125,40 +136,72 @@ class RunDriver:
 
     # --- queue ---------------------------------------------------------------------------
 
+    def _live_run(self) -> Body | None:
+        """A copy of the live view; None when there is none or the run is being deleted."""
+        if self.live is None:
+            return None
+        run = copy.deepcopy(dict(self.live))
+        return None if run["metadata"].get("deletionTimestamp") else run
+
     async def queue_pass(self, run: Body) -> float:
-        """Start the run if it may start; the seconds to wait before asking again if not."""
-        if (run.get("spec") or {}).get("cancel"):
-            await self.finish(run, RunState.Canceled, reasons.CANCELED, "canceled before it began.")
-            return 0
+        """Start the run when it may start. Until then it waits here, deciding again every
+        QUEUE_POLL_SECONDS from kopf's indexes and the live view of the run: a queued run
+        costs the API server nothing but the writes that say why it waits. A cancel seen on
+        the live view goes back to drive(), which reads the run before ending it."""
+        while True:
+            if (run.get("spec") or {}).get("cancel"):
+                message = "canceled before it began."
+                await self.finish(run, RunState.Canceled, reasons.CANCELED, message)
+                return 0
+            if await self._admit_or_queue(run):
+                return 0
+            await self._sleep(QUEUE_POLL_SECONDS)
+            if self._halted(run["metadata"]["uid"]):
+                raise Stopped
+            if (live := self._live_run()) is None:
+                return 0  # no live view, or the run is being deleted: drive() reads it
+            run = live
+
+    async def _admission(self, run: Body, template: Body | None) -> tuple[decide.Admission, Body]:
+        spec = effective_spec((template or {}).get("spec") or {}, self.runtime.settings)
+        problems = problems_of(spec, self.runtime.settings) if template else []
+        name = run["spec"]["templateRef"]["name"]
+        siblings = await self.runtime.runs_of(self.namespace, name) if template else []
+        return decide.admit(run, template, siblings, problems), spec
+
+    async def _admit_or_queue(self, run: Body) -> bool:
+        """True when the run was admitted; else its Queued status says why (written when
+        the reason changes). The snapshot is taken from the template as the API server has
+        it now; the wait decides from the index."""
         template_name = run["spec"]["templateRef"]["name"]
         async with self.runtime.template_locks[f"{self.namespace}/{template_name}"]:
-            template = await self.kube.get(TEMPLATES, self.namespace, template_name)
-            spec = effective_spec((template or {}).get("spec") or {}, self.runtime.settings)
-            problems = problems_of(spec, self.runtime.settings) if template else []
-            siblings = await self.runtime.runs_of(self.namespace, template_name) if template else []
-            admission = decide.admit(run, template, siblings, problems)
-            status = _status(run)
-            if not admission.start:
-                if status.get("message") != admission.message:
-                    kopf.info(run, reason=reasons.EVENT_QUEUED, message=admission.message)
-                    await self.write(
-                        run,
-                        {
-                            "runState": RunState.Running,
-                            "runSubState": RunSubState.Queued,
-                            "message": admission.message,
-                            "conditions": self._running_conditions(
-                                run, admission.message, admission.reason
-                            ),
-                        },
-                    )
-                    if template:
-                        await refresh_template(self.runtime, self.namespace, template_name)
-                return QUEUE_POLL_SECONDS
-            assert template is not None
-            await self.admit(run, template, spec)
-        await refresh_template(self.runtime, self.namespace, template_name)
-        return 0
+            template = await self.runtime.template_of(self.namespace, template_name)
+            admission, spec = await self._admission(run, template)
+            if admission.start:
+                template = await self.kube.get(TEMPLATES, self.namespace, template_name)
+                admission, spec = await self._admission(run, template)
+            if admission.start:
+                assert template is not None
+                await self.admit(run, template, spec)
+            elif (self._queued_message or _status(run).get("message")) != admission.message:
+                kopf.info(run, reason=reasons.EVENT_QUEUED, message=admission.message)
+                await self.write(
+                    run,
+                    {
+                        "runState": RunState.Running,
+                        "runSubState": RunSubState.Queued,
+                        "message": admission.message,
+                        "conditions": self._running_conditions(
+                            run, admission.message, admission.reason
+                        ),
+                    },
+                )
+                self._queued_message = admission.message
+            else:
+                return False
+        if template is not None:
+            await refresh_template(self.runtime, self.namespace, template_name)
+        return admission.start
 
     async def admit(self, run: Body, template: Body, spec: Body) -> None:
         """Snapshot the template; from here on the run builds the snapshot, not the template.
@@ -202,6 +245,12 @@ class RunDriver:
                 pass
             if self._halted(run["metadata"]["uid"]):
                 raise Stopped
+            if self.live is not None:  # the wait reads the live view, not the API server
+                live = self._live_run()
+                if live is None:
+                    raise Stopped
+                if not (live.get("spec") or {}).get("cancel"):
+                    continue
             fresh = await self.get()
             if fresh is None:
                 raise Stopped

@@ -261,7 +261,8 @@ def runs_to_prune(
 
 
 def index_entry(run: Body) -> Body:
-    """What admission, pruning and triggers need of a run (the kopf index keeps this)."""
+    """What admission, pruning, triggers and a template's status need of a run (the kopf
+    index keeps this)."""
     meta, status = run["metadata"], run.get("status") or {}
     return {
         "metadata": {
@@ -272,7 +273,21 @@ def index_entry(run: Body) -> Body:
         "spec": {"cancel": bool((run.get("spec") or {}).get("cancel"))},
         "status": {
             "runState": status.get("runState"),
+            "runSubState": status.get("runSubState"),
+            "message": status.get("message"),
             "endTime": status.get("endTime"),
             "templateSnapshot": bool(status.get("templateSnapshot")) or None,
+            "runOutputs": status.get("runOutputs"),
         },
     }
+
+
+def merge_patch(stored: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386, what a status patch is) that turns stored into new:
+    a field or map key that new lacks is sent as null, else the API server keeps the old
+    one, and a checkpoint reloaded after a restart would bring it back."""
+    if not isinstance(stored, dict) or not isinstance(new, dict):
+        return new
+    patch = {key: merge_patch(stored.get(key), value) for key, value in new.items()}
+    patch.update({key: None for key in stored if key not in new})
+    return patch

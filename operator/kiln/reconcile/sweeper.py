@@ -38,7 +38,7 @@ async def sweep_once(runtime: Runtime) -> list[str]:
     """What was removed (IDs, paths); a provider that fails is logged, not fatal."""
     keep = owners(await runtime.kube.list_all(RUNS))
     removed: list[str] = []
-    for name, provider in runtime.providers.items():
+    for name, provider in runtime.providers.made().items():
         try:
             removed += await asyncio.wait_for(provider.sweep(keep), SWEEP_TIMEOUT)
         except Exception:

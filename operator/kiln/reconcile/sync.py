@@ -35,11 +35,20 @@ def staging_of(runtime: Runtime, body: dict[str, Any]) -> str | None:
         return None
 
 
-async def refresh_template(runtime: Runtime, namespace: str, name: str) -> None:
-    body = await runtime.kube.get(TEMPLATES, namespace, name)
+async def refresh_template(
+    runtime: Runtime, namespace: str, name: str, body: dict[str, Any] | None = None
+) -> None:
+    """Write the template's status. From a template handler (body given: the template as
+    kopf just handed it) the runs come from the index; after a run changed (body None)
+    the template and its runs are read, since the index may not show that change yet."""
+    if body is None:
+        body = await runtime.kube.get(TEMPLATES, namespace, name)
+        if body is not None:
+            runs = await template_runs(runtime.kube, body)
+    else:
+        runs = await runtime.runs_of(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
-    runs = await template_runs(runtime.kube, body)
     status = decide.template_status(
         body, runs, runtime.settings, staging_of(runtime, body), now_rfc3339()
     )

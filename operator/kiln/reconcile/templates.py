@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -53,6 +54,16 @@ def problems_of(spec: Body, settings: OperatorSettings) -> list[SpecProblem]:
 def describe_problems(problems: list[SpecProblem]) -> str:
     listed = "; ".join(str(p) for p in problems)
     return f"{listed}. Fix the spec and apply it again; no build starts until then."
+
+
+def index_entry(template: Body) -> Body:
+    """What queue admission needs of a template (the kopf index keeps this)."""
+    meta = template["metadata"]
+    kept = ("name", "namespace", "uid", "generation", "deletionTimestamp")
+    return {
+        "metadata": {key: meta.get(key) for key in kept},
+        "spec": copy.deepcopy(dict(template.get("spec") or {})),
+    }
 
 
 def _created(run: Body) -> tuple[str, str]:

@@ -16,24 +16,11 @@ real protocols, enough for pypsrp's WSMan + WinRS + Process (and Client.execute_
 
 Commands: `powershell.exe [-NoProfile] [-NonInteractive] [-ExecutionPolicy X]
 -EncodedCommand <base64 UTF-16-LE>` (or `-Command ...`), `cmd.exe /c <command>` and plain
-commands. The script goes to the VM's FakeWindowsGuest (`backend.guest(vm_id)`), which
-records it in `guest.scripts` and interprets, statement by statement (lines or `;`):
-
-- `Write-Output 'x'`, `Write-Host "x"`, `echo x`: x on stdout (`$env:COMPUTERNAME` expands);
-  `Write-Error 'x'`: x on stderr; `exit N`: exit code N.
-- `$env:COMPUTERNAME`, `hostname`: the VM's computerName.
-- a statement running `Sysprep.exe` with `/generalize`: `guest.image_state` becomes
-  IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE (IMAGE_STATE_COMPLETE before); with `/shutdown`
-  the VM powers off once the command ends (listener stops, ARM power state stopped).
-- `(Get-ItemProperty HKLM:\\SOFTWARE\\...\\Setup\\State).ImageState`: the image state.
-- `$name = <that query | a value>` sets a variable; `$name` expands in later values.
-- `Test-Path <path>`: True when a test set `guest.files[path]`, else False.
-- `Start-Sleep [-Seconds] N` / `-Milliseconds N`: a real (async) sleep, so a client's
-  Receive sees a running command.
-- anything else: ignored (exit code 0).
-
+commands. The script goes to the VM's FakeWindowsGuest (`backend.guest(vm_id)`,
+fakes/arm/windows_os.py: its file system, scheduled tasks, restarts and Windows Update
+agent), which records it in `guest.scripts` and interprets it statement by statement.
 `guest.handler = fn(script) -> (stdout, stderr, exit_code) | None` takes over a script
-(None: interpret it as above).
+(None: interpret it).
 """
 
 from __future__ import annotations
@@ -54,7 +41,7 @@ import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +53,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from .backend import VmBackend
 from .errors import ArmError
 from .models import VmInfo
+from .windows_os import IMAGE_STATE_COMPLETE as IMAGE_STATE_COMPLETE
+from .windows_os import IMAGE_STATE_GENERALIZED as IMAGE_STATE_GENERALIZED
+from .windows_os import FakeWindowsGuest, Output
 
 if TYPE_CHECKING:
     from .emulator import ArmEmulator
@@ -73,8 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fakes.arm.winrm")
 
 WINRM_HTTPS_PORT = 5986
-IMAGE_STATE_COMPLETE = "IMAGE_STATE_COMPLETE"
-IMAGE_STATE_GENERALIZED = "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
 CTRL_C_EXIT = -1073741510  # STATUS_CONTROL_C_EXIT
 TIMED_OUT = 2150858793  # ERROR_WSMAN_OPERATION_TIMEDOUT
 SHELL_NOT_FOUND = 2150858843
@@ -113,133 +101,6 @@ ANONYMOUS = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous"
 for _prefix, _uri in NS.items():
     if _prefix != "xml":
         ET.register_namespace(_prefix, _uri)
-
-ScriptResult = tuple[str, str, int]
-Handler = Callable[[str], ScriptResult | None]
-
-
-# --- the guest OS -------------------------------------------------------------------------
-
-
-class ScriptExit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-@dataclass(eq=False)
-class FakeWindowsGuest:
-    """The 'operating system' of one Windows VM: what ran in it and what it looks like."""
-
-    vm: VmInfo
-    scripts: list[str] = field(default_factory=list)
-    image_state: str = IMAGE_STATE_COMPLETE
-    files: dict[str, str] = field(default_factory=dict)
-    handler: Handler | None = None
-    shutdown_requested: bool = False
-    variables: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def computer_name(self) -> str:
-        return self.vm.computer_name
-
-    async def run(self, script: str, out: Output) -> int:
-        """Run a script, writing to `out` as it goes; returns the exit code."""
-        self.scripts.append(script)
-        self.variables = {}  # each script is a new powershell.exe
-        if self.handler is not None:
-            result = self.handler(script)
-            if result is not None:
-                stdout, stderr, code = result
-                out.write("stdout", stdout)
-                out.write("stderr", stderr)
-                return code
-        try:
-            for statement in split_statements(script):
-                await self._statement(statement, out)
-        except ScriptExit as done:
-            return done.code
-        return 0
-
-    async def _statement(self, text: str, out: Output) -> None:
-        low = text.lower()
-        if "sysprep.exe" in low:
-            if "/generalize" in low:
-                self.image_state = IMAGE_STATE_GENERALIZED
-            if "/shutdown" in low:
-                self.shutdown_requested = True
-            return
-        m = re.match(r"^\$(\w+)\s*=\s*(.+)$", text, re.S)
-        if m:
-            self.variables[m.group(1).lower()] = self._expression(m.group(2))
-            return
-        if _IMAGE_STATE.search(low):
-            out.line(self.image_state)
-            return
-        m = re.match(r"^(write-output|write-host|echo)\b\s*(.*)$", text, re.I | re.S)
-        if m:
-            out.line(self._value(m.group(2)))
-            return
-        m = re.match(r"^write-error\b\s*(?:-message\s+)?(.*)$", text, re.I | re.S)
-        if m:
-            out.line(self._value(m.group(1)), "stderr")
-            return
-        m = re.match(r"^exit\b\s*(-?\d+)?\s*$", text, re.I)
-        if m:
-            raise ScriptExit(int(m.group(1) or 0))
-        if low in ("$env:computername", "hostname", "hostname.exe"):
-            out.line(self.computer_name)
-            return
-        m = re.match(r"^test-path\b\s*(?:-path\s+)?(.+)$", text, re.I)
-        if m:
-            out.line("True" if self._value(m.group(1)) in self.files else "False")
-            return
-        m = re.match(r"^start-sleep\b\s*(-seconds|-s|-milliseconds|-m)?\s*([\d.]+)\s*$", text, re.I)
-        if m:
-            seconds = float(m.group(2))
-            if (m.group(1) or "").lower() in ("-milliseconds", "-m"):
-                seconds /= 1000
-            await asyncio.sleep(seconds)
-            return
-
-    def _expression(self, raw: str) -> str:
-        """The right side of `$x = ...`: the image state query, or a value."""
-        return self.image_state if _IMAGE_STATE.search(raw.lower()) else self._value(raw)
-
-    def _value(self, raw: str) -> str:
-        """A PowerShell argument: 'literal', "expanding" or a bare word ($variables expand)."""
-        raw = raw.strip()
-        if len(raw) >= 2 and raw[0] == raw[-1] == "'":
-            return raw[1:-1].replace("''", "'")
-        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-            raw = raw[1:-1]
-        raw = re.sub(r"\$env:computername", self.computer_name, raw, flags=re.I)
-        return re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1).lower(), m.group(0)), raw)
-
-
-_IMAGE_STATE = re.compile(r"get-itemproperty.*setup\\state.*imagestate")
-
-
-def split_statements(script: str) -> list[str]:
-    """Lines and `;`-separated statements (quotes respected), comments dropped."""
-    out: list[str] = []
-    for line in script.replace("\r\n", "\n").split("\n"):
-        current, quote = "", ""
-        for ch in line:
-            if quote:
-                quote = "" if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == ";":
-                out.append(current)
-                current = ""
-                continue
-            elif ch == "#" and not current.strip():
-                current = ""
-                break
-            current += ch
-        out.append(current)
-    return [s.strip() for s in out if s.strip()]
 
 
 _PS_VALUE_FLAGS = {
@@ -293,27 +154,6 @@ def script_of(command_line: str) -> str:
 
 
 # --- WinRS shells and commands ------------------------------------------------------------
-
-
-class Output:
-    """A command's stdout/stderr, read incrementally by Receive."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[str, bytes]] = []
-        self.changed = asyncio.Event()
-
-    def write(self, stream: str, text: str) -> None:
-        if text:
-            self.chunks.append((stream, text.encode("utf-8")))
-            self.changed.set()
-
-    def line(self, text: str, stream: str = "stdout") -> None:
-        self.write(stream, text + "\r\n")
-
-    def take(self) -> list[tuple[str, bytes]]:
-        chunks, self.chunks = self.chunks, []
-        self.changed.clear()
-        return chunks
 
 
 @dataclass(eq=False)
@@ -890,8 +730,17 @@ class WindowsGuestBackend:
     disks are the inner backend's.
     """
 
-    def __init__(self, inner: VmBackend, work_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        inner: VmBackend,
+        work_dir: Path | None = None,
+        *,
+        down_seconds: float = 0.5,
+        boot_seconds: float = 2.0,
+    ) -> None:
         self.inner = inner
+        self.down_seconds = down_seconds  # a restart: how long the old boot still answers
+        self.boot_seconds = boot_seconds  # then how long until WinRM answers again
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="winrm-guests-"))
         self.guests: dict[str, FakeWindowsGuest] = {}
         self.servers: dict[str, WinRmServer] = {}
@@ -899,6 +748,7 @@ class WindowsGuestBackend:
         self.disk_calls: list[tuple[str, ...]] = []
         self.emulator: ArmEmulator | None = None
         self._shutdowns: set[asyncio.Task[None]] = set()  # keeps the tasks referenced
+        self._powered_off: set[str] = set()  # stopped through ARM: a restart ends down
 
     def attach(self, emulator: ArmEmulator) -> None:
         """Called by the emulator at start: guest shutdowns are reported back to it."""
@@ -928,17 +778,20 @@ class WindowsGuestBackend:
         if vm.os_type != "Windows":
             await self.inner.create(vm)
             return
+        self._powered_off.discard(_key(vm.id))
         self.windows_ids.add(_key(vm.id))
         if vm.os_disk_id:
             self.windows_ids.add(_key(vm.os_disk_id))
-        self.guests[_key(vm.id)] = FakeWindowsGuest(vm)
+        self.guests[_key(vm.id)] = self._new_guest(vm)
         await self._serve(vm)
 
     async def start(self, vm: VmInfo) -> None:
         if vm.os_type != "Windows":
             await self.inner.start(vm)
             return
-        guest = self.guests.setdefault(_key(vm.id), FakeWindowsGuest(vm))
+        self._powered_off.discard(_key(vm.id))
+        guest = self.guests.get(_key(vm.id)) or self._new_guest(vm)
+        self.guests[_key(vm.id)] = guest
         guest.vm = vm
         guest.shutdown_requested = False
         await self._serve(vm)
@@ -947,12 +800,14 @@ class WindowsGuestBackend:
         if vm.os_type != "Windows":
             await self.inner.power_off(vm)
             return
+        self._powered_off.add(_key(vm.id))
         await self._stop(vm.id)
 
     async def deallocate(self, vm: VmInfo) -> None:
         if vm.os_type != "Windows":
             await self.inner.deallocate(vm)
             return
+        self._powered_off.add(_key(vm.id))
         await self._stop(vm.id)
 
     async def generalize(self, vm: VmInfo) -> None:
@@ -963,6 +818,7 @@ class WindowsGuestBackend:
         if vm.os_type != "Windows":
             await self.inner.delete(vm)
             return
+        self._powered_off.add(_key(vm.id))
         await self._stop(vm.id)
 
     async def _serve(self, vm: VmInfo) -> None:
@@ -999,6 +855,27 @@ class WindowsGuestBackend:
         if server is not None:
             await server.stop()
 
+    def _new_guest(self, vm: VmInfo) -> FakeWindowsGuest:
+        guest = FakeWindowsGuest(vm)
+        guest.on_restart = lambda: self._later(self._restart(vm.id))
+        return guest
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._shutdowns.add(task)
+        task.add_done_callback(self._shutdowns.discard)
+
+    async def _restart(self, vm_id: str) -> None:
+        """shutdown /r: the endpoint drops, tasks die, and WinRM answers again later."""
+        await asyncio.sleep(self.down_seconds)
+        guest = self.guest(vm_id)
+        await self._stop(vm_id)
+        guest.went_down()
+        await asyncio.sleep(self.boot_seconds)
+        guest.booted()
+        if _key(vm_id) not in self._powered_off:
+            await self._serve(guest.vm)
+
     def _guest_shutdown(self, vm_id: str) -> None:
         """Sysprep /shutdown: the listener goes away shortly after the command ends."""
 
@@ -1008,9 +885,7 @@ class WindowsGuestBackend:
             if self.emulator is not None:
                 self.emulator.guest_powered_off(vm_id)
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._shutdowns.add(task)
-        task.add_done_callback(self._shutdowns.discard)
+        self._later(later())
 
     async def shutdown_all(self) -> None:
         """Stop every WinRM listener (test teardown)."""

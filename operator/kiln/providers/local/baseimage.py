@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import re
 import secrets
@@ -31,6 +34,8 @@ from kiln.providers.local import gptdisk
 from kiln.providers.local.disks import ToolError, run_tool, sha256_file, virtual_size
 from kiln.versions import version_key
 
+log = logging.getLogger(__name__)
+
 PUBLISHER = "Debian"
 RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
 DEFAULT_RELEASE = "12"
@@ -47,7 +52,6 @@ KERNEL_ARGS = "console=tty0 console=ttyS0,115200n8 earlyprintk=ttyS0,115200"
 HOST_DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 HOST_OS_RELEASE = Path("/etc/os-release")
 PACKAGES = [
-    "linux-image-cloud-amd64",  # with the Hyper-V drivers Azure needs
     "openssh-server",
     "systemd-sysv",
     "udev",
@@ -64,6 +68,23 @@ PACKAGES = [
     "grub2-common",  # update-grub, should an image's owner want it
     "waagent",  # the Azure Linux agent; runs only on Hyper-V (see FILES)
 ]
+# The cloud kernel, with the Hyper-V drivers Azure needs (see _kernel_package).
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+_KERNEL_DEPENDENCY = re.compile(r"\blinux-image-[0-9][\w.+~-]*-cloud-amd64\b")
+# Debian's default mirror, where the host has no deb822 Debian sources of its own.
+DEFAULT_SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: {codename} {codename}-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: {codename}-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
 # networkd alone leaves /etc/resolv.conf without name servers; before Debian 12 resolved
 # is part of systemd.
 RESOLVED_PACKAGE = {"bookworm": "systemd-resolved", "trixie": "systemd-resolved"}
@@ -75,6 +96,7 @@ DISABLED_UNITS = [
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
+    "man-db.timer",
     "remote-fs.target",
 ]
 # A small initrd unpacks much faster under TCG than MODULES=most; gzip because zstd is
@@ -110,9 +132,13 @@ FILES = {
         "datasource_list: [ NoCloud, Azure, None ]\n"
         "# The image's own systemd-networkd file configures DHCP.\n"
         "network: {config: disabled}\n"
-        "# No locales package: C.UTF-8 is built into glibc, other locales would fail.\n"
-        "locale: C.UTF-8\n"
+        "# C.UTF-8 is built into glibc and needs no locale-gen (/etc/default/locale); the\n"
+        "# locale module would only rewrite it (seconds of each first boot under TCG).\n"
+        "locale: false\n"
+        "# GRUB is installed by the image build, not by grub-pc's debconf questions.\n"
+        "grub_dpkg: {enabled: false}\n"
     ),
+    "etc/default/locale": "LANG=C.UTF-8\n",
     # The agent does Azure's extensions and reporting; cloud-init provisions.
     "etc/systemd/system/walinuxagent.service.d/50-kiln.conf": (
         "[Unit]\n# Azure's agent has nothing to talk to outside Hyper-V.\n"
@@ -176,6 +202,7 @@ class BaseImage(BaseModel):
     disk_sha256: str
     disk_virtual_size: int
     created: datetime
+    recipe: str = ""  # recipe_digest() of the build; empty before images recorded it
     directory: Path = Field(default=Path(), exclude=True)
 
     @property
@@ -267,12 +294,35 @@ def _build_lock(cache_root: Path) -> Iterator[None]:
         yield
 
 
+def recipe_digest(release: str) -> str:
+    """What an image of release is made of: a change to the recipe makes a new image."""
+    recipe = {
+        "codename": RELEASES.get(release),
+        "packages": PACKAGES,
+        "resolved": RESOLVED_PACKAGE,
+        "kernel": KERNEL_METAPACKAGE,
+        "disabled_units": DISABLED_UNITS,
+        "initramfs": INITRAMFS_FILES,
+        "files": FILES,
+        "waagent": WAAGENT_SETTINGS,
+        "grub": [GRUB_EMBEDDED, _GRUB_CFG, _GRUB_EARLY_CFG, KERNEL_ARGS],
+        "disk_size": DISK_SIZE,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_images(images: list[BaseImage], release: str) -> list[BaseImage]:
+    """The images made by today's recipe of release, oldest first."""
+    return [i for i in images if i.recipe == recipe_digest(release)]
+
+
 def ensure_image(release: str = DEFAULT_RELEASE, cache_root: Path | None = None) -> BaseImage:
-    """The newest cached image of a Debian release, built first if there is none."""
+    """The newest cached image of a Debian release made by today's recipe, built first if
+    there is none (images of older recipes stay resolvable by their version)."""
     root = cache_root or default_cache_root()
     with _build_lock(root):
-        images = list_images(root, PUBLISHER, offer(release), release)
-        return images[-1] if images else _build(root, release)
+        current = current_images(list_images(root, PUBLISHER, offer(release), release), release)
+        return current[-1] if current else _build(root, release)
 
 
 def build_image(release: str = DEFAULT_RELEASE, cache_root: Path | None = None) -> BaseImage:
@@ -330,6 +380,63 @@ def _host_codename() -> str:
     raise ToolError(f"{HOST_OS_RELEASE} names no VERSION_CODENAME")
 
 
+def _sources(codename: str, work: Path) -> Path:
+    """The deb822 sources every build of codename uses: the host's mirror, else Debian's."""
+    if HOST_DEBIAN_SOURCES.is_file():
+        text = debian_sources(HOST_DEBIAN_SOURCES.read_text(), _host_codename(), codename)
+    else:
+        text = DEFAULT_SOURCES.format(codename=codename)
+    sources = work / "debian.sources"
+    sources.write_text(text)
+    return sources
+
+
+def _kernel_package(sources: Path, work: Path) -> str:
+    """The cloud kernel metapackage, or the versioned kernel it depends on where the mirror
+    does not serve the metapackage itself (bullseye-security's has answered 404 while its
+    kernel was there): asked of the mirror with apt, in a scratch directory."""
+    state = work / "apt"
+    (state / "lists/partial").mkdir(parents=True)
+    (state / "cache/archives/partial").mkdir(parents=True)
+    (state / "parts").mkdir()
+    shutil.copy(sources, state / "parts" / sources.name)
+    options = {
+        "Dir::Etc::SourceList": "/dev/null",
+        "Dir::Etc::SourceParts": state / "parts",
+        "Dir::State::Lists": state / "lists",
+        "Dir::Cache": state / "cache",
+        "Dir::State::status": "/dev/null",
+        "Debug::NoLocking": "1",
+        "APT::Sandbox::User": "root",
+        "APT::Architecture": "amd64",
+    }
+    apt = [f"-o{key}={value}" for key, value in options.items()]
+    try:
+        run_tool(["apt-get", *apt, "-q", "update"], timeout=600)
+        try:
+            download = f'cd "$0" && apt-get "$@" download {KERNEL_METAPACKAGE}'
+            run_tool(["sh", "-c", download, state, *apt, "-q"], timeout=300)
+            return KERNEL_METAPACKAGE
+        except ToolError as error:
+            show = run_tool(["apt-cache", *apt, "show", "--no-all-versions", KERNEL_METAPACKAGE])
+            if not (kernel := kernel_dependency(show)):
+                raise
+            log.warning(
+                "%s did not download (%s); installing %s", KERNEL_METAPACKAGE, error, kernel
+            )
+            return kernel
+    finally:
+        shutil.rmtree(state)
+
+
+def kernel_dependency(apt_cache_show: str) -> str | None:
+    """The versioned kernel the metapackage's `apt-cache show` record depends on."""
+    for line in apt_cache_show.splitlines():
+        if line.startswith("Depends:") and (kernel := _KERNEL_DEPENDENCY.search(line)):
+            return kernel[0]
+    return None
+
+
 def _bootstrap(codename: str, rootfs: Path, work: Path) -> None:
     """mmdebstrap the root file system; the initramfs config must exist before the kernel."""
     overlay = work / "initramfs"  # files merged into the root before the kernel is installed
@@ -337,17 +444,12 @@ def _bootstrap(codename: str, rootfs: Path, work: Path) -> None:
         (overlay / rel).parent.mkdir(parents=True, exist_ok=True)
         (overlay / rel).write_text(text)
     hook = f'cp -a {shlex.quote(str(overlay))}/. "$1/"'
-    packages = [*PACKAGES, *([RESOLVED_PACKAGE[codename]] if codename in RESOLVED_PACKAGE else [])]
+    sources = _sources(codename, work)
+    packages = [_kernel_package(sources, work), *PACKAGES]
+    packages += [RESOLVED_PACKAGE[codename]] if codename in RESOLVED_PACKAGE else []
     argv = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory"]
     argv += [f"--include={','.join(packages)}", f"--essential-hook={hook}"]
-    mirrors = []
-    if HOST_DEBIAN_SOURCES.is_file():
-        sources = work / "debian.sources"
-        sources.write_text(
-            debian_sources(HOST_DEBIAN_SOURCES.read_text(), _host_codename(), codename)
-        )
-        mirrors.append(sources)
-    run_tool([*argv, codename, rootfs, *mirrors], timeout=1800)
+    run_tool([*argv, codename, rootfs, sources], timeout=1800)
     shutil.rmtree(overlay)
 
 
@@ -469,6 +571,7 @@ def _publish(work: Path, offer_dir: Path, release: str, root_uuid: str) -> BaseI
         disk_sha256=sha256_file(disk),
         disk_virtual_size=virtual_size(disk, "qcow2"),
         created=now,
+        recipe=recipe_digest(release),
     )
     (work / MANIFEST).write_text(image.model_dump_json(indent=2))
     work.chmod(0o755)

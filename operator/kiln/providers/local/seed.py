@@ -53,6 +53,10 @@ def user_data(cfg: SeedConfig) -> str:
             "ed25519_private": cfg.host_private_key.get_secret_value(),
             "ed25519_public": cfg.host_public_key.strip(),
         },
+        # Kiln knows both keys already; printing their fingerprints to the console only
+        # delays cloud-init's end, which the connect step waits for.
+        "ssh": {"emit_keys_to_console": False},
+        "no_ssh_fingerprints": True,
     }
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
