@@ -1,5 +1,7 @@
 """Every condition type and reason Kiln writes, in one place (CamelCase, as kstatus expects)."""
 
+import re
+
 # Condition types
 READY = "Ready"
 RECONCILING = "Reconciling"
@@ -41,3 +43,9 @@ EVENT_RETRYING = "Retrying"
 EVENT_CLEANUP_FAILED = "CleanupFailed"
 EVENT_OUTPUTS_EXPORTED = "OutputsExported"
 EVENT_EXPORT_FAILED = "ExportFailed"
+
+
+def retry_reason(code: str) -> str:
+    """A CamelCase condition reason naming the cloud's code: RetryingTooManyRequests."""
+    words = re.findall(r"[A-Za-z0-9]+", code)
+    return RETRYING + "".join(w[:1].upper() + w[1:] for w in words)

@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from kiln.api.template import Provider
 from kiln.api.tenancy import DEFAULT_BLOCKED_RANGES, FileRoot, IPNetwork, TenancyPolicy
 
+# The local gallery's artifact trees (managed images, gallery versions): no VHD goes there.
+GALLERY_TREES = ("images", "galleries")
+
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_OPERATOR_NAMESPACE = "kiln-system"
 # Sources that would open the build VM's communicator port to the whole internet.
@@ -151,6 +154,7 @@ class OperatorSettings(BaseModel):
         return TenancyPolicy(
             file_source_roots=self.file_source_roots,
             output_roots=[*self.output_roots, self.gallery],
+            protected_roots=[self.gallery / tree for tree in GALLERY_TREES],
             blocked_ranges=self.download_blocked_ranges,
             communicator_source=self.azure_communicator_source,
             operator_identity=self.azure_operator_identity,

@@ -148,7 +148,12 @@ def test_outputs_are_complete_images(base_build: dict) -> None:
     outputs = {o["runOutputName"]: o for o in base_build["status"]["runOutputs"]}
     version_dir = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
     replicas = sorted(p.relative_to(version_dir) for p in version_dir.glob("replicas/*/*"))
-    assert replicas == [Path("replicas/east/0"), Path("replicas/east/1"), Path("replicas/west/0")]
+    assert replicas == [  # targetRegions, and the version's own location (as in Azure)
+        Path("replicas/east/0"),
+        Path("replicas/east/1"),
+        Path("replicas/local/0"),
+        Path("replicas/west/0"),
+    ]
     vhd = Path(outputs["vhd"]["artifactUri"].removeprefix("file://"))
     footer = check_fixed_vhd(vhd)
     assert footer.current_size % (1 << 20) == 0
@@ -227,6 +232,46 @@ def test_a_chained_build_starts_from_the_gallery_output(kiln: Kiln, base_build: 
     body = wait_ended(kiln, "chained-1")
     assert body["status"]["runState"] == "Succeeded", body["status"]["message"]
     assert body["status"]["exactSource"] == f"{GALLERY_IMAGE}/versions/2.0.0"
+
+
+def test_a_target_that_fails_leaves_the_others_published(kiln: Kiln, kiln_operator: Any) -> None:
+    """Every target is tried: a VHD whose destination cannot be written (its directory is
+    a file) fails alone, the gallery version is published, the run PartiallySucceeded."""
+    vhds = kiln_operator.data_dir / "gallery" / "vhds"
+    vhds.mkdir(parents=True, exist_ok=True)
+    (vhds / "blocker").write_text("a file where the VHD's directory would be\n")
+    definition = f"{SUB}/providers/Microsoft.Compute/galleries/g/images/partial"
+    kiln.create(
+        "imagetemplates",
+        template(
+            "partial",
+            customize=[],
+            distribute=[
+                {"type": "SharedImage", "runOutputName": "gallery", "galleryImageId": definition},
+                {"type": "VHD", "runOutputName": "vhd", "uri": str(vhds / "blocker" / "os.vhd")},
+            ],
+        ),
+    )
+    kiln.create("imagebuildruns", run("partial-1", "partial"))
+    body = wait_ended(kiln, "partial-1")
+    status = body["status"]
+    assert status["runState"] == "PartiallySucceeded", status["message"]
+    targets = {t["runOutputName"]: t for t in status["distribution"]}
+    assert targets["gallery"]["state"] == "Succeeded"
+    assert targets["gallery"]["artifactId"] == f"{definition}/versions/0.0.1"
+    assert targets["vhd"]["state"] == "Failed"
+    assert "spec.distribute[1]" in targets["vhd"]["message"]
+    outputs = {o["runOutputName"]: o for o in status["runOutputs"]}
+    assert outputs["gallery"]["provisioningState"] == "Succeeded"
+    assert outputs["vhd"]["provisioningState"] == "Failed" and "artifactId" not in outputs["vhd"]
+    published = Path(outputs["gallery"]["artifactUri"].removeprefix("file://"))
+    assert (published / "disk.qcow2").is_file()
+    assert "vhd:" in status["message"] and "1 of 2 outputs distributed" in status["message"]
+    assert condition(body, "Stalled")["reason"] == "PartiallySucceeded"
+    assert condition_status(body, "Ready") == "False"
+    assert kstatus(body)[0]["status"] == "Failed"
+    assert step(body, "distribute")["state"] == "Succeeded"
+    assert_cleaned(kiln, kiln_operator, body)
 
 
 def test_a_failing_step_fails_the_run_with_its_exit_code_and_log(

@@ -355,6 +355,7 @@ def test_a_failing_step_fails_the_run_with_its_exit_code_and_abort_keeps_the_vm(
     wait_until(lambda: arm.resource(vm_id) is None, 120, "the kept VM to go with its run")
 
 
+@pytest.mark.slow  # tests/integration/test_windows_guest.py has the quick version
 def test_a_reboot_loop_is_reported_instead_of_cycling(kiln: Kiln, arm: ArmEmulator) -> None:
     manifest = windows_template(
         arm,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,13 +21,15 @@ import yaml
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from azurehelpers import WINDOWS_SERVER_2022, create_gallery, create_identity, vnet_and_nsg
 from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.winrm_guest import WindowsGuestBackend
 from fakes.azurite import Azurite
-from kiln.api.run import Checkpoint
+from kiln import distribution
+from kiln.api.run import Checkpoint, RunState
+from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
 from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators import winrm
@@ -39,12 +41,13 @@ from kiln.communicators.winrm import (
 )
 from kiln.naming import BUILD_COMPUTER_NAME
 from kiln.pipeline.base import StepEnv
-from kiln.pipeline.image import DeprovisionStep
+from kiln.pipeline.image import DeprovisionStep, DistributeStep
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.machine import ConnectStep
-from kiln.providers.azure import operations
+from kiln.providers.azure import operations, vhdcopy
 from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import ProviderError, RunContext, TemplateIdentity
+from kiln.reconcile.runs import final_state
 from kiln.settings import OperatorSettings
 from kubehelpers import valid_spec
 
@@ -120,6 +123,20 @@ async def until_done(action: Callable[[], Awaitable[T]], limit: int = 200) -> T:
     raise AssertionError("the step never finished")
 
 
+async def distributed(
+    provider: AzureProvider, ctx: RunContext, limit: int = 200
+) -> list[RunOutput]:
+    """The distribute step's passes until it ends, as the driver runs them; the outputs."""
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    for _ in range(limit):
+        outcome = await DistributeStep().reconcile(ctx, env)
+        if outcome.kind != "wait":
+            assert ctx.checkpoint.distribution is not None
+            return distribution.run_outputs(ctx.checkpoint.distribution)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the distribute step never finished")
+
+
 @pytest.fixture
 async def provider(arm: ArmEmulator, tmp_path: Path) -> AsyncIterator[AzureProvider]:
     azure = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
@@ -176,7 +193,8 @@ async def test_a_build_leaves_only_staging_and_outputs(
     rule = nsg.security_rules[0]
     assert (rule.source_address_prefix, rule.destination_port_range) == ("203.0.113.0/24", "22")
     assert await until_done(lambda: provider.stop_vm(ctx))
-    outputs = [await until_done(lambda i=i: provider.distribute(ctx, i)) for i in range(2)]
+    outputs = await distributed(provider, ctx)
+    assert [o.provisioning_state for o in outputs] == ["Succeeded", "Succeeded"]
     assert outputs[0].artifact_id == image_id
     assert outputs[1].artifact_id == f"{definition_id}/versions/1.0.0"
     version = arm.client(ComputeManagementClient).gallery_image_versions.get(
@@ -207,29 +225,32 @@ async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_f
     second.template = first.template  # two runs of one template
     second.checkpoint.template = first.template
     versions = arm.client(ComputeManagementClient).gallery_image_versions
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    step = DistributeStep()
     for ctx in (first, second):
         await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
         await provider.resolve_source(ctx)
         await until_done(lambda ctx=ctx: provider.create_vm(ctx))
         assert await until_done(lambda ctx=ctx: provider.stop_vm(ctx))
-        # the managed image exists after the first build: the second overwrites it (AIB)
-        await until_done(lambda ctx=ctx: provider.distribute(ctx, 0), limit=100)
-        image = arm.client(ComputeManagementClient).images.get("again", "base")
-        assert image.source_virtual_machine.id.lower() == ctx.checkpoint.azure.vm_id.lower()
-        # the gallery version is decided and saved (a pass ends) before anything is PUT
         existing = {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")}
-        with pytest.raises(ProviderError, match="recording gallery version"):
-            await provider.distribute(ctx, 1)
-        decided = ctx.checkpoint.azure.gallery_versions["1"]
-        assert decided not in existing
+        # pass 1 plans, pass 2 decides the version number: each pass ends persisted, and
+        # nothing is published before the number is saved
+        assert (await step.reconcile(ctx, env)).message.startswith("planned the distribution")
+        decided_pass = await step.reconcile(ctx, env)
+        assert decided_pass.kind == "wait" and "decided gallery version" in decided_pass.message
+        assert ctx.checkpoint.distribution is not None
+        decided = ctx.checkpoint.distribution.targets[1].version
+        assert decided is not None and decided not in existing
         assert {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")} == (
             existing
         )
-        with contextlib.suppress(ProviderError):
-            await provider.distribute(ctx, 1)  # the PUT goes out
+        await step.reconcile(ctx, env)  # the PUTs go out
         ctx.checkpoint.azure.operations.pop("distribute-1", None)  # crash before the token
-        output = await until_done(lambda ctx=ctx: provider.distribute(ctx, 1))
-        assert output.artifact_id.endswith(f"/versions/{decided}")
+        outputs = await distributed(provider, ctx)
+        # the managed image exists after the first build: the second overwrites it (AIB)
+        image = arm.client(ComputeManagementClient).images.get("again", "base")
+        assert image.source_virtual_machine.id.lower() == ctx.checkpoint.azure.vm_id.lower()
+        assert outputs[1].artifact_id.endswith(f"/versions/{decided}")
     names = sorted(v.name for v in versions.list_by_gallery_image("again", "kiln", "base"))
     assert names == ["1.0.0", "1.0.1"]  # one version per run, never a second one
     for ctx in (first, second):
@@ -447,8 +468,8 @@ async def test_additional_data_disks_are_captured_with_the_os_disk(
     ]
     assert kinds(arm, group).count("Microsoft.Compute/disks") == 3  # the OS disk and two
     assert await until_done(lambda: provider.stop_vm(ctx))
-    for index in range(2):
-        await until_done(lambda i=index: provider.distribute(ctx, i))
+    outputs = await distributed(provider, ctx)
+    assert [o.provisioning_state for o in outputs] == ["Succeeded", "Succeeded"]
     image = compute.images.get("disks", "data")
     assert [(d.lun, d.disk_size_gb) for d in image.storage_profile.data_disks] == [(0, 2), (1, 5)]
     version = compute.gallery_image_versions.get("disks", "kiln", "data", "1.0.0")
@@ -646,7 +667,7 @@ async def test_a_windows_vm_is_sysprepped_then_captured(
     assert (await DeprovisionStep().reconcile(ctx, env)).kind == "done"
     assert not any("Sysprep.exe" in script for script in guest.scripts[scripts:])
     assert await provider.stop_vm(ctx)
-    assert (await until_done(lambda: provider.distribute(ctx, 0))).artifact_id == ids["image"]
+    assert (await distributed(provider, ctx))[0].artifact_id == ids["image"]
     await provider.delete_vm(ctx)
     assert arm.deleted_vaults() == []
     # The image built here runs Windows: a template built on it is a Windows build again.
@@ -671,3 +692,173 @@ async def test_a_deprovisioning_script_on_the_vm_replaces_sysprep(
     assert "running C:\\DeprovisioningScript.ps1" in (ctx.run_dir / "customization.log").read_text()
     await provider.delete_vm(ctx)
     await provider.close()
+
+
+# --- distribution: partial failures and resumed VHD copies ------------------------------
+
+DISK_MIB = 16
+
+
+class DiskBackend(NoopVmBackend):
+    """VMs only in ARM's books whose OS disks export as a sparse fixed-size VHD: data in
+    the first, third and last 4 MiB pages (the emulator serves it at the access SAS)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def disk_vhd(self, disk_id: str) -> Path:
+        path = self.directory / f"{uuid.uuid5(uuid.NAMESPACE_URL, disk_id.lower())}.vhd"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as handle:
+                handle.truncate(DISK_MIB * 1024 * 1024 + 512)
+                for page in (0, 2, DISK_MIB // 4 - 1):
+                    handle.seek(page * 4 * 1024 * 1024 + 4096)
+                    handle.write(f"page {page} of {disk_id}".encode() * 100)
+                handle.seek(DISK_MIB * 1024 * 1024)
+                handle.write(b"conectix".ljust(512, b"\0"))
+        return path
+
+
+@pytest.fixture
+def blob_arm(
+    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ArmEmulator]:
+    with ArmEmulator(
+        lro_duration=0.1,
+        retry_after=0.05,
+        blob_endpoint=azurite.blob_endpoint,
+        storage_account_key=azurite.account_key,
+        backend=DiskBackend(tmp_path / "disks"),
+    ) as emulator:
+        for name, value in emulator.environment().items():
+            if name.startswith("AZURE_"):
+                monkeypatch.setenv(name, value)
+        yield emulator
+
+
+async def built(arm: ArmEmulator, tmp_path: Path, **spec: Any) -> tuple[AzureProvider, RunContext]:
+    """A provider and a run whose build VM is generalized: ready to distribute."""
+    provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+    ctx = context(arm, tmp_path, **spec)
+    await until_done(lambda: provider.ensure_staging(ctx))
+    await provider.resolve_source(ctx)
+    await until_done(lambda: provider.create_vm(ctx))
+    assert await until_done(lambda: provider.stop_vm(ctx))
+    return provider, ctx
+
+
+def os_disk_id(arm: ArmEmulator, provider: AzureProvider, ctx: RunContext) -> str:
+    group = provider.staging_group(ctx.template, ctx.spec)
+    [disk] = [i.id for i in arm.inventory(group) if i.type == "Microsoft.Compute/disks"]
+    return disk
+
+
+def expired_sas_uri(azurite: Azurite, container: str, blob: str) -> str:
+    """A blob URL whose SAS expired an hour ago (Azurite checks it as Azure does)."""
+    service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+    if not service.get_container_client(container).exists():
+        service.create_container(container)
+    sas = generate_blob_sas(
+        azurite.account_name,
+        container,
+        blob,
+        account_key=azurite.account_key,
+        permission=BlobSasPermissions(read=True, create=True, write=True),
+        expiry=datetime.now(UTC) - timedelta(hours=1),
+    )
+    return f"{azurite.blob_endpoint.rstrip('/')}/{container}/{blob}?{sas}"
+
+
+async def test_a_failing_target_leaves_the_others_published(
+    blob_arm: ArmEmulator, azurite: Azurite, tmp_path: Path
+) -> None:
+    """Every target is tried: a VHD whose SAS expired fails alone, with Azure Storage's
+    code; the managed image, the gallery version and the staging VHD are published and
+    the run ends PartiallySucceeded."""
+    arm = blob_arm
+    ids = create_gallery(arm, "partial", "kiln", "base", LOCATION)
+    expired = expired_sas_uri(azurite, "team", "os.vhd")
+    provider, ctx = await built(
+        arm,
+        tmp_path,
+        distribute=[
+            {"type": "ManagedImage", "runOutputName": "img", "imageId": ids["image"]}
+            | {"location": LOCATION},
+            {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": ids["gallery"]},
+            {"type": "VHD", "runOutputName": "vhd"},
+            {"type": "VHD", "runOutputName": "expired", "uri": expired},
+        ],
+    )
+    try:
+        outputs = {o.run_output_name: o for o in await distributed(provider, ctx)}
+        assert ctx.checkpoint.distribution is not None
+        targets = {t.run_output_name: t for t in ctx.checkpoint.distribution.targets}
+        assert [t.state for t in targets.values()] == ["Succeeded"] * 3 + ["Failed"]
+        # Azure answers an expired SAS AuthenticationFailed; Azurite AuthorizationFailure
+        assert targets["expired"].error_code in ("AuthenticationFailed", "AuthorizationFailure")
+        assert "writing the VHD blob failed" in (targets["expired"].message or "")
+        assert "sig=" not in ctx.checkpoint.model_dump_json()  # no SAS in the checkpoint
+        state, reason, message = final_state(ctx.checkpoint)
+        assert (state, reason) == (RunState.PartiallySucceeded, "PartiallySucceeded")
+        assert "3 of 4 outputs distributed" in message and "expired:" in message
+        compute = arm.client(ComputeManagementClient)
+        assert compute.gallery_image_versions.get("partial", "kiln", "base", "0.0.1")
+        assert compute.images.get("partial", "base").id == ids["image"]
+        blob = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+        vhd = blob.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
+        disk = await arm.backend.disk_vhd(os_disk_id(arm, provider, ctx))
+        assert outputs["vhd"].artifact_id == vhd.url
+        assert vhd.get_blob_properties().size == disk.stat().st_size
+    finally:
+        await provider.delete_vm(ctx)
+        await provider.close()
+
+
+async def test_a_vhd_copy_resumes_where_it_stopped(
+    blob_arm: ArmEmulator, azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page a slice: the copy's progress is saved after each; a busy server, an
+    expired SAS and an operator restart are all resumed from there, not from the start."""
+    arm = blob_arm
+    monkeypatch.setattr(vhdcopy, "SLICE_SECONDS", 0.0)  # one 4 MiB page per pass
+    provider, ctx = await built(arm, tmp_path, distribute=[{"type": "VHD", "runOutputName": "vhd"}])
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    step = DistributeStep()
+    try:
+        assert (await step.reconcile(ctx, env)).message.startswith("planned")
+        first = await step.reconcile(ctx, env)
+        assert "recording the VHD copy" in first.message  # the copy id saved first
+        copy_id = ctx.checkpoint.azure.vhd_copies["0"].copy_id
+        copied = await step.reconcile(ctx, env)
+        assert "copying the OS disk" in copied.message
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 4 * 1024 * 1024
+        arm.fail_disk_reads(503, times=3)  # azure-core retries twice, then Kiln does
+        busy = await step.reconcile(ctx, env)
+        assert busy.reason == "RetryingServerBusy" and "ServerBusy" in busy.message
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 4 * 1024 * 1024
+        arm.fail_disk_reads(403)  # the SAS expired between two reads: a new grant goes on
+        expired = await step.reconcile(ctx, env)
+        assert expired.reason == "RetryingAuthenticationFailed"
+        await step.reconcile(ctx, env)
+        assert ctx.checkpoint.azure.vhd_copies["0"].offset == 8 * 1024 * 1024
+        # the operator restarts: a new provider reads the checkpoint back from status
+        await provider.close()
+        provider = AzureProvider(settings_for(arm, tmp_path), kube=None)  # type: ignore[arg-type]
+        env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+        ctx.checkpoint = Checkpoint.model_validate(ctx.checkpoint.wire())
+        [output] = await distributed(provider, ctx)
+        assert output.provisioning_state == "Succeeded"
+        reads = [r for m, r, status in arm.disk_reads.log if m == "GET" and status == 206]
+        offsets = [int((r or "=0-").split("=", 1)[1].split("-", 1)[0]) for r in reads]
+        assert sorted(offsets) == [p * 4 * 1024 * 1024 for p in range(DISK_MIB // 4 + 1)]
+        assert len(offsets) == len(set(offsets))  # no page was read twice: never restarted
+        service = BlobServiceClient(azurite.blob_endpoint, credential=azurite.account_key)
+        blob = service.get_blob_client("vhds", f"{ctx.run_name}-vhd.vhd")
+        assert blob.get_blob_properties().metadata[vhdcopy.COPY_ID] == copy_id
+        disk = await arm.backend.disk_vhd(os_disk_id(arm, provider, ctx))
+        assert blob.download_blob().readall() == disk.read_bytes()
+        assert ctx.checkpoint.distribution.targets[0].retries == 0  # reset by the success
+    finally:
+        await provider.delete_vm(ctx)
+        await provider.close()

@@ -18,13 +18,24 @@ import pytest
 from kubernetes import config
 from kubernetes.client import CoreV1Api, V1Namespace, V1ObjectMeta
 
-from kiln import reasons
+from kiln import distribution, reasons
 from kiln.api.run import RunState
+from kiln.api.status import RunOutput
+from kiln.api.template import ImageTemplateSpec
 from kiln.reconcile.conditions import now_rfc3339
 from kiln.reconcile.runs import run_conditions
 from kiln.reconcile.templates import auto_run_name, template_status
 from kiln.settings import OperatorSettings
-from kubehelpers import Body, Kiln, argocd_health, condition_status, kstatus, run, template
+from kubehelpers import (
+    Body,
+    Kiln,
+    argocd_health,
+    condition_status,
+    kstatus,
+    run,
+    template,
+    valid_spec,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +129,9 @@ def queued_run(kiln: Kiln, unwatched: Kiln, name: str) -> Body:
     )
 
 
-def run_in_state(state: RunState, reason: str, sub_state: str | None = None) -> Callable:
+def run_in_state(
+    state: RunState, reason: str, sub_state: str | None = None, **extra: Any
+) -> Callable:
     def produce(kiln: Kiln, unwatched: Kiln, name: str) -> Body:
         body = run(name, "some-template")
         status = {
@@ -127,11 +140,36 @@ def run_in_state(state: RunState, reason: str, sub_state: str | None = None) -> 
             "message": f"the run is {state}",
             "observedGeneration": 1,
             "conditions": run_conditions(None, state, reason, f"{state}.", 1, now_rfc3339()),
+            **extra,
         }
         unwatched.create("imagebuildruns", body)
-        return _write_status(unwatched, "imagebuildruns", name, status)
+        stored = _write_status(unwatched, "imagebuildruns", name, status)
+        for key, value in extra.items():  # the CRD keeps what Kiln writes
+            assert stored["status"][key] == value
+        return stored
 
     return produce
+
+
+def partly_distributed() -> Body:
+    """The status a run ends with when one of two targets failed, as the driver makes it."""
+    spec = ImageTemplateSpec.model_validate(
+        {
+            **valid_spec(),
+            "distribute": [
+                {"type": "VHD", "runOutputName": "vhd"},
+                {"type": "VHD", "runOutputName": "team", "uri": "/srv/out/team.vhd"},
+            ],
+        }
+    )
+    plan = distribution.plan(spec, "")
+    done = RunOutput(run_output_name="vhd", artifact_id="/x/vhd.vhd", artifact_uri="file:///x")
+    distribution.record_success(plan.targets[0], done)
+    distribution.record_failure(plan.targets[1], "spec.distribute[1]: Permission denied")
+    return {
+        "runOutputs": [o.wire() for o in distribution.run_outputs(plan)],
+        "distribution": [t.wire() for t in distribution.statuses(plan)],
+    }
 
 
 PRODUCERS: dict[tuple[str, str], Callable[[Kiln, Kiln, str], Body]] = {
@@ -145,7 +183,7 @@ PRODUCERS: dict[tuple[str, str], Callable[[Kiln, Kiln, str], Body]] = {
     ),
     ("ImageBuildRun", "Succeeded"): run_in_state(RunState.Succeeded, reasons.SUCCEEDED),
     ("ImageBuildRun", "PartiallySucceeded"): run_in_state(
-        RunState.PartiallySucceeded, reasons.PARTIALLY_SUCCEEDED
+        RunState.PartiallySucceeded, reasons.PARTIALLY_SUCCEEDED, **partly_distributed()
     ),
     ("ImageBuildRun", "Failed"): run_in_state(RunState.Failed, reasons.CUSTOMIZER_FAILED),
     ("ImageBuildRun", "Canceled"): run_in_state(RunState.Canceled, reasons.CANCELED),

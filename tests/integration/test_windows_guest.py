@@ -306,3 +306,19 @@ async def test_a_file_needs_its_directory_on_the_vm(windows: Vm, tmp_path: Path)
         "customize[0] File: the directory C:\\nope does not exist on the build VM; create it "
         "in an earlier PowerShell step"
     )
+
+
+async def test_an_update_pending_after_every_restart_is_a_reboot_loop(
+    windows: Vm, tmp_path: Path
+) -> None:
+    step = {
+        "type": "WindowsUpdate",
+        "searchCriteria": "IsInstalled=0",
+        "filters": ["include:$true"],
+    }
+    outcome = await drive(run_context(windows, tmp_path, [step]))
+    assert outcome.kind == "failed"
+    assert "reboot loop: Intel - System - 10.1.1.44 (optional driver) was installed" in (
+        outcome.message
+    )
+    assert windows.guest.boots == 3, "it stopped after the third cycle, not at the timeout"

@@ -82,3 +82,40 @@ def test_resource_ids_and_names() -> None:
     assert name.isalnum() and name.islower() and 3 <= len(name) <= 24
     assert name == storage_account_name("6f1c7d0e-0000-4000-8000-000000000000")
     assert version_key("1.10.2") > version_key("1.9.30")
+
+
+class StorageResponse(FakeResponse):
+    """An Azure Storage error answer: XML body, the code in x-ms-error-code."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(status, code, "", None)
+        self.headers = {"x-ms-error-code": code}
+        self.content_type = "application/xml"
+        self._body = f"<?xml version='1.0'?><Error><Code>{code}</Code></Error>".encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "fatal"),
+    [
+        (503, "ServerBusy", False),
+        (500, "OperationTimedOut", False),
+        (500, "InternalError", False),
+        (403, "AuthenticationFailed", True),  # e.g. an expired SAS
+        (403, "AuthorizationPermissionMismatch", True),
+        (404, "ContainerNotFound", True),
+        (409, "LeaseIdMissing", True),
+    ],
+)
+def test_blob_errors_are_classified_by_their_storage_code(
+    status: int, code: str, fatal: bool
+) -> None:
+    """As azure-storage-blob raises them: the code in error_code, the message's first
+    line what Storage said (the rest is request IDs and times)."""
+    raised = HttpResponseError(
+        message=f"{code} said this.\nRequestId:1234\nTime:now\nErrorCode:{code}",
+        response=StorageResponse(status, code),
+    )
+    raised.error_code = code  # type: ignore[attr-defined]
+    classified = classify(raised)
+    assert (classified.fatal, classified.code) == (fatal, code)
+    assert str(classified) == f"Azure {code}: {code} said this."

@@ -296,15 +296,6 @@ def test_published_by(gallery: LocalGallery, tmp_path: Path) -> None:
     assert not gallery.published_by(directory.with_name("9.9.9"), "ns/run-1")
 
 
-def test_version_published_by(gallery: LocalGallery, tmp_path: Path) -> None:
-    publish(gallery, tmp_path, "1.0.0", run="ns/a")
-    publish(gallery, tmp_path, "1.0.1", run="ns/b")
-    found = gallery.version_published_by(DEFINITION, "ns/b")
-    assert found is not None
-    assert found.id == f"{DEFINITION}/versions/1.0.1"
-    assert gallery.version_published_by(DEFINITION, "ns/c") is None
-
-
 # --- resolve --------------------------------------------------------------------------------
 
 

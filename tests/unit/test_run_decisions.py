@@ -166,6 +166,16 @@ def test_next_step_accepts_plain_strings() -> None:
 # --- final_state ----------------------------------------------------------------------------
 
 
+def _targets(*targets: tuple[str, str, str | None]) -> Body:
+    """A distribution plan whose targets (name, state, message) ended as given."""
+    planned = [
+        {"index": i, "runOutputName": name, "type": "VHD", "state": state}
+        | ({"message": message} if message else {})
+        for i, (name, state, message) in enumerate(targets)
+    ]
+    return {"distribution": {"targets": planned}}
+
+
 def _checkpoint(wire: Body) -> Checkpoint:
     """A checkpoint as status holds it (wire names), read back as the driver reads it."""
     template = {"namespace": "images", "name": "debian", "uid": "tpl-uid-1"}
@@ -173,7 +183,7 @@ def _checkpoint(wire: Body) -> Checkpoint:
 
 
 def test_final_state_succeeded() -> None:
-    checkpoint = {"outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Succeeded"}}}
+    checkpoint = _targets(("vhd", "Succeeded", None))
     state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.Succeeded
     assert reason == "Succeeded"
@@ -185,13 +195,9 @@ def test_final_state_succeeded_without_outputs() -> None:
 
 
 def test_final_state_partially_succeeded_lists_failed_outputs() -> None:
-    checkpoint = {
-        "outputs": {
-            "vhd": {"runOutputName": "vhd", "provisioningState": "Succeeded"},
-            "sig": {"runOutputName": "sig", "provisioningState": "Failed", "message": "quota"},
-            "mi": {"runOutputName": "mi", "provisioningState": "Failed", "message": "denied"},
-        }
-    }
+    checkpoint = _targets(
+        ("vhd", "Succeeded", None), ("sig", "Failed", "quota"), ("mi", "Failed", "denied")
+    )
     state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.PartiallySucceeded
     assert reason == "PartiallySucceeded"
@@ -202,10 +208,7 @@ def test_final_state_partially_succeeded_lists_failed_outputs() -> None:
 
 
 def test_final_state_failed_when_validation_failed() -> None:
-    checkpoint = {
-        "validationFailure": "check.sh exited 3",
-        "outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Succeeded"}},
-    }
+    checkpoint = {"validationFailure": "check.sh exited 3", **_targets(("vhd", "Succeeded", None))}
     state, reason, message = final_state(_checkpoint(checkpoint))
     assert state == RunState.Failed
     assert reason == "ValidationFailed"
@@ -213,10 +216,7 @@ def test_final_state_failed_when_validation_failed() -> None:
 
 
 def test_final_state_validation_failure_wins_over_failed_outputs() -> None:
-    checkpoint = {
-        "validationFailure": "bad",
-        "outputs": {"vhd": {"runOutputName": "vhd", "provisioningState": "Failed"}},
-    }
+    checkpoint = {"validationFailure": "bad", **_targets(("vhd", "Failed", "no space"))}
     assert final_state(_checkpoint(checkpoint))[0] == RunState.Failed
 
 

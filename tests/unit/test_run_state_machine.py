@@ -102,7 +102,7 @@ def test_cleanup_backoff_grows_and_ends() -> None:
     ],
 )
 def test_retry_reason_names_the_code(code: str, reason: str) -> None:
-    assert decide.retry_reason(code) == reason
+    assert reasons.retry_reason(code) == reason
 
 
 def test_owners_are_unfinished_runs_and_kept_vms() -> None:

@@ -20,6 +20,33 @@ def test_an_output_path_through_a_symlink_out_of_the_root_is_refused(tmp_path: P
         policy.check_output_path(f"{root}/escape/cron.vhd")
 
 
+@pytest.mark.parametrize(
+    ("relative", "refused"),
+    [
+        ("vhds/app.vhd", False),
+        ("app.vhd", False),
+        ("galleries/sub/rg/g/def/1.0.0/disk.qcow2", True),  # a version's own file
+        ("galleries/sub/rg/g/def/9.9.9.vhd", True),
+        ("images/sub/rg/base/disk.qcow2", True),
+        ("link/1.0.0/disk.qcow2", True),  # a symlink into the versions
+    ],
+)
+def test_a_vhd_never_goes_where_the_gallery_keeps_images(
+    tmp_path: Path, relative: str, refused: bool
+) -> None:
+    gallery = tmp_path / "gallery"
+    (gallery / "galleries" / "sub").mkdir(parents=True)
+    (gallery / "link").symlink_to(gallery / "galleries" / "sub")
+    policy = TenancyPolicy(
+        output_roots=[gallery], protected_roots=[gallery / "images", gallery / "galleries"]
+    )
+    if refused:
+        with pytest.raises(Refused, match="would overwrite their files"):
+            policy.check_output_path(f"{gallery}/{relative}")
+    else:
+        assert policy.check_output_path(f"{gallery}/{relative}") == gallery / relative
+
+
 @pytest.mark.parametrize("text", ["relative", "/a=relative", "=/x"])
 def test_a_file_root_must_be_absolute(text: str) -> None:
     with pytest.raises(ValueError, match="must be an absolute path"):

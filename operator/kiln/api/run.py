@@ -8,9 +8,10 @@ from typing import Any
 from pydantic import Field
 
 from kiln.api.base import KubeModel
+from kiln.api.distribution import DistributionPlan, TargetStatus
 from kiln.api.status import Condition, RunOutput, conditions_field
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class RunState(StrEnum):
@@ -138,6 +139,16 @@ class LocalCheckpoint(KubeModel):
     disk_sha256: str | None = _f("SHA-256 of the captured disk.")
 
 
+class VhdCopy(KubeModel):
+    """A VHD target's page copy of the OS disk: its id (in the blob's metadata) is saved
+    before the blob is created, and how far it got after every slice, so a retried or
+    resumed copy goes on from there."""
+
+    copy_id: str = Field(description="Marks the destination blob this copy created.")
+    size: int | None = _f("The disk's size in bytes.")
+    offset: int = _f("Bytes copied so far.", 0)
+
+
 class AzureCheckpoint(KubeModel):
     """What the azure provider needs to resume: operation tokens and decided names."""
 
@@ -151,10 +162,7 @@ class AzureCheckpoint(KubeModel):
     vm_id: str | None = _f("The build VM's resource ID.")
     winrm_certificate_url: str | None = _f("Key Vault secret URL of the WinRM certificate.")
     generalized: bool = _f("The build VM was deallocated and generalized.", False)
-    gallery_versions: dict[str, str] = _map(
-        "distribute index -> the gallery version it publishes, saved before its PUT."
-    )
-    copied_vhds: dict[str, str] = _map("distribute index -> the VHD blob it copied.")
+    vhd_copies: dict[str, VhdCopy] = _map("distribute index -> its VHD copy.")
 
 
 class WindowsRestart(KubeModel):
@@ -200,8 +208,11 @@ class Checkpoint(KubeModel):
     collected: bool = _f("Boot files were fetched from the VM before shutdown.", False)
     poweroff_requested: bool = _f("Deprovisioning ended and the VM powers off.", False)
     script_index: dict[str, int] = _map("customize/validate -> index of the next step.")
+    distribution: DistributionPlan | None = _f(
+        "What each distribute target publishes and how far it got; planned before anything "
+        "is published."
+    )
     windows: WindowsProgress | None = _f("The Windows step in flight: restarts, updates.")
-    outputs: dict[str, RunOutput] = _map("distribute index -> its output.")
     validation_failure: str | None = _f("Why validation failed (continueDistributeOnFailure).")
     vm_kept: bool = _f("The build VM was kept (errorHandling abort).", False)
     ending: Ending | None = _f("How the run ends; cleanup follows.")
@@ -245,6 +256,11 @@ class ImageBuildRunStatus(KubeModel):
     )
     steps: list[StepRecord] | None = Field(default=None, description="Pipeline steps.")
     run_outputs: list[RunOutput] | None = Field(default=None, description="Distributed artifacts.")
+    distribution: list[TargetStatus] | None = Field(
+        default=None,
+        description="Every distribute target: Pending, Succeeded or Failed, with the error of "
+        "a failed one and the retries of one still being tried.",
+    )
     checkpoint: Checkpoint | None = Field(
         default=None,
         description="The driver's state needed to resume (resource names, operation tokens).",

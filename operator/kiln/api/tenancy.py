@@ -85,6 +85,11 @@ class TenancyPolicy(BaseModel):
     output_roots: list[Path] = Field(
         default_factory=list, description="Where local VHD targets may write (and the gallery)."
     )
+    protected_roots: list[Path] = Field(
+        default_factory=list,
+        description="Inside the output roots, where no VHD may go: the gallery's images and "
+        "versions, whose files a VHD would overwrite.",
+    )
     blocked_ranges: list[IPNetwork] = Field(
         default_factory=lambda: [ipaddress.ip_network(r) for r in DEFAULT_BLOCKED_RANGES]
     )
@@ -148,6 +153,13 @@ class TenancyPolicy(BaseModel):
         if clean is None:
             raise Refused("must be an absolute path without '..'")
         real = Path(os.path.realpath(clean))
+        for protected in self.protected_roots:
+            if _inside(real, Path(os.path.realpath(protected))):
+                raise Refused(
+                    f"is inside {protected}, where the local gallery keeps its images and "
+                    "versions (a VHD there would overwrite their files); write it elsewhere, "
+                    "e.g. in the gallery's vhds/ directory"
+                )
         for root in self.output_roots:
             if _inside(real, Path(os.path.realpath(root))):
                 return real

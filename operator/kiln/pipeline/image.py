@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kiln import reasons
+from kiln import distribution, metrics, reasons
+from kiln.api.distribution import PlannedTarget, TargetState
 from kiln.api.run import RunSubState
-from kiln.api.status import RunOutput
 from kiln.communicators import winrm_jobs
 from kiln.customizers import windows
 from kiln.customizers.linux import DEPROVISION_SCRIPT, final_shutdown_command
@@ -13,6 +13,7 @@ from kiln.pipeline.logs import RunLogs
 from kiln.providers.base import ProviderError, RunContext
 
 DEPROVISION_JOB = "deprovision"
+Waiting = tuple[PlannedTarget, ProviderError]  # a target still under way, and why
 
 
 def builds_image(ctx: RunContext) -> bool:
@@ -116,7 +117,11 @@ class CaptureStep:
 
 
 class DistributeStep:
-    """Every target is tried; one that fails does not stop the others."""
+    """Every target is tried; one that fails is recorded and does not stop the others.
+
+    The first pass only plans (kiln.distribution) and the next only decides gallery
+    version numbers: each pass ends with the checkpoint persisted, so what a target
+    publishes is saved before it is published and a resumed run publishes the same."""
 
     name = "distribute"
     sub_state = RunSubState.Distributing
@@ -125,28 +130,70 @@ class DistributeStep:
         return builds_image(ctx)
 
     async def reconcile(self, ctx: RunContext, env: StepEnv) -> Outcome:
-        outputs = ctx.checkpoint.outputs
-        for index, target in enumerate(ctx.spec.distribute):
-            if str(index) in outputs:
-                continue
+        checkpoint = ctx.checkpoint
+        if checkpoint.distribution is None:
+            checkpoint.distribution = distribution.plan(ctx.spec, checkpoint.source_version or "")
+            count = len(checkpoint.distribution.targets)
+            return Outcome.wait(f"planned the distribution of {count} target(s)", delay=0)
+        plan = checkpoint.distribution
+        pending = [t for t in plan.targets if not t.done]
+        undecided = [t for t in pending if t.needs_version]
+        waits: list[Waiting] = []
+        for target in undecided:
             try:
-                output = await env.provider.distribute(ctx, index)
+                existing = await env.provider.gallery_versions(ctx, target)
             except ProviderError as error:
-                if not error.fatal:
-                    raise  # waiting and retries are the driver's (budget, conditions)
-                output = RunOutput(
-                    run_output_name=target.run_output_name,
-                    provisioning_state="Failed",
-                    message=str(error),
-                )
-            outputs[str(index)] = output
-        failed = [o for o in outputs.values() if o.provisioning_state == "Failed"]
-        if len(failed) == len(outputs):
-            detail = "; ".join(f"{o.run_output_name}: {o.message}" for o in failed)
+                _target_error(target, error, waits)
+                continue
+            distribution.decide_version(plan, target, existing)
+        if undecided:
+            decided = ", ".join(f"{t.run_output_name} {t.version}" for t in undecided if t.version)
+            return _waiting(waits) or Outcome.wait(f"decided gallery version(s) {decided}", 0)
+        for target in pending:
+            try:
+                output = await env.provider.distribute(ctx, target)
+            except ProviderError as error:
+                _target_error(target, error, waits)
+                continue
+            distribution.record_success(target, output)
+        if waiting := _waiting(waits):
+            return waiting
+        failed = [t for t in plan.targets if t.state == TargetState.Failed]
+        total = len(plan.targets)
+        if failed and len(failed) == total:
+            detail = "; ".join(f"{t.run_output_name}: {t.message}" for t in failed)
             return Outcome.failed(
                 f"no target was distributed: {detail}", reasons.DISTRIBUTION_FAILED
             )
-        return Outcome.done(f"{len(outputs) - len(failed)} of {len(outputs)} target(s) distributed")
+        return Outcome.done(f"{total - len(failed)} of {total} target(s) distributed")
 
     async def delete(self, ctx: RunContext, env: StepEnv) -> None:
         """Outputs are the point of the run; they stay."""
+
+
+def _target_error(target: PlannedTarget, error: ProviderError, waits: list[Waiting]) -> None:
+    """A fatal error ends the target; a retryable one is counted against the target's
+    budget; an operation still running is plain waiting."""
+    if error.fatal:
+        distribution.record_failure(target, str(error), error.code)
+    elif error.retry_kind is None:
+        waits.append((target, error))
+    elif distribution.record_retry(target, str(error), error.code):
+        metrics.reconcile_error(error.retry_kind)
+        waits.append((target, error))
+
+
+def _waiting(waits: list[Waiting]) -> Outcome | None:
+    """Come back for the targets still under way; a retry names its code in the reason."""
+    if not waits:
+        return None
+    delay = min(error.retry_after for _, error in waits)
+    for target, error in waits:
+        if error.retry_kind is not None and error.code:
+            return Outcome.wait(
+                f"{target.path} ({target.run_output_name}): retry {target.retries} of "
+                f"{distribution.MAX_TARGET_RETRIES} in {error.retry_after:.0f}s: {error}",
+                delay=delay,
+                reason=reasons.retry_reason(error.code),
+            )
+    return Outcome.wait(str(waits[0][1]), delay=delay)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kiln.api.distribution import PlannedTarget
 from kiln.api.run import Checkpoint, Endpoint, TemplateIdentity
 from kiln.api.status import RunOutput
 from kiln.api.template import ImageTemplateSpec
@@ -121,8 +122,12 @@ class BuildProvider(Protocol):
     async def capture(self, ctx: RunContext) -> None:
         """Turn the stopped VM's disk into the image the distributors publish."""
 
-    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
-        """Publish spec.distribute[index]; idempotent."""
+    async def gallery_versions(self, ctx: RunContext, target: PlannedTarget) -> list[str]:
+        """The versions of a SharedImage target's image definition that exist now."""
+
+    async def distribute(self, ctx: RunContext, target: PlannedTarget) -> RunOutput:
+        """Publish what the plan says for one target (spec.distribute[target.index] for
+        what the plan does not hold, e.g. a SAS); idempotent, never a second artifact."""
 
     async def delete_vm(self, ctx: RunContext) -> None:
         """Remove the build VM and everything made for it, keeping logs and outputs."""

@@ -28,7 +28,7 @@ import asyncssh
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kiln import metrics, reasons
+from kiln import distribution, metrics, reasons
 from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
@@ -514,7 +514,7 @@ class RunDriver:
             "steps": records,
             "checkpoint": ctx.checkpoint.wire(),
             "exactSource": ctx.checkpoint.exact_source,
-            "runOutputs": _outputs(ctx),
+            **_outputs(ctx),
         }
 
     @staticmethod
@@ -674,7 +674,7 @@ class RunDriver:
             "conditions": conditions,
         }
         if ctx is not None:
-            patch |= {"checkpoint": ctx.checkpoint.wire(), "runOutputs": _outputs(ctx)}
+            patch |= {"checkpoint": ctx.checkpoint.wire(), **_outputs(ctx)}
             await self._publish_logs(ctx, final=True)
         await self.write(run, patch)
         if self.env is not None and ctx is not None:
@@ -789,10 +789,16 @@ def _cloud_retry(ctx: RunContext, step: str, error: ProviderError) -> Outcome:
     return Outcome.wait(
         f"step {step}: retry {retries} of {MAX_CLOUD_RETRIES} in {delay:.0f}s: {error}",
         delay=delay,
-        reason=decide.retry_reason(error.code),
+        reason=reasons.retry_reason(error.code),
     )
 
 
-def _outputs(ctx: RunContext) -> list[Body] | None:
-    outputs = ctx.checkpoint.outputs
-    return [outputs[key].wire() for key in sorted(outputs, key=int)] or None
+def _outputs(ctx: RunContext) -> Body:
+    """runOutputs and the per-target distribution status, from the plan."""
+    plan = ctx.checkpoint.distribution
+    if plan is None:
+        return {"runOutputs": None, "distribution": None}
+    return {
+        "runOutputs": [o.wire() for o in distribution.run_outputs(plan)] or None,
+        "distribution": [t.wire() for t in distribution.statuses(plan)] or None,
+    }

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
 from kiln import GROUP, VERSION, reasons
+from kiln.api.distribution import TargetState
 from kiln.api.run import TERMINAL_RUN_STATES, Checkpoint, RunPhase, RunState, StepState
 from kiln.api.validation import SpecProblem
 from kiln.reconcile.conditions import kstatus
@@ -129,8 +129,8 @@ def next_step(records: list[Body]) -> int | None:
 
 def final_state(checkpoint: Checkpoint) -> tuple[RunState, str, str]:
     """runState, reason and message once every step has run."""
-    outputs = list(checkpoint.outputs.values())
-    failed = [o for o in outputs if o.provisioning_state == "Failed"]
+    targets = checkpoint.distribution.targets if checkpoint.distribution else []
+    failed = [t for t in targets if t.state == TargetState.Failed]
     if checkpoint.validation_failure:
         return (
             RunState.Failed,
@@ -139,11 +139,12 @@ def final_state(checkpoint: Checkpoint) -> tuple[RunState, str, str]:
             "because continueDistributeOnFailure is true.",
         )
     if failed:
-        detail = "; ".join(f"{o.run_output_name}: {o.message or ''}" for o in failed)
+        detail = "; ".join(f"{t.run_output_name}: {t.message or ''}" for t in failed)
         return (
             RunState.PartiallySucceeded,
             reasons.PARTIALLY_SUCCEEDED,
-            f"{len(outputs) - len(failed)} of {len(outputs)} outputs distributed; failed: {detail}",
+            f"{len(targets) - len(failed)} of {len(targets)} outputs distributed; failed: "
+            f"{detail}. Fix the failed targets (status.distribution says why) and run again.",
         )
     return RunState.Succeeded, reasons.SUCCEEDED, "the image was built and distributed."
 
@@ -228,12 +229,6 @@ def cleanup_backoff(attempt: int) -> float | None:
     if attempt >= CLEANUP_ATTEMPTS:
         return None
     return min(CLEANUP_FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1), CLEANUP_MAX_BACKOFF_SECONDS)
-
-
-def retry_reason(code: str) -> str:
-    """A CamelCase condition reason naming the cloud's code: RetryingTooManyRequests."""
-    words = re.findall(r"[A-Za-z0-9]+", code)
-    return reasons.RETRYING + "".join(w[:1].upper() + w[1:] for w in words)
 
 
 DEFAULT_SUCCESSFUL_HISTORY = 3

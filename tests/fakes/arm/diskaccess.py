@@ -19,6 +19,7 @@ import hmac
 import os
 import secrets
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from pathlib import Path
@@ -73,6 +74,50 @@ def grant(emu: ArmEmulator, disk: StoredResource, access: str, seconds: int) -> 
 
 def revoke(disk: StoredResource) -> None:
     disk.meta.pop("sas", None)
+
+
+# Azure Storage's documented answers to a read (Blob service error codes): under load,
+# and once a SAS expired between two reads of a long copy.
+STORAGE_FAULTS: dict[int, tuple[str, str]] = {
+    503: ("ServerBusy", "The server is currently unable to receive requests. Please retry."),
+    500: ("OperationTimedOut", "The operation could not be completed within the permitted time."),
+    403: (
+        "AuthenticationFailed",
+        "Server failed to authenticate the request. Signed expiry time must be after the "
+        "current time.",
+    ),
+}
+
+
+@dataclass
+class ReadFault:
+    """Fail the next `times` reads (GET) of any disk export, after `after` good ones."""
+
+    status: int
+    code: str
+    message: str
+    times: int = 1
+    after: int = 0
+
+
+@dataclass
+class DiskReads:
+    """What was read from disk exports (method, range) and the faults still to inject."""
+
+    log: list[tuple[str, str | None, int]] = field(default_factory=list)
+    faults: list[ReadFault] = field(default_factory=list)
+
+    def fault(self, method: str) -> ReadFault | None:
+        if method != "GET":
+            return None
+        for fault in self.faults:
+            if fault.after > 0:
+                fault.after -= 1
+                return None
+            if fault.times > 0:
+                fault.times -= 1
+                return fault
+        return None
 
 
 class StorageError(Exception):
@@ -186,6 +231,9 @@ async def serve(emu: ArmEmulator, request: web.Request) -> web.StreamResponse:
             raise StorageError(
                 405, "UnsupportedHttpVerb", "The resource doesn't support specified Http Verb."
             )
+        fault = emu.disk_reads.fault(request.method)
+        if fault is not None:
+            raise StorageError(fault.status, fault.code, fault.message)
         disk_vhd = getattr(emu.backend, "disk_vhd", None)
         if disk_vhd is None:
             raise StorageError(404, "BlobNotFound", "The specified blob does not exist.")
@@ -203,9 +251,17 @@ async def serve(emu: ArmEmulator, request: web.Request) -> web.StreamResponse:
             raise StorageError(err.status, err.code, err.message) from None
         if comp == "pagelist":
             return _page_list(request, path)
-        return await _send(request, path)
+        response = await _send(request, path)
+        _log(emu, request, response.status)
+        return response
     except StorageError as err:
+        _log(emu, request, err.status)
         return _error_response(request, err)
+
+
+def _log(emu: ArmEmulator, request: web.Request, status: int) -> None:
+    wanted = request.headers.get("x-ms-range") or request.headers.get("Range")
+    emu.disk_reads.log.append((request.method, wanted, status))
 
 
 def data_ranges(path: Path, start: int, end: int, limit: int = 10000) -> list[tuple[int, int]]:

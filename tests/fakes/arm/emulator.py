@@ -189,6 +189,7 @@ class ArmEmulator:
         self.state = ArmState()
         self._requests: list[RequestRecord] = []
         self.granted_sas: list[str] = []  # disk accessSAS URLs handed out (tests hunt leaks)
+        self.disk_reads = diskaccess.DiskReads()  # reads of served disk exports, read faults
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -533,6 +534,17 @@ class ArmEmulator:
 
     def clear_faults(self) -> None:
         self.faults.clear()
+        self.disk_reads.faults.clear()
+
+    def fail_disk_reads(
+        self, status: int = 503, *, times: int = 1, after: int = 0, code: str | None = None
+    ) -> None:
+        """Fail the next `times` GETs of served disk exports (after `after` good ones) as
+        Azure Storage does: 503 ServerBusy, 500 OperationTimedOut under load, 403
+        AuthenticationFailed when the SAS expired mid-copy (or `code`)."""
+        canned = diskaccess.STORAGE_FAULTS.get(status, ("InternalError", "Server error."))
+        fault = diskaccess.ReadFault(status, code or canned[0], canned[1], times, after)
+        self.disk_reads.faults.append(fault)
 
     def set_lro_duration(
         self, seconds: float, type_name: str | None = None, kind: str | None = None

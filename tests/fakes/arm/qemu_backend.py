@@ -606,7 +606,8 @@ class QemuVmBackend:
         argv += ["-drive", f"file={d / 'os.qcow2'},if=virtio,format=qcow2,discard=unmap"]
         for lun, disk_id in enumerate(rec.data_disk_ids):  # /dev/disk/by-id/virtio-lun<N>
             data = self.disk_dir(disk_id) / "data.qcow2"
-            argv += ["-drive", f"file={data},if=virtio,format=qcow2,discard=unmap,serial=lun{lun}"]
+            argv += ["-drive", f"file={data},if=none,id=lun{lun},format=qcow2,discard=unmap"]
+            argv += ["-device", f"virtio-blk-pci,drive=lun{lun},serial=lun{lun}"]
         if (d / "seed.iso").exists():
             argv += ["-drive", f"file={d / 'seed.iso'},if=virtio,format=raw,readonly=on"]
         forwards = "".join(f",hostfwd=tcp:{a}:{SSH_PORT}-:22" for a in rec.addresses)

@@ -34,6 +34,10 @@ RETRYABLE_CODES = frozenset(
         "PublicIPAddressCannotBeDeleted",
         "InUseNetworkSecurityGroupCannotBeDeleted",
         "CannotDeleteResource",
+        # Azure Storage's transient errors (blobs: logs, VHD copies)
+        "ServerBusy",
+        "OperationTimedOut",
+        "InternalError",
     }
 )
 DEFAULT_RETRY_SECONDS = 15.0
@@ -55,6 +59,18 @@ def is_retryable(status: int, code: str) -> bool:
     return code in RETRYABLE_CODES or status == 429 or status >= 500
 
 
+def _code_and_message(error: HttpResponseError) -> tuple[str, str]:
+    """ARM puts its code in an OData error body; Azure Storage in x-ms-error-code (the
+    SDK's error_code), with a message whose first line is what it says."""
+    storage = getattr(error, "error_code", None)
+    if storage:
+        text = str(getattr(error, "message", None) or error.reason or error)
+        return str(getattr(storage, "value", storage)), text.split("\n", 1)[0].strip()
+    code = (error.error.code if error.error else None) or str(error.status_code or "")
+    message = (error.error.message if error.error else None) or error.reason or str(error)
+    return code, message
+
+
 def classify(error: Exception) -> ProviderError:
     """A ProviderError that says whether to retry, with Azure's code and message."""
     if isinstance(error, ServiceRequestError | ServiceResponseError):
@@ -66,8 +82,7 @@ def classify(error: Exception) -> ProviderError:
         )
     if not isinstance(error, HttpResponseError):
         return ProviderError(str(error))
-    code = (error.error.code if error.error else None) or str(error.status_code or "")
-    message = (error.error.message if error.error else None) or error.reason or str(error)
+    code, message = _code_and_message(error)
     retryable = is_retryable(error.status_code or 0, code)
     return ProviderError(
         f"Azure {code}: {message}",

@@ -13,24 +13,24 @@ resources tagged as Kiln's own are ever deleted.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from kiln.api.capabilities import Provider, capabilities
+from kiln.api.distribution import PlannedTarget, TargetKind
+from kiln.api.run import VhdCopy
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     FileStep,
     ImageTemplateSpec,
-    ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
     PowerShellStep,
-    SharedImageDistributor,
     ShellStep,
-    VhdDistributor,
     WindowsRestartStep,
     WindowsUpdateStep,
 )
@@ -40,6 +40,7 @@ from kiln.kube import Kube
 from kiln.naming import staging_group_name
 from kiln.pipeline.logs import COMBINED
 from kiln.providers.azure import operations as ops
+from kiln.providers.azure import vhdcopy
 from kiln.providers.azure.clients import (
     AzureClients,
     IdentityRef,
@@ -48,6 +49,7 @@ from kiln.providers.azure.clients import (
     tenant_of,
     transport_options,
 )
+from kiln.providers.azure.errors import classify
 from kiln.providers.azure.resources import (
     GROUP,
     RUN_TAG,
@@ -71,12 +73,11 @@ from kiln.providers.azure.resources.staging import specs as staging_specs
 from kiln.providers.azure.resources.vm import BUILD_USER
 from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
-from kiln.versions import VersioningError, next_version, version_key
+from kiln.versions import version_key
 
 WINDOWS_STEPS = (PowerShellStep, WindowsRestartStep, WindowsUpdateStep)
 LOG_CONTAINER = "packerlogs"
 VHD_CONTAINER = "vhds"
-PAGE = 4 * 1024 * 1024
 APPEND_BLOCK = 4 * 1024 * 1024  # the largest block an append blob takes
 
 
@@ -452,20 +453,43 @@ class AzureProvider:
 
     # --- distribution ----------------------------------------------------------------------
 
-    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
-        target = ctx.spec.distribute[index]
+    async def gallery_versions(self, ctx: RunContext, target: PlannedTarget) -> list[str]:
+        assert target.gallery_image_id is not None
+        clients = await self.clients(ctx.spec, ctx.template.namespace)
+        _, group, parts = parse_id(target.gallery_image_id)
+        versions = clients.compute.gallery_image_versions.list_by_gallery_image(
+            group, parts[1], parts[3]
+        )
+        try:
+            return [v.name async for v in versions]
+        except AzureError as error:
+            raise classify(error) from error
+
+    async def distribute(self, ctx: RunContext, target: PlannedTarget) -> RunOutput:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         operations = ctx.checkpoint.azure.operations
-        key = f"distribute-{index}"
-        if isinstance(target, ManagedImageDistributor):
-            tags = dict(target.artifact_tags or {})
-            image = images.managed_image(ctx, target.image_id, target.location, tags, key)
-            await self._replace_managed_image(ctx, clients, *image.path, index)
+        key = f"distribute-{target.index}"
+        if target.type == TargetKind.ManagedImage:
+            assert target.artifact_id is not None
+            image = images.managed_image(ctx, target.artifact_id, target.location, target.tags, key)
+            await self._replace_managed_image(ctx, clients, *image.path, target.index)
             await ensure(clients, operations, [image])
-            return _output(target.run_output_name, target.image_id)
-        if isinstance(target, SharedImageDistributor):
-            return await self._distribute_shared(ctx, clients, target, index)
-        return await self._distribute_vhd(ctx, clients, target, index)
+        elif target.type == TargetKind.SharedImage:
+            # the version comes from the plan, saved before this PUT: a run resumed after
+            # a crash publishes that version, never a second one
+            assert target.gallery_image_id is not None and target.version is not None
+            version = images.gallery_version(
+                ctx,
+                target.gallery_image_id,
+                target.version,
+                images.publishing_profile(target),
+                target.tags,
+                key,
+            )
+            await ensure(clients, operations, [version])
+        else:
+            return await self._distribute_vhd(ctx, clients, target)
+        return _output(target.run_output_name, target.artifact_id or "")
 
     async def _replace_managed_image(
         self, ctx: RunContext, clients: AzureClients, group: str, name: str, index: int
@@ -488,107 +512,66 @@ class AzureProvider:
             f"deleting the previous managed image {name}, which this build replaces",
         )
 
-    async def _distribute_shared(
-        self, ctx: RunContext, clients: AzureClients, target: SharedImageDistributor, index: int
-    ) -> RunOutput:
-        _, group, parts = parse_id(target.gallery_image_id)
-        gallery, definition = parts[1], parts[3]
-        decided = ctx.checkpoint.azure.gallery_versions
-        version = decided.get(str(index))
-        if version is None:  # decided once, saved before the PUT: a resumed run publishes it
-            decided[str(index)] = (
-                parts[5]
-                if len(parts) > 5
-                else await self._next_version(ctx, clients, group, gallery, definition, target)
-            )
-            raise ops.Pending(f"recording gallery version {decided[str(index)]}", retry_after=0)
-        await ensure(
-            clients,
-            ctx.checkpoint.azure.operations,
-            [
-                images.gallery_version(
-                    ctx,
-                    target.gallery_image_id,
-                    version,
-                    images.publishing_profile(ctx, target),
-                    dict(target.artifact_tags or {}),
-                    f"distribute-{index}",
-                )
-            ],
-        )
-        definition_id = target.gallery_image_id.split("/versions/")[0]
-        return _output(target.run_output_name, f"{definition_id}/versions/{version}")
-
-    async def _next_version(
-        self,
-        ctx: RunContext,
-        clients: AzureClients,
-        group: str,
-        gallery: str,
-        definition: str,
-        target: SharedImageDistributor,
-    ) -> str:
-        versions = clients.compute.gallery_image_versions
-        existing = [
-            v.name async for v in versions.list_by_gallery_image(group, gallery, definition)
-        ]
-        try:
-            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
-        except VersioningError as error:
-            raise ProviderError(str(error)) from error
-
     async def _distribute_vhd(
-        self, ctx: RunContext, clients: AzureClients, target: VhdDistributor, index: int
+        self, ctx: RunContext, clients: AzureClients, target: PlannedTarget
     ) -> RunOutput:
-        """Read access to the OS disk, a sparse page-blob copy, access revoked."""
+        """Read access to the OS disk, one slice of the page copy, access revoked; the
+        copy's id is saved before its blob is created and its progress after each slice."""
+        copies = ctx.checkpoint.azure.vhd_copies
+        state = copies.get(str(target.index))
+        if state is None:
+            copies[str(target.index)] = VhdCopy(copy_id=uuid.uuid4().hex)
+            raise ops.Pending("recording the VHD copy before it starts", retry_after=0)
         group, disk = self.staging_group(ctx.template, ctx.spec), name(ctx, "osdisk")
-        copied = ctx.checkpoint.azure.copied_vhds
-        if str(index) not in copied:
+        destination = await self._vhd_blob(ctx, target)
+        async with destination:
             poller = await ops.call(
                 clients.compute.disks.begin_grant_access(
                     group, disk, {"access": "Read", "durationInSeconds": 3600}
                 )
             )
             access = await ops.call(poller.result())
+            options = transport_options(self.settings)
             try:
-                destination = await self._copy_pages(ctx, access.access_sas, target)
+                async with BlobClient.from_blob_url(access.access_sas, **options) as source:
+                    done = await vhdcopy.copy_slice(source, destination, state)
             finally:
                 revoke = await ops.call(clients.compute.disks.begin_revoke_access(group, disk))
                 await ops.call(revoke.result())
-            copied[str(index)] = destination
-        destination = copied[str(index)]
+        url = destination.url.split("?", 1)[0]
+        if not done:
+            share = state.offset * 100 // (state.size or 1)
+            raise ops.Pending(f"copying the OS disk to {url}: {share}%", retry_after=0)
         return RunOutput(
             run_output_name=target.run_output_name,
-            artifact_id=destination,
-            artifact_uri=destination,
+            artifact_id=url,
+            artifact_uri=url,
             provisioning_state="Succeeded",
         )
 
-    async def _copy_pages(self, ctx: RunContext, source_sas: str, target: VhdDistributor) -> str:
+    async def _vhd_blob(self, ctx: RunContext, target: PlannedTarget) -> BlobClient:
+        """The target's uri (a SAS in it, else the template's identity), or the staging
+        account's vhds container."""
         options = transport_options(self.settings)
-        source = BlobClient.from_blob_url(source_sas, **options)
-        if target.uri:  # a SAS in the URI, else the operator's own identity
+        uri = ctx.spec.distribute[target.index].uri if target.artifact_id else None
+        if uri:  # the SAS is read from the spec, never kept in the plan
             credential = (
                 None
-                if "?" in target.uri
+                if "?" in uri
                 else (await self.clients(ctx.spec, ctx.template.namespace)).credential
             )
-            destination = BlobClient.from_blob_url(target.uri, credential=credential, **options)
-        else:
-            service = await self._staging_blobs(ctx)
+            return BlobClient.from_blob_url(uri, credential=credential, **options)
+        service = await self._staging_blobs(ctx)
+        async with service:
             container = service.get_container_client(VHD_CONTAINER)
-            if not await container.exists():
-                await container.create_container()
-            destination = container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd")
-        async with source, destination:
-            size = (await source.get_blob_properties()).size
-            await destination.create_page_blob(size)
-            for offset in range(0, size, PAGE):
-                length = min(PAGE, size - offset)
-                chunk = await (await source.download_blob(offset=offset, length=length)).readall()
-                if chunk.count(0) != len(chunk):  # page blobs are sparse: skip zeros
-                    await destination.upload_page(chunk, offset=offset, length=length)
-            return destination.url.split("?", 1)[0]
+            try:
+                if not await container.exists():
+                    await container.create_container()
+            except AzureError as error:
+                raise classify(error) from error
+            url = container.get_blob_client(f"{ctx.run_name}-{target.run_output_name}.vhd").url
+        _, key = self._account_keys[storage_account_name(ctx.template.uid)]
+        return BlobClient.from_blob_url(url, credential=key, **options)
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

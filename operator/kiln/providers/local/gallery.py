@@ -20,8 +20,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from kiln.settings import GALLERY_TREES
 from kiln.versions import version_key
 
+IMAGES, GALLERIES = GALLERY_TREES
 IMAGE_FILES = ("disk.qcow2",)
 MANIFEST = "image.json"
 
@@ -69,7 +71,7 @@ class LocalGallery:
             raise GalleryError(f"{image_id!r} is not a managed image ID")
         return (
             self.root
-            / "images"
+            / IMAGES
             / match["sub"].lower()
             / match["rg"].lower()
             / (match["name"].lower())
@@ -80,7 +82,7 @@ class LocalGallery:
         if not match:
             raise GalleryError(f"{gallery_image_id!r} is not a gallery image ID")
         parts = (match["sub"], match["rg"], match["gallery"], match["definition"])
-        return self.root.joinpath("galleries", *(p.lower() for p in parts))
+        return self.root.joinpath(GALLERIES, *(p.lower() for p in parts))
 
     @staticmethod
     def explicit_version(gallery_image_id: str) -> str | None:
@@ -139,9 +141,6 @@ class LocalGallery:
         return manifest.is_file() and (
             ImageManifest.model_validate_json(manifest.read_text()).run == run
         )
-
-    def version_published_by(self, gallery_image_id: str, run: str) -> ImageManifest | None:
-        return next((m for m in self.versions(gallery_image_id) if m.run == run), None)
 
     def publish(
         self, directory: Path, image_dir: Path, manifest: ImageManifest, *, replace: bool

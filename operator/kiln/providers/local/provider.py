@@ -14,14 +14,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
+from kiln.api.distribution import PlannedTarget, TargetKind
 from kiln.api.run import BootFiles, LocalVm
 from kiln.api.status import RunOutput
 from kiln.api.template import (
     ImageTemplateSpec,
-    ManagedImageDistributor,
     ManagedImageSource,
     PlatformImageSource,
-    SharedImageDistributor,
     SharedImageVersionSource,
     VhdDistributor,
 )
@@ -40,7 +39,6 @@ from kiln.providers.local.disks import (
 from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 from kiln.settings import OperatorSettings
-from kiln.versions import VersioningError, next_version
 
 BUILD_USER = "packer"
 OWNER_MARKER = ".kiln-template"
@@ -288,100 +286,76 @@ class LocalProvider:
         vhd = image_dir / "disk.vhd" if wants_vhd else None
         ctx.checkpoint.local.disk_sha256 = capture_disk(overlay, image_dir / DISK, vhd)
 
-    async def distribute(self, ctx: RunContext, index: int) -> RunOutput:
+    async def gallery_versions(self, ctx: RunContext, target: PlannedTarget) -> list[str]:
+        assert target.gallery_image_id is not None
         try:
-            return await asyncio.to_thread(self._distribute, ctx, index)
-        except (GalleryError, OSError) as error:
+            return await asyncio.to_thread(self.gallery.version_names, target.gallery_image_id)
+        except GalleryError as error:
             raise ProviderError(str(error)) from error
 
-    def _manifest(
-        self, ctx: RunContext, artifact_id: str, location: str, **extra: object
-    ) -> ImageManifest:
+    async def distribute(self, ctx: RunContext, target: PlannedTarget) -> RunOutput:
+        """Local failures (a missing definition, a destination that cannot be written)
+        do not go away by waiting: they fail the target."""
+        try:
+            return await asyncio.to_thread(self._distribute, ctx, target)
+        except (GalleryError, OSError, ToolError, VhdError) as error:
+            raise ProviderError(f"{target.path}: {error}") from error
+
+    def _manifest(self, ctx: RunContext, target: PlannedTarget, **extra: object) -> ImageManifest:
         source = ctx.checkpoint.local.source
         assert source is not None  # resolved before anything is distributed
         return ImageManifest.model_validate(
             {
-                "id": artifact_id,
-                "location": location,
+                "id": target.artifact_id,
+                "location": target.location,
                 "source": ctx.checkpoint.exact_source or "",
                 "run": f"{ctx.namespace}/{ctx.run_name}",
                 "disk_sha256": ctx.checkpoint.local.disk_sha256,
                 "hyper_v_generation": source.hyper_v_generation,
+                "tags": target.tags,
                 **extra,
             }
         )
 
-    def _distribute(self, ctx: RunContext, index: int) -> RunOutput:
-        target = ctx.spec.distribute[index]
+    def _distribute(self, ctx: RunContext, target: PlannedTarget) -> RunOutput:
         image_dir = ctx.run_dir / IMAGE_DIR
-        run = f"{ctx.namespace}/{ctx.run_name}"
-        if isinstance(target, ManagedImageDistributor):
-            directory = self.gallery.managed_image_dir(target.image_id)
-            manifest = self._manifest(
-                ctx, target.image_id, target.location, tags=target.artifact_tags or {}
-            )
-            self.gallery.publish(directory, image_dir, manifest, replace=True)
-            return _output(target.run_output_name, target.image_id, directory)
-        if isinstance(target, SharedImageDistributor):
-            return self._distribute_shared(ctx, target, image_dir, run)
-        return self._distribute_vhd(ctx, target, image_dir)
-
-    def _distribute_shared(
-        self, ctx: RunContext, target: SharedImageDistributor, image_dir: Path, run: str
-    ) -> RunOutput:
-        definition_id = target.gallery_image_id.split("/versions/")[0]
-        done = self.gallery.version_published_by(definition_id, run)
-        if done is None:
-            version = self._version_for(ctx, target, definition_id)
-            regions = {r.name: r.replica_count or 1 for r in target.target_regions or []}
-            regions |= {name: 1 for name in target.replication_regions or []}
-            location = ctx.spec.location or "local"
+        assert target.artifact_id is not None or target.type == TargetKind.VHD
+        if target.type == TargetKind.ManagedImage:
+            directory = self.gallery.managed_image_dir(target.artifact_id or "")
+            self.gallery.publish(directory, image_dir, self._manifest(ctx, target), replace=True)
+        elif target.type == TargetKind.SharedImage:
+            assert target.gallery_image_id is not None and target.version is not None
             manifest = self._manifest(
                 ctx,
-                f"{definition_id}/versions/{version}",
-                location,
-                tags=target.artifact_tags or {},
-                exclude_from_latest=bool(target.exclude_from_latest),
-                regions=regions or {location: 1},
+                target,
+                exclude_from_latest=target.exclude_from_latest,
+                regions={r.name: r.replica_count for r in target.regions},
             )
-            directory = self.gallery.definition_dir(definition_id) / version
+            directory = self.gallery.definition_dir(target.gallery_image_id) / target.version
             self.gallery.publish(directory, image_dir, manifest, replace=False)
-            done = manifest
-        directory = self.gallery.definition_dir(definition_id) / done.id.rsplit("/", 1)[-1]
-        return _output(target.run_output_name, done.id, directory)
+        else:
+            return self._distribute_vhd(ctx, target, image_dir)
+        return _output(target.run_output_name, target.artifact_id or "", directory)
 
-    def _version_for(
-        self, ctx: RunContext, target: SharedImageDistributor, definition_id: str
-    ) -> str:
-        explicit = self.gallery.explicit_version(target.gallery_image_id)
-        if explicit:
-            return explicit
-        existing = self.gallery.version_names(definition_id)
-        try:
-            return next_version(existing, target.versioning, ctx.checkpoint.source_version or "")
-        except VersioningError as error:
-            raise GalleryError(str(error)) from error
-
-    def _distribute_vhd(
-        self, ctx: RunContext, target: VhdDistributor, image_dir: Path
-    ) -> RunOutput:
-        if target.uri:
+    def _distribute_vhd(self, ctx: RunContext, target: PlannedTarget, image_dir: Path) -> RunOutput:
+        """The VHD is written again on a resumed pass (under a temporary name, then
+        renamed): a file already there may be an earlier run's, never taken for this one."""
+        if target.artifact_id:
             try:  # validated with the template; checked again as symlinks may have moved
                 destination = self.settings.tenancy_policy.check_output_path(
-                    target.uri.removeprefix("file://")
+                    target.artifact_id.removeprefix("file://")
                 )
             except Refused as refusal:
-                raise ProviderError(f"VHD uri {target.uri}: {refusal}") from None
+                raise ProviderError(f"{target.path}.uri {target.artifact_id}: {refusal}") from None
         else:
             destination = ctx.run_dir / f"{target.run_output_name}.vhd"
-        checksum_file = destination.with_name(destination.name + ".sha256")
-        if not checksum_file.is_file():
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            tmp = destination.with_name(f".{destination.name}.tmp")
-            digest = copy_sparse(image_dir / "disk.vhd", tmp)
-            check_fixed_vhd(tmp)
-            tmp.rename(destination)
-            checksum_file.write_text(f"{digest}  {destination.name}\n")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(f".{destination.name}.tmp")
+        digest = copy_sparse(image_dir / "disk.vhd", tmp)
+        check_fixed_vhd(tmp)
+        tmp.rename(destination)
+        checksum = destination.with_name(destination.name + ".sha256")
+        checksum.write_text(f"{digest}  {destination.name}\n")
         return RunOutput(
             run_output_name=target.run_output_name,
             artifact_id=str(destination),

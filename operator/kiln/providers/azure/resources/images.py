@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.api.template import SharedImageDistributor
+from kiln.api.distribution import PlannedTarget
 from kiln.providers.azure.resources import GALLERY_VERSION, IMAGE, Spec, parse_id
 from kiln.providers.azure.resources.vm import generation
 from kiln.providers.base import RunContext
@@ -32,30 +32,19 @@ def managed_image(
     )
 
 
-def publishing_profile(ctx: RunContext, target: SharedImageDistributor) -> dict[str, Any]:
-    """targetRegions and replicationRegions (the build's region always among them),
+def publishing_profile(target: PlannedTarget) -> dict[str, Any]:
+    """The planned regions (the build's region always among them, kiln.distribution),
     excludeFromLatest, replicationMode."""
-    regions = [
-        {
-            "name": r.name,
-            "regionalReplicaCount": r.replica_count or 1,
-            "storageAccountType": r.storage_account_type or "Standard_LRS",
-        }
-        for r in target.target_regions or []
-    ]
-    regions += [
-        {
-            "name": name,
-            "regionalReplicaCount": 1,
-            "storageAccountType": target.storage_account_type or "Standard_LRS",
-        }
-        for name in target.replication_regions or []
-    ]
-    if not any(r["name"] == ctx.spec.location for r in regions):
-        regions.append({"name": ctx.spec.location, "regionalReplicaCount": 1})
     profile: dict[str, Any] = {
-        "targetRegions": regions,
-        "excludeFromLatest": bool(target.exclude_from_latest),
+        "targetRegions": [
+            {
+                "name": r.name,
+                "regionalReplicaCount": r.replica_count,
+                "storageAccountType": r.storage_account_type,
+            }
+            for r in target.regions
+        ],
+        "excludeFromLatest": target.exclude_from_latest,
     }
     if target.replication_mode:
         profile["replicationMode"] = target.replication_mode
