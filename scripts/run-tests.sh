@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-bench.sh >/dev/null || exit 1  # the bench's smoke test runs Packer
 
 # Without arguments (make test): everything but the long whole-build tests marked slow,
-# which `make e2e-slow` runs; CI has 90 minutes.
-[ "$#" -gt 0 ] || set -- -m "not slow"
+# which `make e2e-slow` runs, and the full chaos suite (`make chaos`); CI has 90 minutes.
+[ "$#" -gt 0 ] || set -- -m "not slow and not chaos"
 .venv/bin/pytest -p no:cacheprovider -ra --durations=25 "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

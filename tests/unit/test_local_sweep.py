@@ -62,3 +62,20 @@ async def test_sweep_removes_orphans_and_keeps_owned_vms(tmp_path: Path) -> None
         for handle in (orphan, owned):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(handle.pid, signal.SIGKILL)
+
+
+async def test_a_killed_build_vm_is_lost_and_a_running_one_is_not(tmp_path: Path) -> None:
+    """Found by the chaos suite: a run whose VM was killed retried its SSH connection for
+    minutes (or waited out the 15-minute boot timeout); a VM that is gone is lost at once."""
+    provider = LocalProvider(OperatorSettings(data_root=tmp_path))
+    ctx = _context(provider, "run-1")
+    assert await provider.vm_lost(ctx) is None  # not started yet: nothing to lose
+    handle = _idle_qemu(tmp_path / "vm" / "run-1")
+    ctx.checkpoint.local.vm_started = True
+    try:
+        assert await provider.vm_lost(ctx) is None
+    finally:
+        qemu.kill(handle)
+    lost = await provider.vm_lost(ctx)
+    assert lost is not None and "stopped unexpectedly" in lost
+    assert str(tmp_path / "vm" / "run-1" / qemu.SERIAL_LOG) in lost

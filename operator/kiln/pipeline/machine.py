@@ -168,6 +168,8 @@ class ConnectStep:
         except HostKeyMismatch as error:
             return Outcome.failed(str(error), reasons.PROVIDER_ERROR)
         except CommunicatorError as error:
+            if lost := await env.provider.vm_lost(ctx):
+                return Outcome.failed(lost, reasons.PROVIDER_ERROR)
             if time.time() > deadline:
                 return Outcome.failed(
                     f"the build VM did not accept {login} in {BOOT_TIMEOUT_SECONDS}s: {error}",

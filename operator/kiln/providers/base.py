@@ -112,6 +112,10 @@ class BuildProvider(Protocol):
     async def collect_from_vm(self, ctx: RunContext, communicator: Communicator) -> None:
         """Fetch what capture needs from the running VM (e.g. its kernel) before shutdown."""
 
+    async def vm_lost(self, ctx: RunContext) -> str | None:
+        """Why the build VM can never answer again (it is gone), or None if it may still:
+        a lost connection is retried only while the VM may come back."""
+
     async def stop_vm(self, ctx: RunContext) -> bool:
         """True once the build VM is stopped and ready for capture; False: ask again."""
 

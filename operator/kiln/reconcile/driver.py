@@ -474,6 +474,8 @@ class RunDriver:
         except (CommunicatorError, asyncssh.Error, OSError) as error:
             metrics.reconcile_error("connection")
             await self.env.disconnect(ctx)
+            if lost := await self.env.provider.vm_lost(ctx):  # no use retrying
+                return Outcome.failed(f"step {name}: {lost}", reasons.PROVIDER_ERROR)
             return _retry_or_fail(
                 ctx,
                 "connection_errors",

@@ -379,6 +379,10 @@ class AzureProvider:
     async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
         """Azure keeps the VM's disk; nothing to fetch before shutdown."""
 
+    async def vm_lost(self, ctx: RunContext) -> str | None:
+        """Azure restarts a VM whose host fails: a lost connection is always retried."""
+        return None
+
     async def stop_vm(self, ctx: RunContext) -> bool:
         """Deallocate, then generalize: what capture needs."""
         if ctx.checkpoint.azure.generalized:

@@ -170,11 +170,8 @@ class LocalProvider:
         directory = self.vm_dir(ctx)
         handle = qemu.find(directory)
         if handle is None:
-            if ctx.checkpoint.local.vm_started:
-                raise ProviderError(
-                    "the build VM stopped unexpectedly; its serial log is "
-                    f"{directory / qemu.SERIAL_LOG}"
-                )
+            if lost := await self.vm_lost(ctx):
+                raise ProviderError(lost)
             handle = await _uninterrupted(asyncio.to_thread(self._start_vm, ctx, directory))
             ctx.checkpoint.local.vm_started = True
         ctx.checkpoint.local.vm = LocalVm(pid=handle.pid, ssh_port=handle.ssh_port)
@@ -246,6 +243,13 @@ class LocalProvider:
 
     async def collect_from_vm(self, ctx: RunContext, communicator: SshCommunicator) -> None:
         """The disk boots by firmware alone: nothing to fetch beside it."""
+
+    async def vm_lost(self, ctx: RunContext) -> str | None:
+        """The VM was started and its QEMU process is gone (killed, crashed, powered off)."""
+        directory = self.vm_dir(ctx)
+        if not ctx.checkpoint.local.vm_started or qemu.find(directory) is not None:
+            return None
+        return f"the build VM stopped unexpectedly; its serial log is {directory / qemu.SERIAL_LOG}"
 
     async def stop_vm(self, ctx: RunContext) -> bool:
         handle = qemu.find(self.vm_dir(ctx))
