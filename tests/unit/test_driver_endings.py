@@ -6,6 +6,7 @@ retried a bounded number of times outside the build slot and then reported."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -29,6 +30,17 @@ Body = dict[str, Any]
 RUNS, TEMPLATES = "imagebuildruns", "imagetemplates"
 
 
+def merge(target: Body, patch: Body) -> None:
+    """A JSON merge patch (RFC 7386), as the API server applies it: null removes a key."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 class MemoryKube:
     """Objects in a dict; status patches merge as the API server's merge patch does."""
 
@@ -45,7 +57,7 @@ class MemoryKube:
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: Body) -> Body:
         target = self.objects[(plural, name)].setdefault("status", {})
-        target.update(copy.deepcopy(status))
+        merge(target, status)
         return target
 
     async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
@@ -215,3 +227,29 @@ async def test_cleanup_retries_are_bounded_then_reported(
     assert failed["status"] == "True" and "/var/lib/kiln/vm/uid-r1" in failed["message"]
     assert {s["name"]: s["state"] for s in final["steps"]}["cleanup"] == "Failed"
     assert any(reason == reasons.CLEANUP_FAILED for reason, _ in runtime.events)  # type: ignore[attr-defined]
+
+
+async def test_a_run_an_older_operator_left_mid_distribution_ends_and_is_cleaned_up(
+    world: tuple[Runtime, MemoryKube], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator is replaced by a newer one while the run is in flight."""
+    runtime, kube = world
+    drive, _ = await hanging_run(runtime, kube, monkeypatch)
+    drive.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drive
+    checkpoint = status(kube, "r1")["checkpoint"]
+    checkpoint.update(version=1, outputs={"0": {"runOutputName": "img", "artifactId": "/i"}})
+    cleaned: list[str] = []
+
+    async def delete_vm(ctx: RunContext) -> None:
+        cleaned.append(ctx.run_name)
+
+    upgraded = Runtime(runtime.settings, kube)  # type: ignore[arg-type]
+    monkeypatch.setattr(upgraded.providers["local"], "delete_vm", delete_vm)
+    await asyncio.wait_for(RunDriver(upgraded, "ns", "r1").drive(), 20)
+    final = status(kube, "r1")
+    assert final["runState"] == "Failed"
+    assert "upgraded while this run was distributing" in final["message"]
+    assert cleaned == ["r1"]
+    assert "outputs" not in final["checkpoint"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from kiln.api.base import KubeModel
 from kiln.api.distribution import DistributionPlan, TargetStatus
@@ -239,6 +240,53 @@ class Checkpoint(KubeModel):
     azure: AzureCheckpoint = Field(
         default_factory=AzureCheckpoint, description="State of the azure provider."
     )
+
+
+class CheckpointUnreadable(ValueError):
+    """A persisted checkpoint this operator cannot resume from (a format it does not know)."""
+
+
+UPGRADED_MID_DISTRIBUTION = (
+    "The operator was upgraded while this run was distributing; the new operator plans "
+    "distribution differently and cannot tell which targets the old one published, so the "
+    "run ends here (its build resources are cleaned up). Check the targets, then start a "
+    "new run."
+)
+
+
+def load_checkpoint(data: dict[str, Any]) -> Checkpoint:
+    """A run's checkpoint as status holds it, upgraded when an earlier operator wrote it:
+    a run in flight across an operator upgrade resumes, or ends cleanly with the reason."""
+    data = copy.deepcopy(data)
+    version = data.get("version", CHECKPOINT_VERSION)
+    if version == 1:
+        # Format 1 (before distribution was planned) kept what distribute published here.
+        azure = data.get("azure") or {}
+        retired = [
+            data.pop("outputs", None),
+            azure.pop("galleryVersions", None),
+            azure.pop("copiedVhds", None),
+        ]
+        data["version"] = CHECKPOINT_VERSION
+        if any(retired) and not data.get("ending"):
+            data["ending"] = {
+                "state": RunState.Failed.value,
+                "reason": "Failed",
+                "message": UPGRADED_MID_DISTRIBUTION,
+            }
+    elif version != CHECKPOINT_VERSION:
+        raise CheckpointUnreadable(
+            f"the run's checkpoint has format {version}; this operator reads formats 1 to "
+            f"{CHECKPOINT_VERSION} (was it written by a newer operator?)"
+        )
+    try:
+        return Checkpoint.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in error.errors(include_url=False, include_input=False)
+        )
+        raise CheckpointUnreadable(f"the run's checkpoint cannot be read ({problems})") from None
 
 
 class ImageBuildRunStatus(KubeModel):

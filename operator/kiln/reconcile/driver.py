@@ -29,7 +29,16 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kiln import distribution, metrics, reasons
-from kiln.api.run import Checkpoint, Ending, RunPhase, RunState, RunSubState, StepState
+from kiln.api.run import (
+    Checkpoint,
+    CheckpointUnreadable,
+    Ending,
+    RunPhase,
+    RunState,
+    RunSubState,
+    StepState,
+    load_checkpoint,
+)
 from kiln.api.template import ImageTemplateSpec, OnError
 from kiln.communicators.ssh import CommunicatorError
 from kiln.kube import RUNS, TEMPLATES, refusal
@@ -314,7 +323,7 @@ class RunDriver:
 
     async def context(self, run: Body) -> RunContext:
         status = _status(run)
-        checkpoint = Checkpoint.model_validate(status.get("checkpoint") or {})
+        checkpoint = load_checkpoint(status.get("checkpoint") or {})
         spec = ImageTemplateSpec.model_validate(status["templateSnapshot"])
         ctx = self._context(run, spec, checkpoint)
         keys = await self.kube.read_secret(ctx.key_namespace, run_secret_name(ctx.run_uid))
@@ -336,8 +345,14 @@ class RunDriver:
         except ProviderError as error:
             await self.finish(run, RunState.Failed, reasons.PROVIDER_ERROR, str(error))
             return None
+        except CheckpointUnreadable as error:
+            await self.finish(run, RunState.Failed, reasons.FAILED, str(error))
+            return None
         assert self.env is not None
         records: list[Body] = [dict(r) for r in status["steps"]]
+        if ctx.checkpoint.ending is not None:  # an upgraded checkpoint that cannot go on
+            ending = ctx.checkpoint.ending
+            return await self.end(run, ctx, records, ending.state, ending.reason, ending.message)
         interrupted = decide.interruption(run, ctx.spec.build_timeout_in_minutes, _now())
         if interrupted is not None:
             return await self._interrupted(run, ctx, records, interrupted)
@@ -572,7 +587,12 @@ class RunDriver:
 
     async def cleanup_pass(self, run: Body) -> float:
         """Every step's delete() in reverse, bounded; retried with backoff, then reported."""
-        ctx = await self.context(run)
+        try:
+            ctx = await self.context(run)
+        except CheckpointUnreadable as error:
+            message = f"{error}; the orphan sweeper removes its build resources"
+            await self.finish(run, RunState.Failed, reasons.FAILED, message)
+            return 0
         assert self.env is not None
         records: list[Body] = [dict(r) for r in _status(run)["steps"]]
         ending = ctx.checkpoint.ending
