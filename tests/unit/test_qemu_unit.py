@@ -128,12 +128,14 @@ def test_data_disks_are_virtio_drives_named_by_lun(tmp_path: Path) -> None:
     )
     argv = qemu._qemu_argv(spec, 2222)
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
-    assert drives[1:] == [
+    assert drives == [
+        f"file={spec.disk},if=none,id=os,format=qcow2,discard=unmap",
         f"file={data[0]},if=none,id=lun0,format=qcow2,discard=unmap",
         f"file={data[1]},if=none,id=lun1,format=qcow2,discard=unmap",
     ]
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
-    assert devices[:2] == [
+    assert devices[:3] == [  # the OS disk first: the guest's vda
+        "virtio-blk-pci,drive=os",
         "virtio-blk-pci,drive=lun0,serial=lun0",
         "virtio-blk-pci,drive=lun1,serial=lun1",
     ]

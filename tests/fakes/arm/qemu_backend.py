@@ -603,11 +603,8 @@ class QemuVmBackend:
         argv += ["-m", str(self.memory_mb), "-smp", str(self.cpus)]
         argv += ["-nodefaults", "-display", "none", "-vga", "none"]
         argv += qemu.firmware_args(disk.generation, state)
-        argv += ["-drive", f"file={d / 'os.qcow2'},if=virtio,format=qcow2,discard=unmap"]
-        for lun, disk_id in enumerate(rec.data_disk_ids):  # /dev/disk/by-id/virtio-lun<N>
-            data = self.disk_dir(disk_id) / "data.qcow2"
-            argv += ["-drive", f"file={data},if=none,id=lun{lun},format=qcow2,discard=unmap"]
-            argv += ["-device", f"virtio-blk-pci,drive=lun{lun},serial=lun{lun}"]
+        data = [self.disk_dir(disk_id) / "data.qcow2" for disk_id in rec.data_disk_ids]
+        argv += qemu.disk_args(d / "os.qcow2", data)
         if (d / "seed.iso").exists():
             argv += ["-drive", f"file={d / 'seed.iso'},if=virtio,format=raw,readonly=on"]
         forwards = "".join(f",hostfwd=tcp:{a}:{SSH_PORT}-:22" for a in rec.addresses)

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -200,16 +201,29 @@ def firmware_args(generation: Literal["V1", "V2"], state_dir: Path) -> list[str]
     ]
 
 
+def disk_args(os_disk: Path, data_disks: Sequence[Path]) -> list[str]:
+    """The OS disk, then each data disk with serial lun<N> (/dev/disk/by-id/virtio-lun<N>),
+    all qcow2. Each is an explicit device, in this order, so the OS disk is the guest's first
+    disk (vda) as on Azure: QEMU places `-device`s ahead of `-drive if=virtio` ones, which
+    made a data disk vda."""
+    disks = [
+        ("os", os_disk, ""),
+        *((f"lun{n}", p, f",serial=lun{n}") for n, p in enumerate(data_disks)),
+    ]
+    argv: list[str] = []
+    for drive, path, serial in disks:
+        argv += ["-drive", f"file={path},if=none,id={drive},format=qcow2,discard=unmap"]
+        argv += ["-device", f"virtio-blk-pci,drive={drive}{serial}"]
+    return argv
+
+
 def _qemu_argv(spec: VmSpec, port: int) -> list[str]:
     d = spec.state_dir
     argv = [QEMU, "-name", spec.name, "-machine", "q35", *spec.accel]
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.cpus)]
     argv += ["-nodefaults", "-display", "none", "-vga", "none"]
     argv += firmware_args(spec.generation, d)
-    argv += ["-drive", f"file={spec.disk},if=virtio,format=qcow2,discard=unmap"]
-    for lun, data_disk in enumerate(spec.data_disks):  # /dev/disk/by-id/virtio-lun<N>
-        argv += ["-drive", f"file={data_disk},if=none,id=lun{lun},format=qcow2,discard=unmap"]
-        argv += ["-device", f"virtio-blk-pci,drive=lun{lun},serial=lun{lun}"]
+    argv += disk_args(spec.disk, spec.data_disks)
     if spec.seed_iso:
         argv += ["-drive", f"file={spec.seed_iso},if=virtio,format=raw,readonly=on"]
     argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"]
