@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
+from kubernetes import client as kube_client
+from kubernetes import config
 
+from conftest import OperatorProcess
 from kubehelpers import template
 
 WINDOWS_SERVER_2022 = {
@@ -131,3 +137,25 @@ def windows_template(
     )
     manifest["spec"]["provider"] = "azure"
     return manifest
+
+
+@contextlib.contextmanager
+def emulator_operator(
+    control_plane: Any, arm: Any, namespace: str, location: str, data: Path
+) -> Iterator[OperatorProcess]:
+    """An operator process for one namespace, configured for the emulator as for Azure."""
+    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
+        core = kube_client.CoreV1Api(api)
+        if namespace not in [n.metadata.name for n in core.list_namespace().items]:
+            core.create_namespace({"metadata": {"name": namespace}})
+    process = OperatorProcess(
+        control_plane.kubeconfig,
+        data,
+        data / "operator.log",
+        **operator_settings(arm, namespace, location),
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -29,8 +29,8 @@ from kubernetes import config
 from azurehelpers import (
     WINDOWS_SERVER_2022,
     create_gallery,
+    emulator_operator,
     managed_image_target,
-    operator_settings,
     windows_template,
 )
 from conftest import OPERATOR_NAMESPACE, OperatorProcess, sample
@@ -66,20 +66,9 @@ def azure_operator(
     control_plane: Any, arm_qemu: ArmEmulator, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """An operator for one namespace, configured for the emulator as it would be for Azure."""
-    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
-        core = kube_client.CoreV1Api(api)
-        if NAMESPACE not in [n.metadata.name for n in core.list_namespace().items]:
-            core.create_namespace({"metadata": {"name": NAMESPACE}})
     data = tmp_path_factory.mktemp("azure-operator")
-    operator = OperatorProcess(
-        control_plane.kubeconfig,
-        data,
-        data / "operator.log",
-        **operator_settings(arm_qemu, NAMESPACE, LOCATION),
-    )
-    operator.start()
-    yield operator
-    operator.stop()
+    with emulator_operator(control_plane, arm_qemu, NAMESPACE, LOCATION, data) as operator:
+        yield operator
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,13 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from kubernetes import client as kube_client
 from kubernetes import config
 
 from azurehelpers import (
     WINDOWS_SERVER_2022,
     create_gallery,
+    emulator_operator,
     managed_image_target,
-    operator_settings,
 )
 from conftest import OPERATOR_NAMESPACE, OperatorProcess
 from fakes.arm import ArmEmulator, NoopVmBackend
@@ -74,20 +73,9 @@ def arm(azurite: Azurite) -> Iterator[ArmEmulator]:
 def operator(
     control_plane: Any, arm: ArmEmulator, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    with config.new_client_from_config(config_file=str(control_plane.kubeconfig)) as api:
-        core = kube_client.CoreV1Api(api)
-        if NAMESPACE not in [n.metadata.name for n in core.list_namespace().items]:
-            core.create_namespace({"metadata": {"name": NAMESPACE}})
     data = tmp_path_factory.mktemp("windows-operator")
-    process = OperatorProcess(
-        control_plane.kubeconfig,
-        data,
-        data / "operator.log",
-        **operator_settings(arm, NAMESPACE, LOCATION),
-    )
-    process.start()
-    yield process
-    process.stop()
+    with emulator_operator(control_plane, arm, NAMESPACE, LOCATION, data) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
