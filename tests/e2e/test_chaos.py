@@ -41,9 +41,13 @@ def _namespace(control_plane: ControlPlane, name: str) -> None:
 
 @pytest.fixture
 def operators(
-    control_plane: ControlPlane, arm_qemu: ArmEmulator, tmp_path: Path
+    control_plane: ControlPlane, arm_qemu: ArmEmulator, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[OperatorProcess, OperatorProcess]]:
-    """A local and an azure operator, each for its own namespace; three builds at once."""
+    """A local and an azure operator, each for its own namespace; three builds at once.
+    Their data lives under a short directory: a VM's QMP socket path (its state directory,
+    named by run UID) must fit a unix socket's 108 bytes, which the test's own tmp_path,
+    named after the test, does not leave room for."""
+    tmp_path = tmp_path_factory.mktemp("chaos")
     for namespace in (LOCAL_NAMESPACE, AZURE_NAMESPACE):
         _namespace(control_plane, namespace)
     local_data, azure_data = tmp_path / "local", tmp_path / "azure"
