@@ -95,6 +95,18 @@ def create_identity(arm: Any, group: str, name: str, location: str) -> Any:
     ).result()
 
 
+# What a Kiln build creates in Azure and its cleanup must remove (the leak checks).
+BUILD_RESOURCE_TYPES = {
+    "Microsoft.Compute/virtualMachines",
+    "Microsoft.Compute/disks",
+    "Microsoft.Network/networkInterfaces",
+    "Microsoft.Network/publicIPAddresses",
+    "Microsoft.Network/networkSecurityGroups",
+    "Microsoft.Network/virtualNetworks",
+    "Microsoft.KeyVault/vaults",
+}
+
+
 def operator_settings(arm: Any, namespace: str, location: str) -> dict[str, str]:
     """An operator's environment for the emulator, as it would be set for Azure."""
     credentials = {k: v for k, v in arm.environment().items() if k.startswith("AZURE_")}

@@ -37,6 +37,7 @@ from typing import Any
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
+from azurehelpers import BUILD_RESOURCE_TYPES
 from conftest import OPERATOR_NAMESPACE, OperatorProcess
 from kiln.naming import run_secret_name
 from kubehelpers import TERMINAL, Kiln, condition, run, template
@@ -49,15 +50,6 @@ GALLERY = (
 FREEZE_TIMEOUT_MINUTES = 4
 BOOT_GRACE = 120.0  # a VM not customizing this long after it appeared is acted on booting
 WATCH_SLACK = 90.0  # how long past its timeout a frozen run may take to end (a kill too)
-AZURE_BUILD_TYPES = {
-    "Microsoft.Compute/virtualMachines",
-    "Microsoft.Compute/disks",
-    "Microsoft.Network/networkInterfaces",
-    "Microsoft.Network/publicIPAddresses",
-    "Microsoft.Network/networkSecurityGroups",
-    "Microsoft.Network/virtualNetworks",
-    "Microsoft.KeyVault/vaults",
-}
 RUN_TAG = "kiln-run-uid"  # what Kiln tags every Azure build resource with
 
 
@@ -420,7 +412,7 @@ class Chaos:
             ]
         if self.arm is not None:
             for item in self.arm.inventory():
-                if item.type in AZURE_BUILD_TYPES and item.tags.get(RUN_TAG) in uids:
+                if item.type in BUILD_RESOURCE_TYPES and item.tags.get(RUN_TAG) in uids:
                     found.append(item.id)
             found += [
                 f"soft-deleted vault {v}"

@@ -24,6 +24,7 @@ from azure.storage.blob import BlobServiceClient
 from kubernetes import config
 
 from azurehelpers import (
+    BUILD_RESOURCE_TYPES,
     WINDOWS_SERVER_2022,
     create_gallery,
     emulator_operator,
@@ -41,15 +42,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.azure, pytest.mark.windows]
 
 NAMESPACE = "windows-builds"
 LOCATION = "westeurope"
-BUILD_TYPES = {
-    "Microsoft.Compute/virtualMachines",
-    "Microsoft.Compute/disks",
-    "Microsoft.Network/networkInterfaces",
-    "Microsoft.Network/publicIPAddresses",
-    "Microsoft.Network/networkSecurityGroups",
-    "Microsoft.Network/virtualNetworks",
-    "Microsoft.KeyVault/vaults",
-}
 BIG_LINES = 50_000
 BIG_LINE = "line {} of the big step: " + "0123456789" * 8  # ~100 bytes: 5 MB in all
 
@@ -131,7 +123,7 @@ def run_log(azurite: Azurite, name: str) -> str:
 
 
 def leftovers(arm: ArmEmulator) -> list[str]:
-    return [item.id for item in arm.inventory() if item.type in BUILD_TYPES]
+    return [item.id for item in arm.inventory() if item.type in BUILD_RESOURCE_TYPES]
 
 
 def steps_of(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
