@@ -295,24 +295,38 @@ async def test_the_log_goes_to_an_append_blob_that_gets_only_what_it_lacks(
 async def test_the_sweeper_removes_what_runs_that_are_gone_left_by_their_tag(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
-    live, gone = context(arm, tmp_path / "live"), context(arm, tmp_path / "gone")
+    live, gone, late = (context(arm, tmp_path / n) for n in ("live", "gone", "late"))
     gone.template = gone.checkpoint.template = live.template  # one staging group
-    for ctx in (live, gone):
-        staging = await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+    late.template = late.checkpoint.template = live.template
+
+    async def build(ctx: RunContext) -> str:
+        staging = await until_done(lambda: provider.ensure_staging(ctx))
         await provider.resolve_source(ctx)
-        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+        await until_done(lambda: provider.create_vm(ctx))
+        return staging
+
+    for ctx in (live, gone):
+        staging = await build(ctx)
     leftovers = await provider.leftovers(gone)
     assert any("/virtualMachines/" in item for item in leftovers)
     assert any("/networkInterfaces/" in item for item in leftovers)
-    removed = await provider.sweep({live.run_uid})
+
+    async def owners() -> set[str]:
+        # a run created after the sweep listed the resources builds its VM now; the
+        # runs read here do not include it yet
+        await build(late)
+        return {live.run_uid}
+
+    removed = await provider.sweep(owners)
     assert sorted(removed) == sorted(leftovers)
     assert await provider.leftovers(gone) == []
-    kept = await provider.leftovers(live)
-    assert any("/virtualMachines/" in item for item in kept)  # an owner's resources stay
+    for ctx in (live, late):  # an owner's resources stay, and so do the late run's
+        assert any("/virtualMachines/" in item for item in await provider.leftovers(ctx))
     assert "Microsoft.Storage/storageAccounts" in kinds(
         arm, staging.rsplit("/", 1)[-1]
     )  # not a run's resource
     await provider.delete_vm(live)
+    await provider.delete_vm(late)
 
 
 async def test_transient_failures_are_retried_without_duplicates(
