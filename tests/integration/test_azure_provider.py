@@ -374,6 +374,49 @@ async def test_a_vm_create_resumes_from_its_continuation_token(
         arm.set_lro_duration(0.2, "Microsoft.Compute/virtualMachines", "create")
 
 
+async def test_a_delete_cut_short_by_a_crash_is_sent_again_and_joins_the_one_in_flight(
+    arm: ArmEmulator, tmp_path: Path
+) -> None:
+    """Deletes keep no continuation token (resources.delete says why): the restarted
+    operator's pass reads the VM again, sends its DELETE again, and waits on the delete
+    Azure still runs; the build's resources end deleted, with no error."""
+    settings = settings_for(arm, tmp_path)
+    ctx = context(arm, tmp_path)
+    first = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+    await until_done(lambda: first.ensure_staging(ctx))
+    await first.resolve_source(ctx)
+    await until_done(lambda: first.create_vm(ctx))
+    vm_id = ctx.checkpoint.azure.vm_id
+    assert vm_id
+
+    def vm_deletes() -> list[int]:
+        return [
+            r.status
+            for r in arm.requests
+            if r.method == "DELETE" and r.path.lower() == vm_id.lower()
+        ]
+
+    arm.set_lro_duration(6.0, "Microsoft.Compute/virtualMachines", "delete")
+    try:
+        cleanup = asyncio.ensure_future(first.delete_vm(ctx))
+        deadline = time.monotonic() + 30
+        while not vm_deletes():
+            assert time.monotonic() < deadline and not cleanup.done(), "no DELETE was sent"
+            await asyncio.sleep(0.05)
+        cleanup.cancel()  # the operator dies while Azure deletes the VM
+        with pytest.raises(asyncio.CancelledError):
+            await cleanup
+        await first.close()
+        second = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+        assert vm_id.lower() in [i.lower() for i in await second.leftovers(ctx)]  # deleting
+        await second.delete_vm(ctx)  # the restarted operator's cleanup pass
+        assert vm_deletes() == [202, 202]  # sent again; the second joined the first
+        assert await second.leftovers(ctx) == []
+        await second.close()
+    finally:
+        arm.set_lro_duration(0.2, "Microsoft.Compute/virtualMachines", "delete")
+
+
 async def test_an_unavailable_size_is_fatal_with_azures_message(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
