@@ -38,6 +38,7 @@ ENTRYPOINT ["kiln", "operator"]
 
 FROM azure AS local
 USER root
+# Host tools die with the operator through setpriv (util-linux, already in the base image).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         qemu-system-x86 qemu-utils ovmf mmdebstrap e2fsprogs fdisk dosfstools mtools \

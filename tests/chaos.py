@@ -16,7 +16,8 @@ Every run must end, and end truthfully:
 
 It reports runs ended correctly / total, build VMs per run (distinct QEMU processes seen
 for the run's VM directory, or VM creations the ARM emulator counted), what is left
-(QEMU processes, VM state directories, key Secrets; Azure VMs, disks, NICs, public IPs,
+(QEMU processes, host tools still running on a run's disks (a qemu-img of a killed
+operator), VM state directories, key Secrets; Azure VMs, disks, NICs, public IPs,
 NSGs, vnets, vaults, soft-deleted vaults) and duplicate gallery versions (more than one
 version under a run's own gallery image). The targets: all, exactly 1, 0, 0.
 """
@@ -41,6 +42,7 @@ from azurehelpers import BUILD_RESOURCE_TYPES
 from conftest import OPERATOR_NAMESPACE, OperatorProcess
 from kiln.naming import run_secret_name
 from kubehelpers import TERMINAL, Kiln, condition, run, template
+from processes import live
 
 Body = dict[str, Any]
 GALLERY = (
@@ -397,6 +399,12 @@ class Chaos:
         for pid, args in qemu_processes().items():
             if any(f"/vm/{uid}/" in args for uid in uids):
                 found.append(f"QEMU process {pid}")
+        for process in live():
+            tool = process.argv[0] if process.argv else ""
+            if "qemu-system" not in tool and any(
+                f"/vm/{uid}/" in arg for arg in process.argv for uid in uids
+            ):
+                found.append(f"host tool process {process.pid} ({tool})")
         for fleet in self.fleets:
             vm_root = fleet.operator.data_dir / "vm"
             if vm_root.is_dir():

@@ -24,6 +24,7 @@ from kiln.naming import run_secret_name
 from kiln.providers.local import qemu
 from kiln.providers.local.disks import check_fixed_vhd, sha256_file
 from kubehelpers import Kiln, condition, condition_status, kstatus, run, template, wait_ended
+from processes import Process, descendants, live
 from secretscan import RunRecorder
 
 pytestmark = pytest.mark.e2e
@@ -424,9 +425,27 @@ def test_cancel_stops_the_build_and_cleans_up(kiln: Kiln, kiln_operator: Any) ->
     assert_cleaned(kiln, kiln_operator, body)
 
 
+def _capture_convert(kiln: Kiln, operator: Any, run_name: str) -> Process:
+    """The capture's qemu-img convert, once the operator runs it (polled closely: on a
+    quiet machine it takes a few seconds)."""
+    deadline, next_read = time.monotonic() + BUILD_TIMEOUT, 0.0
+    while time.monotonic() < deadline:
+        for process in descendants(operator.process.pid):
+            if process.argv[:2] == ["qemu-img", "convert"]:
+                return process
+        if time.monotonic() > next_read:
+            body = kiln.get("imagebuildruns", run_name)
+            assert body["status"].get("runState") == "Running", body["status"]
+            next_read = time.monotonic() + 5
+        time.sleep(0.05)
+    raise AssertionError("the capture's qemu-img convert never ran")
+
+
 def test_an_operator_killed_mid_customization_finishes_the_same_run(
     kiln: Kiln, kiln_operator: Any
 ) -> None:
+    """Killed twice: during a customization (the VM outlives the operator) and during the
+    capture's qemu-img convert (which does not: it dies with the operator)."""
     kiln.create(
         "imagetemplates",
         template(
@@ -457,6 +476,13 @@ def test_an_operator_killed_mid_customization_finishes_the_same_run(
     kiln_operator.kill()
     assert qemu.is_running(vm), "the build VM must outlive the operator"
     time.sleep(3)
+    kiln_operator.start()
+    convert = _capture_convert(kiln, kiln_operator, "restart-1")
+    kiln_operator.kill()
+    deadline = time.monotonic() + 5
+    while convert.pid in {p.pid for p in live()}:
+        assert time.monotonic() < deadline, f"{convert} outlived its operator"
+        time.sleep(0.1)
     kiln_operator.start()
     body = wait_ended(kiln, "restart-1")
     assert body["status"]["runState"] == "Succeeded", body["status"]["message"]

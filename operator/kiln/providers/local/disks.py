@@ -13,11 +13,14 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import signal
 import struct
 import subprocess
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 from pydantic import BaseModel
@@ -40,20 +43,67 @@ class VhdError(ValueError):
     """A file is not the fixed VHD Azure accepts."""
 
 
-def run_tool(argv: Sequence[str | os.PathLike[str]], *, timeout: float = TOOL_TIMEOUT) -> str:
-    """Run a host tool and return its stdout; raise ToolError with its stderr on failure.
-    A tool that runs past its timeout is killed (every wait is bounded)."""
+# A host tool dies with the operator, even with one that is SIGKILLed: it leads a process
+# group of its own under a small shell that setpriv gives a parent-death signal
+# (PR_SET_PDEATHSIG, set in the child before anything runs; Python's preexec_fn is not safe
+# in a threaded process). When the operator dies the kernel signals that shell, and the
+# shell kills its whole group: the tool and whatever the tool started (mmdebstrap's apt
+# and dpkg, an sh -c pipeline). A shell whose operator is gone by the time it starts runs
+# nothing. QEMU build VMs are the exception (outlive_operator): they daemonize into a
+# session of their own and outlive the operator on purpose, found again by pid file.
+_DIE_WITH_OPERATOR = 'trap "kill -s KILL 0" TERM; [ "$PPID" = "$0" ] || exit 137; "$@" & wait $!'
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]], *, outlive_operator: bool = False, **popen: Any
+) -> subprocess.Popen[Any]:
+    """Start a host tool as the leader of its own process group (kill_group ends it and
+    what it started); it dies with the operator unless outlive_operator."""
     args = [os.fspath(a) for a in argv]
+    if shutil.which(args[0]) is None:
+        raise ToolError(f"{args[0]} is not installed on this host")
+    if not outlive_operator:
+        guard = ["setpriv", "--pdeathsig", "TERM", "--", "sh", "-c", _DIE_WITH_OPERATOR]
+        args = [*guard, str(os.getpid()), *args]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as exc:
+        return subprocess.Popen(args, process_group=0, stdin=subprocess.DEVNULL, **popen)
+    except FileNotFoundError as exc:  # setpriv (util-linux) itself
         raise ToolError(f"{args[0]} is not installed on this host") from exc
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a spawned tool and everything in its process group, and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def run_tool(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = TOOL_TIMEOUT,
+    outlive_operator: bool = False,
+) -> str:
+    """Run a host tool and return its stdout; raise ToolError with its stderr on failure.
+    A tool that runs past its timeout is killed with all it started (every wait is
+    bounded), and so is one whose operator dies (spawn)."""
+    args = [os.fspath(a) for a in argv]
+    proc = spawn(args, outlive_operator=outlive_operator, stdout=PIPE, stderr=PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        kill_group(proc)
         raise ToolError(f"{' '.join(args[:3])} ... was killed after {timeout:.0f}s") from None
+    except BaseException:
+        kill_group(proc)
+        raise
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        detail = (stderr or stdout).strip()[-2000:]
         raise ToolError(f"{' '.join(args[:3])} ... exited {proc.returncode}: {detail}")
-    return proc.stdout
+    return stdout
 
 
 @contextlib.contextmanager

@@ -34,7 +34,9 @@ from kiln.providers.local.disks import (
     ToolError,
     atomic_output,
     image_format,
+    kill_group,
     run_tool,
+    spawn,
     virtual_size,
 )
 
@@ -168,8 +170,8 @@ def _kvm_boots(disk: Path, cache_root: Path) -> bool:
     argv += ["-snapshot", "-drive", f"file={disk},if=virtio,format={image_format(disk)}"]
     argv += ["-serial", f"file:{serial}"]
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except OSError:
+        proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, ToolError):
         return False
     try:
         deadline = time.monotonic() + 60
@@ -180,8 +182,7 @@ def _kvm_boots(disk: Path, cache_root: Path) -> bool:
             time.sleep(0.5)
         return False
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        kill_group(proc)
         serial.unlink(missing_ok=True)
 
 
@@ -243,7 +244,8 @@ def start(spec: VmSpec) -> VmHandle:
     for attempt in range(attempts):
         port = spec.ssh_port or free_port()
         try:
-            run_tool(_qemu_argv(spec, port), timeout=120)
+            # the VM outlives the operator (daemonized, found again by pid file)
+            run_tool(_qemu_argv(spec, port), timeout=120, outlive_operator=True)
             break
         except ToolError as exc:
             if "host forwarding" not in str(exc) or attempt == attempts - 1:
