@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,3 +80,16 @@ def booted(
         yield Vm(spec, handle, client, host, user)
     finally:
         qemu.kill(handle)
+
+
+def idle_qemu(directory: Path) -> qemu.VmHandle:
+    """A daemonized QEMU with no guest (machine none) in a new state directory: a build VM
+    as its pid file records it, for the tests of what finds and removes VMs."""
+    directory.mkdir(parents=True)
+    argv = [qemu.QEMU, "-machine", "none", "-nodefaults", "-display", "none"]
+    argv += ["-netdev", "user,id=n,hostfwd=tcp:127.0.0.1:0-:22"]
+    argv += ["-pidfile", str(directory / qemu.PIDFILE), "-daemonize"]
+    subprocess.run(argv, check=True, timeout=30)
+    handle = qemu.find(directory)
+    assert handle is not None
+    return handle

@@ -357,24 +357,38 @@ async def test_the_log_goes_to_an_append_blob_that_gets_only_what_it_lacks(
 async def test_the_sweeper_removes_what_runs_that_are_gone_left_by_their_tag(
     arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
 ) -> None:
-    live, gone = context(arm, tmp_path / "live"), context(arm, tmp_path / "gone")
+    live, gone, late = (context(arm, tmp_path / n) for n in ("live", "gone", "late"))
     gone.template = gone.checkpoint.template = live.template  # one staging group
-    for ctx in (live, gone):
-        staging = await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+    late.template = late.checkpoint.template = live.template
+
+    async def build(ctx: RunContext) -> str:
+        staging = await until_done(lambda: provider.ensure_staging(ctx))
         await provider.resolve_source(ctx)
-        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+        await until_done(lambda: provider.create_vm(ctx))
+        return staging
+
+    for ctx in (live, gone):
+        staging = await build(ctx)
     leftovers = await provider.leftovers(gone)
     assert any("/virtualMachines/" in item for item in leftovers)
     assert any("/networkInterfaces/" in item for item in leftovers)
-    removed = await provider.sweep({live.run_uid})
+
+    async def owners() -> set[str]:
+        # a run created after the sweep listed the resources builds its VM now; the
+        # runs read here do not include it yet
+        await build(late)
+        return {live.run_uid}
+
+    removed = await provider.sweep(owners)
     assert sorted(removed) == sorted(leftovers)
     assert await provider.leftovers(gone) == []
-    kept = await provider.leftovers(live)
-    assert any("/virtualMachines/" in item for item in kept)  # an owner's resources stay
+    for ctx in (live, late):  # an owner's resources stay, and so do the late run's
+        assert any("/virtualMachines/" in item for item in await provider.leftovers(ctx))
     assert "Microsoft.Storage/storageAccounts" in kinds(
         arm, staging.rsplit("/", 1)[-1]
     )  # not a run's resource
     await provider.delete_vm(live)
+    await provider.delete_vm(late)
 
 
 async def test_transient_failures_are_retried_without_duplicates(
@@ -420,6 +434,49 @@ async def test_a_vm_create_resumes_from_its_continuation_token(
         await second.close()
     finally:
         arm.set_lro_duration(0.2, "Microsoft.Compute/virtualMachines", "create")
+
+
+async def test_a_delete_cut_short_by_a_crash_is_sent_again_and_joins_the_one_in_flight(
+    arm: ArmEmulator, tmp_path: Path
+) -> None:
+    """Deletes keep no continuation token (resources.delete says why): the restarted
+    operator's pass reads the VM again, sends its DELETE again, and waits on the delete
+    Azure still runs; the build's resources end deleted, with no error."""
+    settings = settings_for(arm, tmp_path)
+    ctx = context(arm, tmp_path)
+    first = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+    await until_done(lambda: first.ensure_staging(ctx))
+    await first.resolve_source(ctx)
+    await until_done(lambda: first.create_vm(ctx))
+    vm_id = ctx.checkpoint.azure.vm_id
+    assert vm_id
+
+    def vm_deletes() -> list[int]:
+        return [
+            r.status
+            for r in arm.requests
+            if r.method == "DELETE" and r.path.lower() == vm_id.lower()
+        ]
+
+    arm.set_lro_duration(6.0, "Microsoft.Compute/virtualMachines", "delete")
+    try:
+        cleanup = asyncio.ensure_future(first.delete_vm(ctx))
+        deadline = time.monotonic() + 30
+        while not vm_deletes():
+            assert time.monotonic() < deadline and not cleanup.done(), "no DELETE was sent"
+            await asyncio.sleep(0.05)
+        cleanup.cancel()  # the operator dies while Azure deletes the VM
+        with pytest.raises(asyncio.CancelledError):
+            await cleanup
+        await first.close()
+        second = AzureProvider(settings, kube=None)  # type: ignore[arg-type]
+        assert vm_id.lower() in [i.lower() for i in await second.leftovers(ctx)]  # deleting
+        await second.delete_vm(ctx)  # the restarted operator's cleanup pass
+        assert vm_deletes() == [202, 202]  # sent again; the second joined the first
+        assert await second.leftovers(ctx) == []
+        await second.close()
+    finally:
+        arm.set_lro_duration(0.2, "Microsoft.Compute/virtualMachines", "delete")
 
 
 async def test_an_unavailable_size_is_fatal_with_azures_message(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import importlib.util
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -513,3 +516,44 @@ def test_emulators_of_one_process_never_hand_out_the_same_address() -> None:
     )
     first.state.resources["/x"] = held
     assert second.allocate_ip("public") != address
+
+
+def test_an_address_leased_by_another_process_is_never_handed_out() -> None:
+    """Two test runs side by side (two processes) must not give two VMs one address."""
+    emulator = ArmEmulator()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LEASE],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert holder.stdout is not None
+        held = holder.stdout.readline().strip()
+        assert held.startswith("127.0.2.")
+        emulator.state.next_public_ip = int(held.rsplit(".", 1)[1])
+        assert emulator.allocate_ip("public") != held
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    emulator.state.next_public_ip = int(held.rsplit(".", 1)[1])
+    assert emulator.allocate_ip("public") == held
+
+
+_HOLD_LEASE = """
+import time
+from fakes.arm import emulator
+held = next(f"127.0.2.{n}" for n in range(200, 255) if emulator._LEASES.take(f"127.0.2.{n}"))
+print(held, flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_address_whose_ssh_port_is_taken_is_never_handed_out() -> None:
+    """A VM left running by a run that died holds its address with no lease at all."""
+    emulator = ArmEmulator()
+    with socket.socket() as leftover:
+        leftover.bind(("127.0.2.250", 22))
+        leftover.listen()
+        emulator.state.next_public_ip = 250
+        assert emulator.allocate_ip("public") == "127.0.2.251"

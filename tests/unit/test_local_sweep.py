@@ -1,12 +1,12 @@
 """The local provider's orphan sweep and leftovers, with real (idle) QEMU processes: a
-VM state directory whose run is not among the owners is killed and removed."""
+VM state directory whose run is not among the owners is killed and removed, and one
+made while the sweep reads the owners (a run created meanwhile) is not touched."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 from kiln.api.run import Checkpoint
@@ -16,18 +16,7 @@ from kiln.providers.local import qemu
 from kiln.providers.local.provider import LocalProvider
 from kiln.settings import OperatorSettings
 from kubehelpers import valid_spec
-
-
-def _idle_qemu(directory: Path) -> qemu.VmHandle:
-    """A daemonized QEMU with no guest (machine none): a VM as the pid file records it."""
-    directory.mkdir(parents=True)
-    argv = [qemu.QEMU, "-machine", "none", "-nodefaults", "-display", "none"]
-    argv += ["-netdev", "user,id=n,hostfwd=tcp:127.0.0.1:0-:22"]
-    argv += ["-pidfile", str(directory / qemu.PIDFILE), "-daemonize"]
-    subprocess.run(argv, check=True, timeout=30)
-    handle = qemu.find(directory)
-    assert handle is not None
-    return handle
+from vmboot import idle_qemu
 
 
 def _context(provider: LocalProvider, uid: str) -> RunContext:
@@ -47,19 +36,27 @@ def _context(provider: LocalProvider, uid: str) -> RunContext:
 async def test_sweep_removes_orphans_and_keeps_owned_vms(tmp_path: Path) -> None:
     provider = LocalProvider(OperatorSettings(data_root=tmp_path))
     root = tmp_path / "vm"
-    orphan, owned = _idle_qemu(root / "gone-run"), _idle_qemu(root / "live-run")
+    orphan, owned = idle_qemu(root / "gone-run"), idle_qemu(root / "live-run")
     try:
         assert await provider.leftovers(_context(provider, "gone-run")) == [
             f"QEMU process {orphan.pid}",
             str(root / "gone-run"),
         ]
-        removed = await provider.sweep({"live-run"})
+        late: list[qemu.VmHandle] = []
+
+        async def owners() -> set[str]:
+            # A run created after the sweep listed the VMs starts its VM now; the runs
+            # read here do not include it yet.
+            late.append(idle_qemu(root / "late-run"))
+            return {"live-run"}
+
+        removed = await provider.sweep(owners)
         assert removed == [str(root / "gone-run")]
         assert not (root / "gone-run").exists() and not qemu.is_running(orphan)
-        assert qemu.is_running(owned)
+        assert qemu.is_running(owned) and qemu.is_running(late[0])
         assert await provider.leftovers(_context(provider, "gone-run")) == []
     finally:
-        for handle in (orphan, owned):
+        for handle in (orphan, owned, *late):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(handle.pid, signal.SIGKILL)
 
@@ -70,7 +67,7 @@ async def test_a_killed_build_vm_is_lost_and_a_running_one_is_not(tmp_path: Path
     provider = LocalProvider(OperatorSettings(data_root=tmp_path))
     ctx = _context(provider, "run-1")
     assert await provider.vm_lost(ctx) is None  # not started yet: nothing to lose
-    handle = _idle_qemu(tmp_path / "vm" / "run-1")
+    handle = idle_qemu(tmp_path / "vm" / "run-1")
     ctx.checkpoint.local.vm_started = True
     try:
         assert await provider.vm_lost(ctx) is None

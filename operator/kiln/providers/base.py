@@ -6,6 +6,7 @@ its world (QEMU on this machine, or an Azure subscription) and reports where the
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +19,9 @@ from kiln.api.template import ImageTemplateSpec
 from kiln.communicators.ssh import SshCommunicator as Communicator
 from kiln.communicators.winrm import WinRmCredentials
 from kiln.naming import run_secret_name
+
+# The UIDs of the runs whose build resources must stay, read when it is called.
+Owners = Callable[[], Awaitable[set[str]]]
 
 
 class ProviderError(Exception):
@@ -132,8 +136,11 @@ class BuildProvider(Protocol):
     async def delete_vm(self, ctx: RunContext) -> None:
         """Remove the build VM and everything made for it, keeping logs and outputs."""
 
-    async def sweep(self, keep: set[str]) -> list[str]:
-        """Remove build resources of runs not in keep (run UIDs); what was removed."""
+    async def sweep(self, owners: Owners) -> list[str]:
+        """Remove build resources of runs that owners() does not name; what was removed.
+        The candidates are listed first and owners() is called after: a run's resources are
+        made after the run, so anything listed belongs to a run that owners() sees, and a
+        resource made meanwhile is not a candidate (no race with a run being created)."""
 
     async def leftovers(self, ctx: RunContext) -> list[str]:
         """What of the run's build resources still exists (IDs, paths), for a report."""

@@ -3,7 +3,9 @@
 A run's key Secret lives in the operator's namespace, so no owner reference can tie it to
 the run (they cannot cross namespaces) and Kubernetes' garbage collector never removes
 it. The run's own cleanup deletes it; this catches what a crash left between the two.
-It runs as part of the orphan sweep (kiln.reconcile.sweeper).
+It runs as part of the orphan sweep (kiln.reconcile.sweeper). Each Secret's run is read
+after the Secrets are listed: a Secret made meanwhile (a new run's) is not looked at, and
+a listed one's run existed before it, so only a run that is really gone loses its key.
 """
 
 from __future__ import annotations

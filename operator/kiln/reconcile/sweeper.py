@@ -1,10 +1,15 @@
 """The orphan sweeper: build resources whose run is gone (or ended without them) go.
 
 A crash, a bug or a cleanup that gave up can leave a build VM behind; nothing else would
-ever remove it. At start and every SWEEP_SECONDS the sweeper lists every run and asks
-each provider to remove build resources that no unfinished run (or kept VM) owns: by
-state directories and pid files locally, by Kiln's run tag on Azure; and per-run key
-Secrets in the operator's namespace whose run is gone (kiln.reconcile.keysweeper).
+ever remove it. At start and every SWEEP_SECONDS the sweeper asks each provider to remove
+build resources that no unfinished run (or kept VM) owns: by state directories and pid
+files locally, by Kiln's run tag on Azure; and per-run key Secrets in the operator's
+namespace whose run is gone (kiln.reconcile.keysweeper).
+
+Race-free with runs being created: each sweep lists its candidates first and reads the
+runs after (a provider calls `owners` once it has listed; a key Secret's run is read
+after the Secrets are listed). A run exists before anything is made for it, so every
+candidate's run is in the later read, and what a new run makes meanwhile is no candidate.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ def owners(runs: list[dict[str, Any]]) -> set[str]:
 
 async def sweep_once(runtime: Runtime) -> list[str]:
     """What was removed (IDs, paths); a provider that fails is logged, not fatal."""
-    keep = owners(await runtime.kube.list_all(RUNS))
+
+    async def current_owners() -> set[str]:
+        return owners(await runtime.kube.list_all(RUNS))
+
     removed: list[str] = []
     for name, provider in runtime.providers.made().items():
         try:
-            removed += await asyncio.wait_for(provider.sweep(keep), SWEEP_TIMEOUT)
+            removed += await asyncio.wait_for(provider.sweep(current_owners), SWEEP_TIMEOUT)
         except Exception:
             log.warning("the orphan sweep of the %s provider failed", name, exc_info=True)
     try:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
@@ -130,6 +133,53 @@ def _handlers() -> dict[str, ResourceType]:
 # Every emulator of this process: their VMs share the loopback ranges, so an address one
 # of them holds is not free for another (backends bind them).
 _LIVE: weakref.WeakSet[ArmEmulator] = weakref.WeakSet()
+
+
+class _AddressLeases:
+    """Machine-wide leases on loopback addresses: an flock'd file per address.
+
+    The lock lives as long as this process holds the file open, so a crashed test run
+    frees its addresses by itself.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.held: dict[str, int] = {}
+
+    def take(self, address: str) -> bool:
+        if address in self.held:
+            return True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / address, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        if _port_taken(address, 22):
+            os.close(fd)
+            return False
+        self.held[address] = fd
+        return True
+
+    def release_unused(self, in_use: set[str]) -> None:
+        for address in [a for a in self.held if a not in in_use]:
+            os.close(self.held.pop(address))
+
+
+def _port_taken(address: str, port: int) -> bool:
+    """A VM left running by a test run that died still listens there, lease or not."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((address, port))
+        except PermissionError:
+            return False
+        except OSError:
+            return True
+    return False
+
+
+_LEASES = _AddressLeases(Path(tempfile.gettempdir()) / "kiln-arm-addresses")
 
 
 class ArmEmulator:
@@ -665,16 +715,23 @@ class ArmEmulator:
         return used
 
     def allocate_ip(self, kind: str) -> str:
-        """Next free loopback address: public 127.0.2.x, private 127.0.3.x (never .0/.255)."""
+        """Next free loopback address: public 127.0.2.x, private 127.0.3.x (never .0/.255).
+
+        Free means held by no emulator of this process and leased by no other process on
+        the machine (see _AddressLeases), so two test runs side by side never hand out one
+        address twice (a second VM would find port 22 taken, or SSH would reach the wrong VM).
+        """
         prefix = "127.0.2." if kind == "public" else "127.0.3."
         attr = "next_public_ip" if kind == "public" else "next_private_ip"
         used = self._used_ips(prefix)
+        _LEASES.release_unused(self._used_ips("127.0."))
         start = getattr(self.state, attr)
         for i in range(254):
             n = (start - 1 + i) % 254 + 1
-            if f"{prefix}{n}" not in used:
+            address = f"{prefix}{n}"
+            if address not in used and _LEASES.take(address):
                 setattr(self.state, attr, n % 254 + 1)
-                return f"{prefix}{n}"
+                return address
         raise ArmError(
             400,
             "PublicIPCountLimitReached" if kind == "public" else "SubnetIsFull",
@@ -682,7 +739,7 @@ class ArmEmulator:
         )
 
     def release_ip(self, address: str | None) -> None:
-        """Addresses are free once no resource holds them; nothing to do."""
+        """Addresses are free once no resource holds them; leases go at the next allocation."""
 
     # ------------------------------------------------------------------ operations
 

@@ -73,7 +73,7 @@ from kiln.providers.azure.resources.network import name
 from kiln.providers.azure.resources.staging import check_free, storage_account_name
 from kiln.providers.azure.resources.staging import specs as staging_specs
 from kiln.providers.azure.resources.vm import BUILD_USER
-from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
+from kiln.providers.base import Endpoint, Owners, ProviderError, RunContext, TemplateIdentity
 from kiln.settings import OperatorSettings
 from kiln.versions import version_key
 
@@ -427,21 +427,26 @@ class AzureProvider:
         clients = await self.clients(ctx.spec, ctx.template.namespace)
         await delete(clients, reversed(self._build(ctx)))
 
-    async def sweep(self, keep: set[str]) -> list[str]:
-        """Resources tagged with a run UID not in keep, in every subscription in use,
-        deleted in dependency order (VM first, network last, vaults purged)."""
+    async def sweep(self, owners: Owners) -> list[str]:
+        """Resources tagged with a run UID that owners() does not name, in every
+        subscription in use, deleted in dependency order (VM first, network last, vaults
+        purged). Every subscription is listed before the owners are read."""
         keys = set(self._clients)
         if self.settings.subscription_id:  # the operator's own identity, where it builds
             keys.add((self.settings.subscription_id, IdentityRef("", None)))
-        removed: list[str] = []
+        listed: list[tuple[AzureClients, list[tuple[str, Spec]]]] = []
         for subscription, ref in sorted(keys, key=lambda k: (k[0], k[1].describe())):
             clients = await self.clients_for(subscription, ref)
-            orphans = [
-                spec
-                async for r in clients.resource.resources.list(filter=f"tagName eq '{RUN_TAG}'")
-                if (run := (r.tags or {}).get(RUN_TAG)) not in keep
-                and (spec := found(r, parse_id(r.id)[1], owner(run=run))) is not None
-            ]
+            candidates = []
+            async for r in clients.resource.resources.list(filter=f"tagName eq '{RUN_TAG}'"):
+                run = (r.tags or {}).get(RUN_TAG)
+                if run and (spec := found(r, parse_id(r.id)[1], owner(run=run))) is not None:
+                    candidates.append((run, spec))
+            listed.append((clients, candidates))
+        keep = await owners()
+        removed: list[str] = []
+        for clients, candidates in listed:
+            orphans = [spec for run, spec in candidates if run not in keep]
             removed += [spec.id for spec in await delete(clients, deletion_order(orphans))]
         return removed
 

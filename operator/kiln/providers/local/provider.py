@@ -30,7 +30,7 @@ from kiln.api.vmsizes import VmShape, capped, unknown_size_message, vm_shape
 from kiln.communicators.ssh import SshCommunicator
 from kiln.distribution import existing_version_message
 from kiln.naming import staging_group_name
-from kiln.providers.base import Endpoint, ProviderError, RunContext, TemplateIdentity
+from kiln.providers.base import Endpoint, Owners, ProviderError, RunContext, TemplateIdentity
 from kiln.providers.local import baseimage, qemu
 from kiln.providers.local.disks import (
     ToolError,
@@ -291,12 +291,15 @@ class LocalProvider:
         await asyncio.to_thread(shutil.rmtree, ctx.run_dir / IMAGE_DIR, True)
         await asyncio.to_thread(shutil.rmtree, ctx.run_dir / DATA_DISK_DIR, True)
 
-    async def sweep(self, keep: set[str]) -> list[str]:
-        """VM state directories (named by run UID) that no run in keep owns."""
+    async def sweep(self, owners: Owners) -> list[str]:
+        """VM state directories (named by run UID, the VM found by its pid file) that no
+        run owns, listed before the owners are read."""
         root = self.settings.data_root / "vm"
         if not root.is_dir():
             return []
-        orphans = [d for d in root.iterdir() if d.is_dir() and d.name not in keep]
+        candidates = [d for d in root.iterdir() if d.is_dir()]
+        keep = await owners()
+        orphans = [d for d in candidates if d.name not in keep]
         for directory in orphans:
             await asyncio.to_thread(remove_vm_dir, directory)
         return [str(d) for d in orphans]

@@ -125,7 +125,19 @@ async def ensure(clients: AzureClients, operations: dict[str, str], specs: list[
 
 
 async def delete(clients: AzureClients, specs: Iterable[Spec]) -> list[Spec]:
-    """Delete in the order given what exists and is Kiln's (owned); what was deleted."""
+    """Delete in the order given what exists and is Kiln's (owned); what was deleted.
+
+    Deletes are not resumed from a saved continuation token as creates are (ops.track),
+    on purpose: a pass cut short (a crash, its deadline) leaves the delete running in
+    Azure, and the next pass reads the resource again and sends its DELETE again. That is
+    safe, so it is not "doing a thing twice": a DELETE creates nothing; it is sent only
+    after a GET shows the resource still there and tagged with this owner (a resource
+    that took the name meanwhile is not Kiln's and is left alone); on a resource whose
+    delete is in flight Azure answers 202 with that same operation, which the new
+    poller then waits on; one already gone is a 404 on the GET and skipped. It is bounded
+    as every cleanup is: each pass by its deadline, the passes by the cleanup attempts
+    (then CleanupFailed with what is left) or, for the sweeper, by its timeout and period.
+    A saved token would only spare one request per resource and pass."""
     deleted = []
     for spec in specs:
         group = spec.kind.operations(clients)
