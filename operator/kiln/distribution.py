@@ -161,6 +161,28 @@ def record_success(target: PlannedTarget, output: RunOutput) -> None:
     target.retries = 0
 
 
+def existing_version_message(target: PlannedTarget) -> str:
+    """Why a gallery version that exists already is not published over, and what to do:
+    AIB requires a version distinct from every version in the gallery."""
+    where = f"{target.path} ({target.run_output_name}): {target.artifact_id} exists already"
+    if target.scheme == VersionScheme.Explicit:
+        fix = (
+            "put a new version in galleryImageId, or remove /versions/... from it to let "
+            "versioning pick the next one"
+        )
+    elif target.scheme == VersionScheme.Source:
+        fix = (
+            "versioning Source publishes one version per source image version: build from a "
+            "newer source image, or use versioning Latest"
+        )
+    else:
+        fix = "another build published it after this run chose its number: run the build again"
+    return (
+        f"{where}; a gallery image version is never overwritten (AIB requires a new "
+        f"version): {fix}, or delete that version first"
+    )
+
+
 def record_failure(target: PlannedTarget, message: str, code: str | None = None) -> None:
     target.state = TargetState.Failed
     target.message = message

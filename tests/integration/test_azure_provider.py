@@ -244,8 +244,10 @@ async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_f
         assert {v.name for v in versions.list_by_gallery_image("again", "kiln", "base")} == (
             existing
         )
+        new = await step.reconcile(ctx, env)  # the version is checked to be new, and saved
+        assert "recording that the gallery version is new" in new.message
         await step.reconcile(ctx, env)  # the PUTs go out
-        ctx.checkpoint.azure.operations.pop("distribute-1", None)  # crash before the token
+        assert ctx.checkpoint.azure.operations.pop("distribute-1")  # crash before the token
         outputs = await distributed(provider, ctx)
         # the managed image exists after the first build: the second overwrites it (AIB)
         image = arm.client(ComputeManagementClient).images.get("again", "base")
@@ -254,6 +256,66 @@ async def test_a_second_build_replaces_the_managed_image_and_saves_its_version_f
     names = sorted(v.name for v in versions.list_by_gallery_image("again", "kiln", "base"))
     assert names == ["1.0.0", "1.0.1"]  # one version per run, never a second one
     for ctx in (first, second):
+        await provider.delete_vm(ctx)
+
+
+async def test_a_gallery_version_that_exists_already_is_never_published_over(
+    arm: ArmEmulator, provider: AzureProvider, tmp_path: Path
+) -> None:
+    """AIB requires a version distinct from the gallery's: an explicit version, or the
+    Source scheme's (the source image's version), that exists fails its target at once,
+    naming it and the fix; nothing is PUT, nothing is retried."""
+    explicit = create_gallery(arm, "taken", "kiln", "pinned", LOCATION)["gallery"]
+    source = create_gallery(arm, "taken", "kiln", "sourced", LOCATION)["gallery"]
+    distribute = [
+        {"type": "SharedImage", "runOutputName": "pinned"}
+        | {"galleryImageId": f"{explicit}/versions/1.2.3"},
+        {"type": "SharedImage", "runOutputName": "sourced", "galleryImageId": source}
+        | {"versioning": {"scheme": "Source"}},
+    ]
+    versions = arm.client(ComputeManagementClient).gallery_image_versions
+    runs = []
+    for index in (1, 2):
+        ctx = context(arm, tmp_path / str(index), distribute=distribute)
+        await until_done(lambda ctx=ctx: provider.ensure_staging(ctx))
+        await provider.resolve_source(ctx)
+        await until_done(lambda ctx=ctx: provider.create_vm(ctx))
+        assert await until_done(lambda ctx=ctx: provider.stop_vm(ctx))
+        runs.append(ctx)
+    first, second = runs
+    outputs = await distributed(provider, first)
+    assert [o.provisioning_state for o in outputs] == ["Succeeded", "Succeeded"]
+    published = versions.get("taken", "kiln", "pinned", "1.2.3")
+    sourced = versions.get("taken", "kiln", "sourced", "0.20241111.1927")
+
+    env = StepEnv(provider=provider, kube=None, policy=TenancyPolicy())  # type: ignore[arg-type]
+    passes = []
+    for _ in range(10):
+        passes.append(await DistributeStep().reconcile(second, env))
+        if passes[-1].kind != "wait":
+            break
+    outcome = passes[-1]
+    assert outcome.kind == "failed" and len(passes) == 2, [p.message for p in passes]
+    assert second.checkpoint.distribution is not None
+    pinned, by_source = second.checkpoint.distribution.targets
+    assert pinned.message == (
+        f"spec.distribute[0] (pinned): {explicit}/versions/1.2.3 exists already; a gallery "
+        "image version is never overwritten (AIB requires a new version): put a new version "
+        "in galleryImageId, or remove /versions/... from it to let versioning pick the next "
+        "one, or delete that version first"
+    )
+    assert by_source.message is not None and by_source.message.startswith(
+        f"spec.distribute[1] (sourced): {source}/versions/0.20241111.1927 exists already"
+    )
+    assert "build from a newer source image, or use versioning Latest" in by_source.message
+    assert {pinned.error_code, by_source.error_code} == {"GalleryImageVersionExists"}
+    assert (pinned.retries, by_source.retries) == (0, 0)
+    assert "distribute-0" not in second.checkpoint.azure.operations  # no PUT went out
+    for kept, name, number in ((published, "pinned", "1.2.3"), (sourced, "sourced", sourced.name)):
+        now = versions.get("taken", "kiln", name, number)
+        assert now.storage_profile.source.id == kept.storage_profile.source.id
+        assert now.storage_profile.source.id.lower() == first.checkpoint.azure.vm_id.lower()
+    for ctx in runs:
         await provider.delete_vm(ctx)
 
 

@@ -32,7 +32,6 @@ from kiln.customizers.linux import shell_script
 from kiln.customizers.sources import FetchError, fetch
 from kiln.kube import Kube
 from kiln.pipeline.base import StepEnv
-from kiln.pipeline.scripts import storage_token
 from kiln.providers.azure.clients import (
     CLIENT_ID_ANNOTATION,
     TENANT_ID_ANNOTATION,
@@ -296,9 +295,9 @@ async def test_a_private_script_is_read_with_the_templates_identity(
         checksum = hashlib.sha256(PRIVATE_SCRIPT).hexdigest()
         step = ctx.spec.customize[0]
         assert isinstance(step, ShellStep)
-        script = await shell_script(step, policy, storage_token(ctx, env))
+        script = await shell_script(step, policy, env.storage_token(ctx))
         assert script.encode() == PRIVATE_SCRIPT
-        assert await fetch(url, policy, checksum, token=storage_token(ctx, env)) == PRIVATE_SCRIPT
+        assert await fetch(url, policy, checksum, token=env.storage_token(ctx)) == PRIVATE_SCRIPT
     finally:
         await provider.close()
     storage = [
@@ -330,7 +329,7 @@ async def test_a_template_without_a_usable_identity_is_told_why(
         )
         env = StepEnv(provider=provider, kube=kube, policy=settings.tenancy_policy)
         with pytest.raises(FetchError) as refused:
-            await fetch(url, settings.tenancy_policy, token=storage_token(ctx, env))
+            await fetch(url, settings.tenancy_policy, token=env.storage_token(ctx))
     finally:
         await provider.close()
     message = str(refused.value)

@@ -12,15 +12,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from azure.storage.blob import BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from azurehelpers import WINDOWS_SERVER_2022
-from fakes.arm import NoopVmBackend
+from fakes.arm import ArmEmulator, NoopVmBackend
 from fakes.arm.models import VmInfo, WinRmListener
 from fakes.arm.windows_os import FakeWindowsGuest
 from fakes.arm.winrm_guest import WindowsGuestBackend
+from fakes.azurite import Azurite
 from kiln.api.run import Checkpoint, Endpoint, TemplateIdentity
 from kiln.api.template import ImageTemplateSpec
 from kiln.api.tenancy import TenancyPolicy
@@ -32,11 +35,14 @@ from kiln.communicators.winrm import (
     WinRmCredentials,
     generate_winrm_credentials,
 )
+from kiln.customizers.sources import FetchError, fetch
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.logs import COMBINED
 from kiln.pipeline.scripts import CustomizeStep
+from kiln.providers.azure.provider import AzureProvider
 from kiln.providers.base import RunContext
 from kiln.reconcile.runs import merge_patch
+from kiln.settings import OperatorSettings
 from kubehelpers import valid_spec
 
 pytestmark = [
@@ -230,13 +236,18 @@ def applied(target: Any, patch: Any) -> Any:
     return result
 
 
-async def drive(ctx: RunContext, passes: int = 400, policy: TenancyPolicy | None = None) -> Outcome:
+async def drive(
+    ctx: RunContext,
+    passes: int = 400,
+    policy: TenancyPolicy | None = None,
+    provider: AzureProvider | None = None,
+) -> Outcome:
     """Passes of the customize step until it ends (or its checkpoint shows `until`); each
     pass starts from the persisted checkpoint with fresh connections, as after a crash."""
     step = CustomizeStep()
     stored: dict = {}
     for _ in range(passes):
-        env = StepEnv(provider=None, kube=None, policy=policy or TenancyPolicy())  # type: ignore[arg-type]
+        env = StepEnv(provider=provider, kube=None, policy=policy or TenancyPolicy())  # type: ignore[arg-type]
         stored = applied(stored, merge_patch(stored, ctx.checkpoint.wire()))  # a status patch
         ctx.checkpoint = Checkpoint.model_validate(stored)
         try:
@@ -322,3 +333,68 @@ async def test_an_update_pending_after_every_restart_is_a_reboot_loop(
         outcome.message
     )
     assert windows.guest.boots == 3, "it stopped after the third cycle, not at the timeout"
+
+
+# --- private blobs: fetched by the operator with the template's identity, as on Linux ------
+
+PRIVATE_SCRIPT = b"Write-Output 'from a private container'\r\n"
+PRIVATE_FILE = b"private payload\n"
+
+
+async def test_private_powershell_scripts_and_files_are_read_with_the_templates_identity(
+    windows: Vm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azurite refuses anonymous reads of the container; the operator reads the script and
+    the file again with a storage token of the template's identity (here the operator's
+    own, from the emulator's Entra endpoint) and runs/uploads them on the Windows VM."""
+    with Azurite(tmp_path / "azurite", oauth=True) as azurite:
+        assert azurite.ca_path is not None
+        container = BlobServiceClient.from_connection_string(
+            azurite.connection_string, **azurite.client_kwargs()
+        ).create_container("scripts")
+        container.upload_blob("setup.ps1", PRIVATE_SCRIPT)
+        container.upload_blob("payload.txt", PRIVATE_FILE)
+        script_url = f"{azurite.blob_endpoint}scripts/setup.ps1"
+        file_url = f"{azurite.blob_endpoint}scripts/payload.txt"
+        async with ArmEmulator(lro_duration=0.05, retry_after=0.05) as arm:
+            for name in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
+                monkeypatch.setenv(name, arm.environment()[name])
+            bundle = tmp_path / "ca.pem"  # the ARM emulator's (Entra's) and Azurite's CAs
+            bundle.write_text(arm.ca_path.read_text() + azurite.ca_path.read_text())
+            settings = OperatorSettings.model_validate(
+                {
+                    "azure_arm_endpoint": arm.url,
+                    "azure_authority": arm.url,
+                    "azure_ca_bundle": bundle,
+                    "subscription_id": arm.subscription_id,
+                    "azure_storage_hosts": ["127.0.0.1"],
+                    "download_blocked_ranges": [],  # Azurite listens on loopback
+                    "data_root": tmp_path,
+                }
+            )
+            policy = settings.tenancy_policy
+            with pytest.raises(FetchError, match=r"HTTP 403 \(AuthorizationFailure\)"):
+                await fetch(script_url, policy)  # anonymously: refused
+            steps = [
+                {"type": "PowerShell", "scriptUri": script_url},
+                {
+                    "type": "File",
+                    "sourceUri": file_url,
+                    "destination": r"C:\Windows\Temp\payload.txt",
+                },
+            ]
+            ctx = run_context(windows, tmp_path, steps)
+            provider = AzureProvider(settings, None)  # type: ignore[arg-type]
+            issued = len(arm.identity.issued_tokens)
+            try:
+                outcome = await drive(ctx, policy=policy, provider=provider)
+            finally:
+                await provider.close()
+            audiences = {
+                jwt.decode(t, options={"verify_signature": False})["aud"]
+                for t in arm.identity.issued_tokens[issued:]
+            }
+    assert outcome.kind == "done", outcome.message
+    assert "from a private container" in (ctx.run_dir / COMBINED).read_text()
+    assert windows.guest.fs.read(r"C:\Windows\Temp\payload.txt") == PRIVATE_FILE
+    assert audiences == {"https://storage.azure.com"}

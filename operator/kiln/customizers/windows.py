@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from kiln.api.run import WindowsUpdateProgress
 from kiln.api.template import PowerShellStep, WindowsRestartStep, WindowsUpdateStep
 from kiln.api.tenancy import TenancyPolicy
-from kiln.customizers.sources import fetch
+from kiln.customizers.sources import TokenSource, fetch
 
 OVERRIDE_PATH = r"C:\DeprovisioningScript.ps1"
 GENERALIZED_STATE = "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
@@ -74,13 +74,15 @@ Write-Output '>>> Sysprep complete ...'
 # --- the template's Windows steps ----------------------------------------------------------
 
 
-async def powershell_script(step: PowerShellStep, policy: TenancyPolicy) -> str:
+async def powershell_script(
+    step: PowerShellStep, policy: TenancyPolicy, token: TokenSource | None = None
+) -> str:
     """Inline commands as one script file (a terminating error ends it, exit code 1, as
     with AIB), or the script at scriptUri, checked against sha256Checksum."""
     if step.inline:
         return "\n".join(step.inline) + "\n"
     assert step.script_uri is not None
-    data = await fetch(step.script_uri, policy, step.sha256_checksum)
+    data = await fetch(step.script_uri, policy, step.sha256_checksum, token=token)
     return data.decode("utf-8-sig", "replace")
 
 

@@ -16,8 +16,9 @@ from kiln.api.run import RunSubState
 from kiln.api.tenancy import TenancyPolicy
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WinRmCommunicator
+from kiln.customizers.sources import FetchError, TokenSource
 from kiln.kube import Kube
-from kiln.providers.base import BuildProvider, RunContext
+from kiln.providers.base import BuildProvider, ProviderError, RunContext
 
 
 class Outcome(BaseModel):
@@ -89,6 +90,20 @@ class StepEnv:
         )
         self.winrm_connections[ctx.run_uid] = communicator
         return communicator
+
+    def storage_token(self, ctx: RunContext) -> TokenSource:
+        """The template's token for private blobs (Linux and Windows steps alike), asked
+        for only when a blob needs it."""
+
+        async def token() -> str | None:
+            try:
+                return await self.provider.storage_token(ctx)
+            except ProviderError as error:
+                raise FetchError(
+                    f"no Azure Storage token of the template's identity: {error}"
+                ) from None
+
+        return token
 
     async def disconnect(self, ctx: RunContext) -> None:
         for connections in (self.connections, self.winrm_connections):

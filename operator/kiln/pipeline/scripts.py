@@ -12,12 +12,12 @@ from kiln import reasons
 from kiln.api.run import RunSubState
 from kiln.api.template import FileStep, PowerShellStep, ShellStep, State
 from kiln.customizers.linux import shell_script
-from kiln.customizers.sources import FetchError, TokenSource, fetch, redact
+from kiln.customizers.sources import FetchError, fetch, redact
 from kiln.pipeline.base import Outcome, StepEnv
 from kiln.pipeline.jobs import run_job
 from kiln.pipeline.logs import RunLogs
 from kiln.pipeline.windows import WindowsStep, run_windows_step
-from kiln.providers.base import ProviderError, RunContext
+from kiln.providers.base import RunContext
 
 AnyStep = ShellStep | WindowsStep
 
@@ -25,20 +25,6 @@ AnyStep = ShellStep | WindowsStep
 def _title(phase: str, index: int, step: AnyStep) -> str:
     label = f" {step.name!r}" if step.name else ""
     return f"{phase}[{index}] {step.type}{label}"
-
-
-def storage_token(ctx: RunContext, env: StepEnv) -> TokenSource:
-    """The template's token for private blobs, asked for only when a blob needs it."""
-
-    async def token() -> str | None:
-        try:
-            return await env.provider.storage_token(ctx)
-        except ProviderError as error:
-            raise FetchError(
-                f"no Azure Storage token of the template's identity: {error}"
-            ) from None
-
-    return token
 
 
 class ScriptPhase:
@@ -87,7 +73,7 @@ class ScriptPhase:
         if ctx.windows and not isinstance(step, ShellStep):
             return await run_windows_step(ctx, env, logs, job_id, step, self.failure_reason)
         communicator = await env.communicator(ctx)
-        token = storage_token(ctx, env)
+        token = env.storage_token(ctx)
         if isinstance(step, FileStep):
             data = await fetch(step.source_uri, env.policy, step.sha256_checksum, token=token)
             await communicator.upload(data, step.destination)

@@ -49,7 +49,7 @@ async def run_windows_step(
     if isinstance(step, FileStep):
         return await _file(ctx, env, logs, job_id, step, reason)
     if isinstance(step, PowerShellStep):
-        script = await windows.powershell_script(step, env.policy)
+        script = await windows.powershell_script(step, env.policy, env.storage_token(ctx))
         return await run_job(
             await env.winrm(ctx),
             logs,
@@ -70,7 +70,9 @@ async def run_windows_step(
 async def _file(
     ctx: RunContext, env: StepEnv, logs: RunLogs, job_id: str, step: FileStep, reason: str
 ) -> Outcome | None:
-    data = await fetch(step.source_uri, env.policy, step.sha256_checksum)
+    data = await fetch(
+        step.source_uri, env.policy, step.sha256_checksum, token=env.storage_token(ctx)
+    )
     try:
         await (await env.winrm(ctx)).upload(data, step.destination)
     except UploadRefused as error:

@@ -36,6 +36,7 @@ from kiln.api.template import (
 )
 from kiln.communicators.ssh import SshCommunicator
 from kiln.communicators.winrm import WINRM_HTTPS_PORT
+from kiln.distribution import existing_version_message
 from kiln.kube import Kube
 from kiln.naming import staging_group_name
 from kiln.pipeline.logs import COMBINED
@@ -488,6 +489,7 @@ class AzureProvider:
             # the version comes from the plan, saved before this PUT: a run resumed after
             # a crash publishes that version, never a second one
             assert target.gallery_image_id is not None and target.version is not None
+            await self._refuse_existing_version(ctx, clients, target, key)
             version = images.gallery_version(
                 ctx,
                 target.gallery_image_id,
@@ -500,6 +502,26 @@ class AzureProvider:
         else:
             return await self._distribute_vhd(ctx, clients, target)
         return _output(target.run_output_name, target.artifact_id or "")
+
+    async def _refuse_existing_version(
+        self, ctx: RunContext, clients: AzureClients, target: PlannedTarget, key: str
+    ) -> None:
+        """As AIB requires, the version must be new: a gallery version is never PUT over.
+        Checked once, before this run's PUT, and the check saved before the PUT goes out,
+        so a resumed run never takes its own version for someone else's."""
+        operations = ctx.checkpoint.azure.operations
+        checked = f"{key}-new"
+        if operations.get(checked) == ops.DONE or operations.get(key):
+            return
+        assert target.gallery_image_id is not None and target.version is not None
+        _, group, parts = parse_id(target.gallery_image_id)
+        existing = await ops.find(
+            clients.compute.gallery_image_versions.get(group, parts[1], parts[3], target.version)
+        )
+        if existing is not None:
+            raise ProviderError(existing_version_message(target), code="GalleryImageVersionExists")
+        operations[checked] = ops.DONE
+        raise ops.Pending("recording that the gallery version is new", retry_after=0)
 
     async def _replace_managed_image(
         self, ctx: RunContext, clients: AzureClients, group: str, name: str, index: int

@@ -28,6 +28,7 @@ from kiln.api.template import (
 from kiln.api.tenancy import Refused
 from kiln.api.vmsizes import VmShape, capped, unknown_size_message, vm_shape
 from kiln.communicators.ssh import SshCommunicator
+from kiln.distribution import existing_version_message
 from kiln.naming import staging_group_name
 from kiln.providers.base import Endpoint, Owners, ProviderError, RunContext, TemplateIdentity
 from kiln.providers.local import baseimage, qemu
@@ -39,7 +40,7 @@ from kiln.providers.local.disks import (
     copy_sparse,
     sha256_file,
 )
-from kiln.providers.local.gallery import GalleryError, ImageManifest, LocalGallery
+from kiln.providers.local.gallery import MANIFEST, GalleryError, ImageManifest, LocalGallery
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 from kiln.settings import OperatorSettings
 
@@ -379,6 +380,12 @@ class LocalProvider:
                 regions={r.name: r.replica_count for r in target.regions},
             )
             directory = self.gallery.definition_dir(target.gallery_image_id) / target.version
+            if (directory / MANIFEST).is_file() and not self.gallery.published_by(
+                directory, manifest.run
+            ):
+                raise ProviderError(
+                    existing_version_message(target), code="GalleryImageVersionExists"
+                )
             self.gallery.publish(directory, image_dir, manifest, replace=False)
         else:
             return self._distribute_vhd(ctx, target, image_dir)
