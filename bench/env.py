@@ -63,11 +63,16 @@ class Operator:
         self.state_dir = state_dir
         self.settings = {"KILN_NAMESPACES": NAMESPACE, **settings}
         self.port = qemu.free_port()
+        self.metrics_port = qemu.free_port()  # not the default: other operators may hold it
         self.pid = 0
 
     def start(self, timeout: float = 90) -> None:
         saved = dict(os.environ)
-        os.environ.update(self.settings, KILN_LIVENESS_PORT=str(self.port))
+        os.environ.update(
+            self.settings,
+            KILN_LIVENESS_PORT=str(self.port),
+            KILN_METRICS_PORT=str(self.metrics_port),
+        )
         try:
             self.pid = demo.start_operator(self.state_dir, EXAMPLES)
         finally:
