@@ -15,6 +15,7 @@ from kiln.providers.local.gallery import (
     GalleryError,
     ImageManifest,
     LocalGallery,
+    VersionExists,
 )
 from kiln.versions import VersioningError, next_version
 
@@ -239,7 +240,8 @@ def test_publishing_by_another_run_without_replace_fails(
     gallery: LocalGallery, tmp_path: Path
 ) -> None:
     directory = publish(gallery, tmp_path, "1.0.0")
-    with pytest.raises(GalleryError, match="exists already"):
+    # VersionExists: the provider turns it into GalleryImageVersionExists with the fix
+    with pytest.raises(VersionExists, match="exists already"):
         publish(gallery, tmp_path, "1.0.0", run="ns/run-2", content=b"disk-v2")
     assert (directory / "disk.qcow2").read_bytes() == b"disk-v1:disk.qcow2"
 

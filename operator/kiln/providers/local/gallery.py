@@ -47,6 +47,10 @@ class GalleryError(LookupError):
     """An image or version is missing, or a version cannot be published."""
 
 
+class VersionExists(GalleryError):
+    """Another run published this version already; it is never published over."""
+
+
 class ImageManifest(BaseModel):
     """image.json: what an artifact is and where it came from."""
 
@@ -157,7 +161,7 @@ class LocalGallery:
         if self.published_by(directory, manifest.run):
             return
         if (directory / MANIFEST).is_file() and not replace:
-            raise GalleryError(f"{manifest.id} exists already; choose another version")
+            raise VersionExists(f"{manifest.id} exists already; choose another version")
         tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

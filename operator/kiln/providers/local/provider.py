@@ -40,7 +40,12 @@ from kiln.providers.local.disks import (
     copy_sparse,
     sha256_file,
 )
-from kiln.providers.local.gallery import MANIFEST, GalleryError, ImageManifest, LocalGallery
+from kiln.providers.local.gallery import (
+    GalleryError,
+    ImageManifest,
+    LocalGallery,
+    VersionExists,
+)
 from kiln.providers.local.seed import SeedConfig, write_seed_iso
 from kiln.settings import OperatorSettings
 
@@ -380,13 +385,12 @@ class LocalProvider:
                 regions={r.name: r.replica_count for r in target.regions},
             )
             directory = self.gallery.definition_dir(target.gallery_image_id) / target.version
-            if (directory / MANIFEST).is_file() and not self.gallery.published_by(
-                directory, manifest.run
-            ):
+            try:
+                self.gallery.publish(directory, image_dir, manifest, replace=False)
+            except VersionExists:
                 raise ProviderError(
                     existing_version_message(target), code="GalleryImageVersionExists"
-                )
-            self.gallery.publish(directory, image_dir, manifest, replace=False)
+                ) from None
         else:
             return self._distribute_vhd(ctx, target, image_dir)
         return _output(target.run_output_name, target.artifact_id or "", directory)
