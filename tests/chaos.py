@@ -28,7 +28,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -396,15 +395,14 @@ class Chaos:
     def leaks(self) -> list[str]:
         found: list[str] = []
         uids = {c.uid for f in self.fleets for c in f.cases}
-        for pid, args in qemu_processes().items():
-            if any(f"/vm/{uid}/" in args for uid in uids):
-                found.append(f"QEMU process {pid}")
         for process in live():
-            tool = process.argv[0] if process.argv else ""
-            if "qemu-system" not in tool and any(
-                f"/vm/{uid}/" in arg for arg in process.argv for uid in uids
-            ):
-                found.append(f"host tool process {process.pid} ({tool})")
+            if any(f"/vm/{uid}/" in arg for arg in process.argv for uid in uids):
+                tool = process.argv[0]
+                found.append(
+                    f"QEMU process {process.pid}"
+                    if "qemu-system" in tool
+                    else f"host tool process {process.pid} ({tool})"
+                )
         for fleet in self.fleets:
             vm_root = fleet.operator.data_dir / "vm"
             if vm_root.is_dir():
@@ -451,14 +449,7 @@ class Chaos:
 
 def qemu_processes() -> dict[int, str]:
     """Every QEMU process on the machine: pid -> command line."""
-    out = subprocess.run(
-        ["pgrep", "-a", "qemu-system"], capture_output=True, text=True, timeout=10
-    ).stdout
-    found = {}
-    for line in out.splitlines():
-        pid, _, args = line.partition(" ")
-        found[int(pid)] = args
-    return found
+    return {p.pid: " ".join(p.argv) for p in live() if p.argv and "qemu-system" in p.argv[0]}
 
 
 def _seconds(rfc3339: str) -> float:
